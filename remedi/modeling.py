@@ -1,0 +1,314 @@
+"""Native PyTorch LLaDA backbone with the two RemeDi Unmasking Policy Stream (UPS) architectures.
+
+Parameter names are the hub checkpoint's (``model.transformer.*``; the official RemeDi stream under
+``model.blocks_upm`` / ``model.backprop_*`` / ``model.ln_f_upm`` / ``model.linear_confidence``), so the
+real weights load by name with no remote code. The math follows LLADA.md:
+
+    h = attn_norm(x); q, k, v = proj(h); rope(q, k); att = sdpa(q, k, v)   (bidirectional)
+    x = x + attn_out(att); x = x + ff_out(silu(ff_proj(ff_norm(x))) * up_proj(ff_norm(x)))
+    logits = ff_out(ln_f(x))                                                (no shift, no tying)
+
+RMSNorm and RoPE run in float32. Positions are physical indices, so with a key-padding mask left and
+right padding give the same logits for real tokens (RoPE only sees relative offsets).
+
+Block-wise decoding reuses keys/values through :class:`KVCache`: a forward over the slice
+``[start, start + L)`` writes its keys/values into the cache and attends over the whole cached sequence.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .llada_config import LLaDAConfig
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm as in the hub model: normalise in float32, cast back, then scale by the weight."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_tables(head_dim: int, theta: float, start: int, length: int, device: torch.device):
+    """(cos, sin), each (length, head_dim), float32, "rotate-half" layout, positions start..start+length-1."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    pos = torch.arange(start, start + length, device=device, dtype=torch.float32)
+    freqs = torch.outer(pos, inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, H, L, D); rotation in float32, result in x's dtype."""
+    x32 = x.float()
+    x1, x2 = x32.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (x32 * cos + rotated * sin).to(x.dtype)
+
+
+class KVCache:
+    """Keys/values of every attention layer over the whole sequence, for block-wise decoding.
+
+    Layers are addressed by an integer id (backbone block i -> i, UPS stream block k -> n_layers + k).
+    A forward over positions [start, start+L) overwrites that slice and attends over all T positions:
+    a full forward refreshes everything; a block-only forward reuses the rest as it was last computed.
+    """
+
+    def __init__(self) -> None:
+        self.k: dict[int, torch.Tensor] = {}
+        self.v: dict[int, torch.Tensor] = {}
+
+    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
+        if layer not in self.k:
+            if start != 0:
+                raise RuntimeError("KVCache: the first forward through a cache must cover the whole sequence")
+            self.k[layer], self.v[layer] = k, v
+            return k, v
+        ck, cv = self.k[layer], self.v[layer]
+        if start == 0 and k.shape[2] == ck.shape[2]:
+            self.k[layer], self.v[layer] = k, v  # full refresh: no copy
+            return k, v
+        ck[:, :, start:start + k.shape[2]] = k
+        cv[:, :, start:start + v.shape[2]] = v
+        return ck, cv
+
+    def __len__(self) -> int:
+        return len(self.k)
+
+
+class LLaDABlock(nn.Module):
+    """One pre-norm LLaMA-style block with hub parameter names (FSDP wraps this class)."""
+
+    def __init__(self, cfg: LLaDAConfig, layer_id: int):
+        super().__init__()
+        d, hd = cfg.d_model, cfg.head_dim
+        self.layer_id = layer_id
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, hd
+        self.rope_theta = cfg.rope_theta
+        self.attn_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.q_proj = nn.Linear(d, cfg.n_heads * hd, bias=False)
+        self.k_proj = nn.Linear(d, cfg.n_kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(d, cfg.n_kv_heads * hd, bias=False)
+        self.attn_out = nn.Linear(cfg.n_heads * hd, d, bias=False)
+        self.ff_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.ff_proj = nn.Linear(d, cfg.mlp_hidden_size, bias=False)  # gate (SiLU)
+        self.up_proj = nn.Linear(d, cfg.mlp_hidden_size, bias=False)
+        self.ff_out = nn.Linear(cfg.mlp_hidden_size, d, bias=False)  # down
+
+    def forward(self, x, rope, attn_mask=None, cache: Optional[KVCache] = None, start: int = 0):
+        B, L, _ = x.shape
+        h = self.attn_norm(x)
+        q = self.q_proj(h).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, L, D)
+        k = self.k_proj(h).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(h).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = rope
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_id, start, k, v)  # (B, Hkv, T, D)
+        if self.n_kv_heads != self.n_heads:
+            rep = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        att = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=False)
+        x = x + self.attn_out(att.transpose(1, 2).reshape(B, L, -1))
+        h = self.ff_norm(x)
+        return x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
+
+
+class UPSHead(nn.Module):
+    """The lightweight UPS: Linear(d, 1), or Linear(d, w) -> GELU -> Linear(w, 1), on the final hidden."""
+
+    def __init__(self, d_model: int, width: int = 0):
+        super().__init__()
+        self.d_model, self.width = d_model, width
+        if width > 0:
+            self.net = nn.Sequential(nn.Linear(d_model, width), nn.GELU(), nn.Linear(width, 1))
+        else:
+            self.net = nn.Linear(d_model, 1)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        dtype = next(self.parameters()).dtype
+        return self.net(hidden.to(dtype)).squeeze(-1).float()  # (B, L)
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # (B, L, V) over the output slice
+    hidden: torch.Tensor  # (B, L, d) after ln_f
+    ups_logits: Optional[torch.Tensor] = None  # (B, L) from the stream UPS, else None
+
+
+class LLaDAModel(nn.Module):
+    """The hub's ``model`` module: ``transformer`` (the backbone) and, optionally, the RemeDi stream."""
+
+    def __init__(self, cfg: LLaDAConfig):
+        super().__init__()
+        self.config = cfg
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(cfg.embedding_size, cfg.d_model),
+            blocks=nn.ModuleList([LLaDABlock(cfg, i) for i in range(cfg.n_layers)]),
+            ln_f=RMSNorm(cfg.d_model, cfg.rms_norm_eps),
+            ff_out=nn.Linear(cfg.d_model, cfg.embedding_size, bias=False),
+        ))
+        self.gradient_checkpointing = False
+        if cfg.ups_taps:
+            self._build_stream(cfg)
+
+    # ------------------------------------------------------------------------------------------ stream
+    def _build_stream(self, cfg: LLaDAConfig) -> None:
+        n, d = len(cfg.ups_taps), cfg.d_model
+        self.blocks_upm = nn.ModuleList([LLaDABlock(cfg, cfg.n_layers + k) for k in range(n)])
+        self.backprop_norms = nn.ModuleList([RMSNorm(d, cfg.rms_norm_eps) for _ in range(n)])
+        self.backprop_linears = nn.ModuleList([nn.Linear(d, d, bias=True) for _ in range(n)])
+        self.ln_f_upm = RMSNorm(d, cfg.rms_norm_eps)
+        self.linear_confidence = nn.Linear(d, 1, bias=True)
+        self.reset_stream_parameters()
+
+    @torch.no_grad()
+    def reset_stream_parameters(self) -> None:
+        """Zero bridges (the backbone's outputs are unchanged at init); trunc-normal confidence head."""
+        for lin in self.backprop_linears:
+            lin.weight.zero_()
+            lin.bias.zero_()
+        nn.init.trunc_normal_(self.linear_confidence.weight, std=0.02)
+        self.linear_confidence.bias.zero_()
+
+    @property
+    def has_stream(self) -> bool:
+        return bool(self.config.ups_taps)
+
+    def stream_parameter_names(self) -> list[str]:
+        prefixes = ("blocks_upm.", "backprop_norms.", "backprop_linears.", "ln_f_upm.", "linear_confidence.")
+        return [n for n, _ in self.named_parameters() if n.startswith(prefixes)]
+
+    # ----------------------------------------------------------------------------------------- forward
+    def _run(self, block, x, rope, mask, cache, start):
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, x, rope, mask, cache, start, use_reentrant=False)
+        return block(x, rope, mask, cache, start)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        *,
+        cache: Optional[KVCache] = None,
+        start: int = 0,
+        out_slice: Optional[slice] = None,
+        compute_logits: bool = True,
+    ) -> ModelOutput:
+        """Run positions [start, start + L) of the sequence.
+
+        input_ids: (B, L). attention_mask: (B, T) key-padding mask over the WHOLE sequence (1 = real
+        token), or None. Without a cache, start must be 0 and L == T. out_slice selects, within the
+        computed positions, where logits/UPS are produced (saves the vocabulary projection elsewhere).
+        """
+        cfg = self.config
+        B, L = input_ids.shape
+        if cache is None and start != 0:
+            raise ValueError("start > 0 needs a KVCache holding the other positions")
+        mask = None
+        if attention_mask is not None:
+            mask = attention_mask.to(torch.bool)[:, None, None, :]  # (B, 1, 1, T) keys
+            if bool(mask.all()):
+                mask = None  # lets SDPA pick the flash kernel
+        x = self.transformer.wte(input_ids)  # (B, L, d)
+        rope = rope_tables(cfg.head_dim, cfg.rope_theta, start, L, x.device)
+        taps = {t: k for k, t in enumerate(cfg.ups_taps)}
+        u = None
+        for i, block in enumerate(self.transformer.blocks):
+            x = self._run(block, x, rope, mask, cache, start)
+            if i in taps:
+                k = taps[i]
+                u = x if u is None else x + u
+                u = self._run(self.blocks_upm[k], u, rope, mask, cache, start)
+                x = x + self.backprop_linears[k](self.backprop_norms[k](u))
+        if out_slice is not None:
+            x = x[:, out_slice]
+            u = u[:, out_slice] if u is not None else None
+        hidden = self.transformer.ln_f(x)
+        logits = self.transformer.ff_out(hidden) if compute_logits else hidden.new_empty(0)
+        if cfg.embedding_size != cfg.vocab_size and compute_logits:
+            logits = logits[..., : cfg.vocab_size]  # padding rows of the embedding are never tokens
+        ups = None
+        if u is not None:
+            ups = self.linear_confidence(self.ln_f_upm(u)).squeeze(-1).float()  # (B, L)
+        return ModelOutput(logits=logits, hidden=hidden, ups_logits=ups)
+
+
+class RemeDiLM(nn.Module):
+    """Backbone (TPS) plus an optional UPS; ``forward`` gives token logits and UPS logits per position.
+
+    ``ups_arch`` is "stream" when the config has taps, "head" when a :class:`UPSHead` is attached,
+    else None. The head reads a detached final hidden state, so its loss never reaches the backbone.
+    """
+
+    def __init__(self, cfg: LLaDAConfig, ups_head: Optional[UPSHead] = None):
+        super().__init__()
+        self.model = LLaDAModel(cfg)
+        self.ups_head = ups_head
+
+    @property
+    def config(self) -> LLaDAConfig:
+        return self.model.config
+
+    @property
+    def ups_arch(self) -> Optional[str]:
+        if self.model.has_stream:
+            return "stream"
+        return "head" if self.ups_head is not None else None
+
+    def attach_head(self, head: UPSHead) -> None:
+        if self.model.has_stream:
+            raise ValueError("this model already has a stream UPS; a head UPS cannot be attached as well")
+        if head.d_model != self.config.d_model:
+            raise ValueError(f"UPS head hidden size {head.d_model} != backbone d_model {self.config.d_model}")
+        self.ups_head = head
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        self.model.gradient_checkpointing = enabled
+
+    def forward(self, input_ids, attention_mask=None, **kw) -> ModelOutput:
+        out = self.model(input_ids, attention_mask, **kw)
+        if self.ups_head is not None:
+            out.ups_logits = self.ups_head(out.hidden.detach())
+        return out
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+
+@torch.no_grad()
+def init_weights(model: nn.Module, std: float = 0.02, generator: Optional[torch.Generator] = None) -> None:
+    """Random init for tests and from-scratch training (normal std for matrices, ones for norms).
+
+    Output projections are scaled by 1/sqrt(2 * n_layers) as is usual for pre-norm stacks. Stream
+    bridges stay zero so that the backbone is unchanged by a freshly added stream.
+    """
+    n_layers = None
+    for m in model.modules():
+        if isinstance(m, LLaDAModel):
+            n_layers = m.config.n_layers
+    scale = 1.0 / math.sqrt(2 * n_layers) if n_layers else 1.0
+    for name, p in model.named_parameters():
+        if "backprop_linears" in name:
+            p.zero_()
+        elif name.endswith("norm.weight") or "norms." in name or "ln_f" in name:
+            p.fill_(1.0)
+        elif name.endswith(".bias"):
+            p.zero_()
+        else:
+            s = std * scale if name.endswith(("attn_out.weight", "ff_out.weight")) and "transformer.ff_out" not in name else std
+            p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float32).mul_(s).to(p.dtype))

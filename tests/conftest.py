@@ -1,0 +1,77 @@
+"""Shared fixtures: tiny models and tokenizers in the real hub formats, built on the fly (CPU, float32)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from remedi.checkpoint import save_pretrained
+from remedi.llada_config import get_config
+from remedi.modeling import RemeDiLM, init_weights
+
+SPECIALS = ["<|mdm_mask|>", "<|endoftext|>", "<|startoftext|>", "<|start_header_id|>", "<|end_header_id|>",
+            "<|eot_id|>"]
+CHAT_TEMPLATE = (
+    "{{ '<|startoftext|>' }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n'"
+    " + m['content'] + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+CORPUS = [
+    "Janet has 3 apples and buys 4 more. How many apples does she have? 3 + 4 = 7. #### 7",
+    "A robe takes 2 bolts of blue fiber and half that much white fiber. 2 / 2 = 1. 2 + 1 = 3. #### 3",
+    "Give a brief plan for learning calculus. Write a Python function to reverse a string.",
+    "The answer is 12 because 5 + 7 = 12 and 3 * 4 = 12. #### 12",
+] * 4
+
+
+def shared_data_dir() -> Path | None:
+    """../shared/data beside the checkout (CI copies it there); REMEDI_SHARED_DATA overrides."""
+    env = os.environ.get("REMEDI_SHARED_DATA")
+    p = Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+    return p if p.is_dir() else None
+
+
+def make_tokenizer(vocab_size: int = 120):
+    """A small byte-level BPE tokenizer with LLaDA's special tokens at ids 0..5, in the HF fast format."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, mask_token="<|mdm_mask|>", eos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>", bos_token="<|startoftext|>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def tiny_config_for(tokenizer, **overrides):
+    n = len(tokenizer)
+    return get_config("test-tiny", vocab_size=n, embedding_size=n, mask_token_id=tokenizer.mask_token_id,
+                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **overrides)
+
+
+def build_model_dir(path: Path, seed: int = 0, **overrides) -> Path:
+    tok = make_tokenizer()
+    cfg = tiny_config_for(tok, **overrides)
+    model = RemeDiLM(cfg)
+    init_weights(model, std=0.2, generator=torch.Generator().manual_seed(seed))
+    save_pretrained(model, path)
+    tok.save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A hub-layout tiny LLaDA folder (config.json, model.safetensors, tokenizer files)."""
+    return build_model_dir(tmp_path_factory.mktemp("tiny") / "tiny-llada")
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    return torch.Generator().manual_seed(1234)

@@ -1,0 +1,190 @@
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from remedi import checkpoint as C
+from remedi.llada_config import get_config
+from remedi.loading import load_for_inference, preflight
+from remedi.modeling import RemeDiLM, UPSHead, init_weights
+from tests.conftest import build_model_dir
+
+
+def model(cfg, seed=0):
+    m = RemeDiLM(cfg)
+    init_weights(m, std=0.1, generator=torch.Generator().manual_seed(seed))
+    return m.eval()
+
+
+@pytest.mark.parametrize("shard_bytes", [2**40, 60_000])
+def test_hub_layout_roundtrip(tmp_path, shard_bytes, gen):
+    m = model(get_config("test-tiny"))
+    C.save_pretrained(m, tmp_path / "ckpt", max_shard_bytes=shard_bytes)
+    files = sorted(os.listdir(tmp_path / "ckpt"))
+    if shard_bytes < 2**40:
+        assert "model.safetensors.index.json" in files and sum(f.startswith("model-0") for f in files) > 2
+        index = json.loads((tmp_path / "ckpt/model.safetensors.index.json").read_text())
+        assert "model.transformer.blocks.0.q_proj.weight" in index["weight_map"]
+    else:
+        assert "model.safetensors" in files
+    raw = json.loads((tmp_path / "ckpt/config.json").read_text())
+    assert raw["model_type"] == "llada" and raw["weight_tying"] is False and raw["d_model"] == 64
+    loaded = C.load_pretrained(tmp_path / "ckpt", dtype=torch.float32)
+    ids = torch.randint(0, 90, (2, 12), generator=gen)
+    assert torch.equal(loaded(ids).logits, m(ids).logits)
+    bf = C.load_pretrained(tmp_path / "ckpt", dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in bf.parameters())
+
+
+def test_loads_checkpoint_with_hub_config_keys(tmp_path, gen):
+    """A config.json as the hub writes it (OLMo keys, auto_map) loads; shapes are checked against it."""
+    m = model(get_config("test-tiny"))
+    C.save_pretrained(m, tmp_path / "hub")
+    cfg_path = tmp_path / "hub/config.json"
+    raw = json.loads(cfg_path.read_text())
+    raw.update({"auto_map": {"AutoModel": "modeling_llada.LLaDAModelLM"}, "mlp_ratio": 4, "init_fn": "mitchell",
+                "rope_full_precision": True, "use_cache": False, "flash_attention": False, "precision": "amp_bf16"})
+    cfg_path.write_text(json.dumps(raw))
+    assert torch.equal(C.load_pretrained(tmp_path / "hub", dtype=torch.float32)(torch.arange(8)[None]).logits,
+                       m(torch.arange(8)[None]).logits)
+    raw["d_model"] = 32
+    raw["n_heads"] = 4
+    cfg_path.write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match="shape"):
+        C.load_pretrained(tmp_path / "hub")
+
+
+def test_official_remedi_layout_loads(tmp_path, gen):
+    """Backbone + stream in one checkpoint (RemeDi-Instruct layout) with model_type RemeDi."""
+    cfg = get_config("test-tiny", ups_taps=(0, 1, 2, 3))
+    m = model(cfg)
+    with torch.no_grad():
+        for lin in m.model.backprop_linears:
+            lin.weight.normal_(0, 0.02)
+    C.save_pretrained(m, tmp_path / "remedi")
+    raw = json.loads((tmp_path / "remedi/config.json").read_text())
+    del raw["ups_taps"]
+    raw["model_type"] = "RemeDi"
+    raw["n_layers"] = 32  # the official taps 0, 10, 20, 30 need 31+ blocks
+    (tmp_path / "remedi/config.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match="missing"):
+        C.load_pretrained(tmp_path / "remedi")
+    raw["n_layers"], raw["ups_taps"] = 4, [0, 1, 2, 3]
+    (tmp_path / "remedi/config.json").write_text(json.dumps(raw))
+    loaded = C.load_pretrained(tmp_path / "remedi", dtype=torch.float32)
+    assert loaded.ups_arch == "stream"
+    ids = torch.randint(0, 90, (1, 9), generator=gen)
+    torch.testing.assert_close(loaded(ids).ups_logits, m(ids).ups_logits)
+    # a plain LLaDA config over the same weights names the stream in its error
+    raw.pop("ups_taps")
+    raw["model_type"] = "llada"
+    (tmp_path / "remedi/config.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match="model_type 'RemeDi'"):
+        C.load_pretrained(tmp_path / "remedi")
+
+
+def test_missing_paths_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        C.load_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(get_config("test-tiny").to_hf_dict()))
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        C.load_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="neither an existing directory nor a hub id"):
+        C.resolve_model_dir("no/such/dir/here")
+    with pytest.raises(FileNotFoundError, match="UPS checkpoint not found: .*nope.pt"):
+        C.read_ups(tmp_path / "nope.pt")
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+@pytest.mark.parametrize("arch", ["head", "stream"])
+def test_ups_roundtrip(tmp_path, suffix, arch, gen):
+    cfg = get_config("test-tiny")
+    m = model(cfg)
+    if arch == "head":
+        m.attach_head(UPSHead(cfg.d_model, 8))
+        torch.nn.init.normal_(m.ups_head.net[0].weight)
+    else:
+        C.add_stream(m, (1, 3))
+    path = C.save_ups(tmp_path / f"ups{suffix}", m, extra_meta={"args": {"lr": 1e-4}})
+    state, meta = C.read_ups(path)
+    assert meta["ups_arch"] == arch and meta["hidden_size"] == 64 and meta["args"]["lr"] == 1e-4
+    # only UPS tensors are saved, never the backbone
+    assert not any("transformer" in k for k in state)
+    fresh = model(cfg)
+    C.load_ups(path, fresh)
+    ids = torch.randint(0, 90, (2, 10), generator=gen)
+    torch.testing.assert_close(fresh(ids).ups_logits, m(ids).ups_logits)
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_ups_mismatch_errors_name_both_sides(tmp_path):
+    small = model(get_config("test-tiny"))
+    small.attach_head(UPSHead(64))
+    path = C.save_ups(tmp_path / "h.pt", small)
+    wide = model(get_config("test-tiny", d_model=128))
+    with pytest.raises(ValueError, match="hidden size 64.*d_model=128"):
+        C.load_ups(path, wide)
+    streamed = model(get_config("test-tiny", ups_taps=(1,)))
+    with pytest.raises(ValueError, match="head UPS.*stream UPS"):
+        C.load_ups(path, streamed)
+
+
+def test_pt_loader_refuses_pickled_code(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    torch.save({"state_dict": {}, "meta": "{}", "x": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match="not a readable UPS checkpoint"):
+        C.read_ups(tmp_path / "evil.pt")
+
+
+def test_atomic_write_leaves_old_file_on_crash(tmp_path):
+    target = tmp_path / "ups.pt"
+    target.write_text("previous")
+    with pytest.raises(RuntimeError):
+        with C.atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed mid-save")
+    assert target.read_text() == "previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ups.pt"]
+
+
+def test_load_for_inference_by_path_and_mask_check(tmp_path, tiny_model_dir):
+    loaded = load_for_inference(str(tiny_model_dir), device="cpu")
+    assert loaded.ids.mask == loaded.model.config.mask_token_id == 0 and loaded.ids.eos == 1
+    assert loaded.ids.eot == 5 and loaded.ids.bos == 2
+    with pytest.raises(ValueError, match="--mask_id 126336 disagrees.*= 0"):
+        load_for_inference(str(tiny_model_dir), mask_id=126336)
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        preflight(str(tiny_model_dir), lora_path=str(tmp_path))
+    other = build_model_dir(tmp_path / "wide", d_model=32, n_heads=2, n_kv_heads=2, mlp_hidden_size=48)
+    m = C.load_pretrained(other)
+    m.attach_head(UPSHead(32))
+    bad = C.save_ups(tmp_path / "wide.pt", m)
+    with pytest.raises(ValueError, match="hidden size 32"):
+        preflight(str(tiny_model_dir), ups_head=str(bad))
+
+
+def test_hub_id_goes_through_snapshot_download(monkeypatch, tiny_model_dir):
+    import huggingface_hub
+
+    calls = []
+
+    def fake_download(repo_id, allow_patterns=None, **kw):
+        calls.append((repo_id, allow_patterns))
+        return str(tiny_model_dir)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    m = C.load_pretrained("GSAI-ML/LLaDA-8B-Base", dtype=torch.float32)
+    assert calls[0][0] == "GSAI-ML/LLaDA-8B-Base" and "*.safetensors" in calls[0][1]
+    assert m.config.d_model == 64
+
+    def failing(repo_id, **kw):
+        raise OSError("offline")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", failing)
+    with pytest.raises(FileNotFoundError, match="pass the local directory"):
+        C.load_pretrained("GSAI-ML/LLaDA-8B-Base")
