@@ -286,6 +286,17 @@ class RemeDiLM(nn.Module):
             out.ups_logits = self.ups_head(out.hidden.detach())
         return out
 
+    def compile_blocks(self, **kwargs) -> "RemeDiLM":
+        """torch.compile every transformer block (backbone and stream) in place.
+
+        Blocks of one class share compiled code, so this costs one compilation per input shape. On an
+        H200 it lifted an 8B forward from 47% to 67% of the matmul rate at batch 1 (BENCHMARKS.md).
+        """
+        blocks = list(self.model.transformer.blocks) + list(getattr(self.model, "blocks_upm", []))
+        for blk in blocks:
+            blk.compile(**{"dynamic": False, **kwargs})
+        return self
+
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
