@@ -152,7 +152,7 @@ CONFIGS: dict[str, LLaDAConfig] = {
     ),
     # The embedded model shipped in checkpoints/ (vocab set by its tokenizer at build time).
     "remedi-tiny": LLaDAConfig(
-        d_model=256, n_layers=6, n_heads=8, n_kv_heads=8, mlp_hidden_size=704, vocab_size=1024,
+        d_model=192, n_layers=6, n_heads=6, n_kv_heads=6, mlp_hidden_size=512, vocab_size=1024,
         embedding_size=1024, max_sequence_length=512, rope_theta=10000.0,
         mask_token_id=0, eos_token_id=1, pad_token_id=1,
     ),
