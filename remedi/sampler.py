@@ -1,0 +1,376 @@
+"""Block-wise masked-diffusion sampling: LLaDA's reference decoder and the RemeDi dynamic-remask step.
+
+Two families of strategies, selected by name (``SamplerConfig.strategy``):
+
+* ``llada_low_confidence`` / ``llada_random`` -- LLaDA's ``generate.py`` as an algorithm (LLADA.md, "The
+  reference sampler"): for each block, m = masked positions at the block start; step n commits
+  ``m // s`` tokens plus one for the first ``m % s`` steps; the committed positions are the most confident
+  masked positions of the block (confidence = softmax probability of the candidate, or uniform noise);
+  a committed token is never masked again.
+* ``ups`` / ``tps_prob`` / ``margin`` / ``entropy`` / ``random`` -- the RemeDi step (REMEDI.md, "Sampler
+  with dynamic remasking"): after step n of a block exactly K_n = c_1 + ... + c_n positions of the block
+  are unmasked (c_n the LLaDA counts for a fully masked block). Every position of the block is scored --
+  a masked one by its candidate, an unmasked one by its current token -- the top K_n stay or become
+  unmasked and every other position of the block becomes the mask again (a *remask* if it held a token).
+
+Scores (all computed in float64 from the float32 logits):
+  tps_prob   p(candidate) at masked positions, p(current token) at unmasked ones
+  margin     top-1 minus top-2 probability of the position's distribution
+  entropy    minus the entropy of the position's distribution
+  ups        sigmoid(UPS logit) (from the conditional pass when cfg_scale > 0)
+  random     uniform(0, 1) from the row's generator
+
+Conventions shared with :mod:`remedi.sampler_ref` and tests/llada_generate_ref.py (all three agree
+token for token):
+
+* The mask token is never a prediction (its logit is set to -inf). A trained model never predicts it; an
+  untrained one would otherwise "commit" a mask and end with masks in its output.
+* Ties in a ranking go to the earlier position. A position whose confidence is -inf (EOS/EOT candidates
+  under ``confidence_eos_eot_inf``) is still committed if the schedule needs more positions than have
+  finite scores, but never one outside the current block (the reference's ``topk`` over -inf ties could
+  pick a masked position of a later block there).
+* Random numbers: row b draws only from ``generators[b]``, on that generator's device, for the current
+  block only, in this order per step: Gumbel uniforms of shape (block_length, V) in float64 when
+  temperature > 0, then uniform confidences of shape (block_length,) in float64 for the random
+  strategies. Hence a row gives the same output alone or in any batch, and temperature 0 with a
+  deterministic strategy draws nothing (independent of the seed).
+* Gumbel sampling is the reference's: ``argmax(exp(logits) / (-log u) ** temperature)`` in float64.
+* CFG: the unconditional copy has every prompt position replaced by the mask;
+  ``logits = un + (cfg_scale + 1) * (cond - un)``; the batch of 2B rows is one forward pass, counted as
+  2 NFE (so ``nfe = 2 * steps`` with CFG).
+* ``confidence_eos_eot_inf`` gives EOS and EOT *candidates* confidence -inf at every temperature (the
+  reference applies it to EOS only at temperature 0, a quirk not copied).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from .loading import SpecialIds
+
+STRATEGIES = ("llada_low_confidence", "llada_random", "ups", "tps_prob", "margin", "entropy", "random")
+LLADA_STRATEGIES = ("llada_low_confidence", "llada_random")
+REMASK_STRATEGIES = ("ups", "tps_prob", "margin", "entropy", "random")
+RANDOM_STRATEGIES = ("llada_random", "random")
+CACHE_MODES = ("none", "prefix", "dual")
+
+
+@dataclass
+class SamplerConfig:
+    strategy: str = "llada_low_confidence"
+    steps: int = 64
+    gen_length: int = 64
+    block_length: int = 32
+    temperature: float = 0.0
+    cfg_scale: float = 0.0
+    logits_eos_inf: bool = False
+    confidence_eos_eot_inf: bool = False
+    eos_gating: bool = False
+    record_trajectory: bool = False
+    cache: str = "none"  # none | prefix | dual   (issue 7 adds the cached modes)
+    threshold: Optional[float] = None  # parallel threshold decoding (issue 7)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.gen_length // self.block_length
+
+    @property
+    def steps_per_block(self) -> int:
+        return self.steps // self.num_blocks
+
+    @property
+    def remasks(self) -> bool:
+        """True for the RemeDi strategies (which may remask), False for LLaDA's unmask-only ones."""
+        return self.strategy in REMASK_STRATEGIES
+
+    def validate(self, model_max_len: Optional[int] = None, prompt_len: Optional[int] = None,
+                 has_ups: Optional[bool] = None) -> None:
+        """Raise ValueError naming the flag for any setting the sampler cannot run.
+
+        ``steps / num_blocks`` may exceed ``block_length``: LLaDA allows it, and the surplus steps of a
+        block commit nothing (they still cost a forward pass; the remask strategies may still swap).
+        """
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy/source {self.strategy!r}; choose from {', '.join(STRATEGIES)}")
+        for name in ("steps", "gen_length", "block_length"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"--{name} must be a positive integer, got {v!r}")
+        if self.gen_length % self.block_length:
+            raise ValueError(f"--block_length {self.block_length} must divide --gen_length {self.gen_length} "
+                             f"(e.g. --block_length {_largest_divisor_at_most(self.gen_length, self.block_length)})")
+        if self.steps % self.num_blocks:
+            raise ValueError(f"--steps {self.steps} must be divisible by the number of blocks "
+                             f"{self.num_blocks} (= --gen_length / --block_length); e.g. --steps "
+                             f"{max(self.num_blocks, self.steps - self.steps % self.num_blocks)}")
+        if not (self.temperature >= 0.0 and self.temperature != float("inf")):
+            raise ValueError(f"--temperature must be a finite number >= 0, got {self.temperature}")
+        if not (self.cfg_scale >= 0.0 and self.cfg_scale != float("inf")):
+            raise ValueError(f"--cfg_scale must be a finite number >= 0, got {self.cfg_scale}")
+        if self.cache not in CACHE_MODES:
+            raise ValueError(f"--cache {self.cache!r}: choose one of {', '.join(CACHE_MODES)}")
+        if self.cache != "none":
+            raise ValueError(f"--cache {self.cache} is not implemented yet (issue 7); use --cache none")
+        if self.threshold is not None:
+            raise ValueError("--threshold (parallel threshold decoding) is not implemented yet (issue 7); "
+                             "leave it unset")
+        if has_ups is False and self.strategy == "ups":
+            raise ValueError("source 'ups' needs a UPS: pass --ups_head CHECKPOINT (or a model with a UPS "
+                             "stream), or choose another source (tps_prob, margin, entropy, random, llada_*)")
+        if model_max_len is not None and prompt_len is not None and prompt_len + self.gen_length > model_max_len:
+            raise ValueError(f"prompt ({prompt_len} tokens) + --gen_length {self.gen_length} = "
+                             f"{prompt_len + self.gen_length} exceeds the model's max_sequence_length "
+                             f"{model_max_len}; shorten the prompt or lower --gen_length")
+
+
+def _largest_divisor_at_most(n: int, k: int) -> int:
+    return max(d for d in range(1, min(n, k) + 1) if n % d == 0)
+
+
+@dataclass
+class Generation:
+    """One row's result. ``tokens`` drops everything from the first EOS on.
+
+    nfe: model forward passes this row took part in (one per step, two per step with CFG).
+    remasks: positions holding a token before a step and masked after it; remasks_per_block lists the
+    blocks actually computed (fewer than gen_length / block_length when eos_gating stopped early).
+    seconds: wall time of the whole ``generate`` call divided by the number of rows (each row's share of
+    the batch; ``seconds * len(rows)`` is the batch's wall time).
+    trajectory (record_trajectory only): one dict per step with "step" (0-based, over all blocks),
+    "block", "unmasked" / "remasked" (positions relative to the generation start), "conf" ({position:
+    score} for every position the step ranked: the whole block for the remask strategies, the masked
+    positions of the block for LLaDA's) and "tokens" (the generated region after the step, None where
+    masked).
+    """
+
+    tokens: list[int]
+    nfe: int
+    remasks: int
+    remasks_per_block: list[int]
+    seconds: float
+    trajectory: Optional[list[dict]] = None
+
+
+# ------------------------------------------------------------------------------------------ schedules
+def transfer_counts(masked: torch.Tensor, steps: int) -> torch.Tensor:
+    """LLaDA's per-step commit counts: (B,) masked counts -> (B, steps), m // s plus 1 for the first m % s."""
+    base = masked // steps
+    rem = masked % steps
+    return base[:, None] + (torch.arange(steps, device=masked.device)[None, :] < rem[:, None]).long()
+
+
+def unmask_schedule(block_length: int, steps: int) -> list[int]:
+    """K_n for n = 1..steps: positions of a block unmasked after step n (cumulative LLaDA counts)."""
+    counts = transfer_counts(torch.tensor([block_length]), steps)[0]
+    return torch.cumsum(counts, 0).tolist()
+
+
+# ------------------------------------------------------------------------------------- step pieces
+def layout_batch(prompts: Sequence[Sequence[int]], gen_length: int, ids: SpecialIds, device):
+    """Left-pad prompts with ids.pad and append gen_length masks: x (B, P+G), attention mask or None, P."""
+    P = max(len(p) for p in prompts)
+    x = torch.full((len(prompts), P + gen_length), ids.mask, dtype=torch.long)
+    attn = torch.ones_like(x)
+    for b, p in enumerate(prompts):
+        x[b, :P - len(p)] = ids.pad
+        attn[b, :P - len(p)] = 0
+        x[b, P - len(p):P] = torch.tensor(list(p), dtype=torch.long)
+    attn = None if bool(attn.all()) else attn.to(device)
+    return x.to(device), attn, P
+
+
+def block_forward(model, x: torch.Tensor, attn: Optional[torch.Tensor], lo: int, hi: int, prompt_end: int,
+                  cfg: SamplerConfig, mask_id: int, cache=None):
+    """Logits (B, hi-lo, V) float32 (CFG applied) and UPS logits (B, hi-lo) or None for block [lo, hi).
+
+    The LM head runs only on the block (``out_slice``). Issue 7 passes a KV cache here.
+    """
+    if cache is not None:
+        raise NotImplementedError("KV cache decoding arrives with issue 7")
+    out_slice = slice(lo, hi)
+    if cfg.cfg_scale > 0:
+        un = x.clone()
+        un[:, :prompt_end] = mask_id  # unconditional copy: the prompt fully masked
+        both = torch.cat([x, un], 0)
+        am = None if attn is None else torch.cat([attn, attn], 0)
+        out = model(both, am, out_slice=out_slice)
+        cond, unc = out.logits.float().chunk(2, 0)
+        logits = unc + (cfg.cfg_scale + 1) * (cond - unc)
+        ups = None if out.ups_logits is None else out.ups_logits.chunk(2, 0)[0]
+    else:
+        out = model(x, attn, out_slice=out_slice)
+        logits, ups = out.logits.float(), out.ups_logits
+    return logits, ups
+
+
+def prepare_logits(logits: torch.Tensor, cfg: SamplerConfig, ids: SpecialIds) -> torch.Tensor:
+    logits = logits.clone()
+    logits[..., ids.mask] = -torch.inf  # the mask is not a token of the text
+    if cfg.logits_eos_inf:
+        logits[..., ids.eos] = -torch.inf
+    return logits
+
+
+def draw_candidates(logits: torch.Tensor, temperature: float, generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """x0 (B, Lb): argmax, or the reference's float64 Gumbel-max with per-row uniforms."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    B, Lb, V = logits.shape
+    u = torch.stack([torch.rand((Lb, V), generator=g, dtype=torch.float64, device=g.device).to(logits.device)
+                     for g in generators])  # (B, Lb, V)
+    noisy = logits.double().exp() / (-torch.log(u)) ** temperature
+    return noisy.argmax(-1)
+
+
+def draw_uniform(B: int, Lb: int, generators: Sequence[torch.Generator], device) -> torch.Tensor:
+    return torch.stack([torch.rand((Lb,), generator=g, dtype=torch.float64, device=g.device).to(device)
+                        for g in generators])  # (B, Lb)
+
+
+def eos_eot_candidates(x0: torch.Tensor, ids: SpecialIds) -> torch.Tensor:
+    hit = x0 == ids.eos
+    if ids.eot is not None:
+        hit |= x0 == ids.eot
+    return hit
+
+
+def position_scores(strategy: str, logits: torch.Tensor, tokens: torch.Tensor, ups: Optional[torch.Tensor],
+                    rand: Optional[torch.Tensor]) -> torch.Tensor:
+    """(B, Lb) float64 score of ``tokens`` (candidate or current token) at each position."""
+    if strategy in RANDOM_STRATEGIES:
+        return rand
+    if strategy == "ups":
+        return torch.sigmoid(ups.double())
+    logp = torch.log_softmax(logits.double(), -1)  # (B, Lb, V)
+    if strategy in ("tps_prob", "llada_low_confidence"):
+        return logp.gather(-1, tokens[..., None]).squeeze(-1).exp()
+    p = logp.exp()
+    if strategy == "margin":
+        top = p.topk(2, dim=-1).values
+        return top[..., 0] - top[..., 1]
+    if strategy == "entropy":
+        return torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1)  # minus the entropy
+    raise ValueError(f"unknown strategy {strategy!r}")
+
+
+def select_top_k(scores: torch.Tensor, eligible: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Bool (B, Lb): the k[b] highest-scoring eligible positions of each row (ties: earlier position).
+
+    Vectorised: one stable sort by score, then a stable sort that moves eligible positions first, so
+    that an eligible -inf still ranks above every ineligible position; rank < k selects.
+    """
+    B, Lb = scores.shape
+    s = torch.where(eligible, scores, torch.full_like(scores, -torch.inf))
+    order = torch.sort(s, dim=1, descending=True, stable=True).indices  # (B, Lb)
+    elig_first = torch.sort(eligible.gather(1, order).to(torch.int8), dim=1, descending=True, stable=True).indices
+    order = order.gather(1, elig_first)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(Lb, device=scores.device).expand(B, Lb).contiguous())
+    return (ranks < k[:, None]) & eligible
+
+
+# ------------------------------------------------------------------------------------------- driver
+@torch.inference_mode()
+def generate(model, prompts: list[list[int]], cfg: SamplerConfig, ids: SpecialIds,
+             generators: Optional[list[torch.Generator]] = None) -> list[Generation]:
+    """Decode ``gen_length`` tokens after each prompt; rows are independent (see the module docstring).
+
+    generators: one per row; default ``torch.Generator().manual_seed(0)`` for every row (so a row's
+    default stream does not depend on its place in the batch).
+    """
+    if not prompts:
+        return []
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("empty prompt: every prompt needs at least one token")
+    cfg.validate(model.config.max_sequence_length, max(len(p) for p in prompts), model.ups_arch is not None)
+    if generators is None:
+        generators = [torch.Generator().manual_seed(0) for _ in prompts]
+    if len(generators) != len(prompts):
+        raise ValueError(f"{len(generators)} generators for {len(prompts)} prompts")
+    t0 = time.perf_counter()
+    device = next(model.parameters()).device
+    B, Lb, s, G = len(prompts), cfg.block_length, cfg.steps_per_block, cfg.gen_length
+    x, attn, P = layout_batch(prompts, G, ids, device)
+    K = torch.tensor(unmask_schedule(Lb, s), device=device)  # (s,) for the remask strategies
+    nfe_per_step = 2 if cfg.cfg_scale > 0 else 1
+    nfe = [0] * B
+    remasks = [[] for _ in range(B)]
+    traj = [[] for _ in range(B)] if cfg.record_trajectory else None
+    active = list(range(B))
+    gstep = 0
+    for blk in range(cfg.num_blocks):
+        if not active:
+            break
+        lo, hi = P + blk * Lb, P + (blk + 1) * Lb
+        idx = torch.tensor(active, device=device)
+        xa = x[idx]
+        aa = None if attn is None else attn[idx]
+        gens = [generators[b] for b in active]
+        counts = transfer_counts((xa[:, lo:hi] == ids.mask).sum(1), s)  # (A, s) LLaDA counts
+        blk_remasks = torch.zeros(len(active), dtype=torch.long, device=device)
+        for n in range(s):
+            logits, ups = block_forward(model, xa, aa, lo, hi, P, cfg, ids.mask)
+            logits = prepare_logits(logits, cfg, ids)
+            cur = xa[:, lo:hi]
+            masked = cur == ids.mask
+            x0 = draw_candidates(logits, cfg.temperature, gens)
+            rand = draw_uniform(len(active), Lb, gens, device) if cfg.strategy in RANDOM_STRATEGIES else None
+            if cfg.remasks:
+                tok = torch.where(masked, x0, cur)
+                score = position_scores(cfg.strategy, logits, tok, ups, rand)
+                if cfg.confidence_eos_eot_inf:
+                    score = score.masked_fill(masked & eos_eot_candidates(x0, ids), -torch.inf)
+                keep = select_top_k(score, torch.ones_like(masked), K[n].expand(len(active)))
+                new = torch.where(keep, tok, torch.full_like(cur, ids.mask))
+                remasked = ~masked & ~keep
+            else:
+                score = position_scores(cfg.strategy, logits, x0, ups, rand)
+                if cfg.confidence_eos_eot_inf:
+                    score = score.masked_fill(eos_eot_candidates(x0, ids), -torch.inf)
+                keep = select_top_k(score, masked, counts[:, n])
+                new = torch.where(keep, x0, cur)
+                remasked = torch.zeros_like(masked)
+            xa[:, lo:hi] = new
+            blk_remasks += remasked.sum(1)
+            if traj is not None:
+                ranked = torch.ones_like(masked) if cfg.remasks else masked
+                _record(traj, active, gstep, blk, lo - P, masked, new, remasked, score, ranked, xa[:, P:], ids)
+            gstep += 1
+        x[idx] = xa
+        for j, b in enumerate(active):
+            nfe[b] += s * nfe_per_step
+            remasks[b].append(int(blk_remasks[j]))
+        if cfg.eos_gating:
+            done = (xa[:, lo:hi] == ids.eos).any(1).tolist()
+            for j, b in enumerate(active):
+                if done[j]:
+                    x[b, hi:] = ids.eos  # the rest is not computed
+            active = [b for j, b in enumerate(active) if not done[j]]
+    rows = x[:, P:].tolist()
+    seconds = (time.perf_counter() - t0) / B
+    return [Generation(tokens=cut_at_eos(rows[b], ids.eos), nfe=nfe[b], remasks=sum(remasks[b]),
+                       remasks_per_block=remasks[b], seconds=seconds,
+                       trajectory=None if traj is None else traj[b]) for b in range(B)]
+
+
+def cut_at_eos(tokens: list[int], eos: int) -> list[int]:
+    return tokens[:tokens.index(eos)] if eos in tokens else tokens
+
+
+def _record(traj, active, gstep, blk, off, masked, new, remasked, score, ranked, gen, ids):
+    unm = (masked & (new != ids.mask)).tolist()
+    rem = remasked.tolist()
+    sc = score.tolist()
+    rk = ranked.tolist()
+    gen = gen.tolist()
+    for j, b in enumerate(active):
+        traj[b].append({
+            "step": gstep, "block": blk,
+            "unmasked": [off + i for i, v in enumerate(unm[j]) if v],
+            "remasked": [off + i for i, v in enumerate(rem[j]) if v],
+            "conf": {off + i: float(v) for i, v in enumerate(sc[j]) if rk[j][i]},
+            "tokens": [None if t == ids.mask else t for t in gen[j]],
+        })
