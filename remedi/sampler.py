@@ -140,10 +140,10 @@ class Generation:
     seconds: wall time of the whole ``generate`` call divided by the number of rows (each row's share of
     the batch; ``seconds * len(rows)`` is the batch's wall time).
     trajectory (record_trajectory only): one dict per step with "step" (0-based, over all blocks),
-    "block", "unmasked" / "remasked" (positions relative to the generation start), "conf" ({position:
-    score} for every position the step ranked: the whole block for the remask strategies, the masked
-    positions of the block for LLaDA's) and "tokens" (the generated region after the step, None where
-    masked).
+    "block", "span" ([lo, hi) of the block), "unmasked" / "remasked" (positions relative to the
+    generation start), "conf" ({position: score} for every position the step ranked: the whole block
+    for the remask strategies, its masked positions for LLaDA's) and "tokens" (the generated region
+    after the step, None where masked).
     """
 
     tokens: list[int]
@@ -368,7 +368,7 @@ def _record(traj, active, gstep, blk, off, masked, new, remasked, score, ranked,
     gen = gen.tolist()
     for j, b in enumerate(active):
         traj[b].append({
-            "step": gstep, "block": blk,
+            "step": gstep, "block": blk, "span": [off, off + len(sc[j])],
             "unmasked": [off + i for i, v in enumerate(unm[j]) if v],
             "remasked": [off + i for i, v in enumerate(rem[j]) if v],
             "conf": {off + i: float(v) for i, v in enumerate(sc[j]) if rk[j][i]},

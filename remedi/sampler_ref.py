@@ -122,7 +122,8 @@ def _generate_row(model, prompt: list[int], cfg: SamplerConfig, ids: SpecialIds,
             remasked = [i - P for i in block if before[i] != ids.mask and seq[i] == ids.mask]
             n_remask += len(remasked)
             if traj is not None:
-                traj.append({"step": step, "block": blk, "unmasked": unmasked, "remasked": remasked,
+                traj.append({"step": step, "block": blk, "span": [lo - P, lo - P + Lb],
+                             "unmasked": unmasked, "remasked": remasked,
                              "conf": {i - P: float(v) for i, v in score.items()},
                              "tokens": [None if t == ids.mask else t for t in seq[P:]]})
             step += 1

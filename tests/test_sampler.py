@@ -122,8 +122,8 @@ def test_fast_matches_slow_reference(model, g, strategy):
         assert (f.tokens, f.nfe, f.remasks, f.remasks_per_block) == (s.tokens, s.nfe, s.remasks, s.remasks_per_block)
         assert len(f.trajectory) == len(s.trajectory)
         for a, b in zip(f.trajectory, s.trajectory):
-            assert {k: a[k] for k in ("step", "block", "unmasked", "remasked", "tokens")} == \
-                   {k: b[k] for k in ("step", "block", "unmasked", "remasked", "tokens")}
+            assert {k: a[k] for k in ("step", "block", "span", "unmasked", "remasked", "tokens")} == \
+                   {k: b[k] for k in ("step", "block", "span", "unmasked", "remasked", "tokens")}
             assert a["conf"].keys() == b["conf"].keys()
             for p in a["conf"]:
                 assert a["conf"][p] == pytest.approx(b["conf"][p], rel=1e-4, abs=1e-5)
@@ -191,6 +191,7 @@ def test_invariants(model, g, strategy):
         assert IDS.mask not in x.tokens and len(x.tokens) <= G
         for n, st in enumerate(traj):
             blk, lo, hi = st["block"], st["block"] * Lb, (st["block"] + 1) * Lb
+            assert st["span"] == [lo, hi]
             toks = st["tokens"]
             assert sum(t is not None for t in toks[lo:hi]) == K[n % s]  # K_n schedule (also for LLaDA)
             assert all(t is None for t in toks[hi:])  # later blocks untouched
