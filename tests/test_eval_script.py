@@ -1,0 +1,187 @@
+"""eval_gsm_math.py end to end on the tiny model: reports, resume, rescore, bad input, data parallel."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from remedi import eval_gsm_math as script
+from remedi import gsm_eval as ge
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLING = ["--steps", "8", "--gen_length", "8", "--block_length", "4"]
+
+
+@pytest.fixture
+def data_file(tmp_path) -> Path:
+    rows = [{"question": f"Janet has {i} apples and buys 4 more. How many apples does she have?",
+             "answer": f"{i} + 4 = {i + 4}. #### {i + 4}"} for i in range(6)]
+    path = tmp_path / "gsm.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def count_generated(monkeypatch):
+    """Wrap the real sampler call and count the prompts it decodes."""
+    calls = []
+    real = ge._generate
+
+    def counting(model, prompts, cfg, ids, generators):
+        calls.append((cfg.strategy, cfg.steps, len(prompts)))
+        return real(model, prompts, cfg, ids, generators)
+
+    monkeypatch.setattr(ge, "_generate", counting)
+    return calls
+
+
+def _argv(model_dir, data, out, *extra):
+    return ["--model_name", str(model_dir), "--dataset", str(data), "--output_dir", str(out), *SAMPLING, *extra]
+
+
+def _records(out: Path) -> dict:
+    return {ge.record_key(r): r for r in ge.read_results(out / "results.jsonl")}
+
+
+def test_end_to_end_reports(tiny_model_dir, data_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    summary = script.main(_argv(tiny_model_dir, data_file, out, "--max_samples", "3", "--infer_bs", "2",
+                                "--sources", "llada_low_confidence,tps_prob,random", "--temperature", "0.5"))
+    for name in ("results.jsonl", "summary.json", "summary.md", "accuracy.png", "config.json"):
+        assert (out / name).is_file(), name
+    assert not (out / "accuracy_vs_nfe.png").exists()
+    recs = ge.read_results(out / "results.jsonl")
+    assert len(recs) == 9 and {r["source"] for r in recs} == {"llada_low_confidence", "tps_prob", "random"}
+    r = recs[0]
+    assert set(r) >= {"id", "source", "steps", "prompt", "gold", "completion", "extracted", "correct",
+                      "string_match", "note", "nfe", "remasks", "remasks_per_block", "seconds", "gen_tokens"}
+    assert r["prompt"] == f"Question: {json.loads(data_file.read_text().splitlines()[0])['question']}\nAnswer:"
+    assert r["gold"] == "4" and r["nfe"] == 8 and len(r["remasks_per_block"]) == 2 and r["steps"] == 8
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert [g["source"] for g in on_disk["groups"]] == ["llada_low_confidence", "tps_prob", "random"]
+    assert len(on_disk["pairs"]) == 3 and on_disk["groups"][0]["n"] == 3
+    assert summary["groups"] == on_disk["groups"]
+    printed = capsys.readouterr().out
+    assert "| source | n | accuracy | 95% CI |" in printed and "McNemar" in printed
+    assert str(out / "summary.md") in printed
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["fixed"]["temperature"] == 0.5 and cfg["fixed"]["prompt_style"] == "plain"
+
+    # Same items with another batch size: identical completions (per-item seeds, per-row streams).
+    out2 = tmp_path / "run_bs1"
+    script.main(_argv(tiny_model_dir, data_file, out2, "--max_samples", "3", "--infer_bs", "1",
+                      "--sources", "random", "--temperature", "0.5"))
+    a, b = _records(out), _records(out2)
+    assert len(b) == 3 and all(a[k]["completion"] == b[k]["completion"] for k in b)
+
+
+def test_resume_skips_finished_items_and_repairs_a_torn_line(tiny_model_dir, data_file, tmp_path, count_generated):
+    out = tmp_path / "run"
+    argv = _argv(tiny_model_dir, data_file, out, "--sources", "llada_low_confidence,random")
+    script.main(argv + ["--max_samples", "2"])
+    assert sum(n for *_, n in count_generated) == 4
+    first = _records(out)
+    count_generated.clear()
+    with open(out / "results.jsonl", "ab") as f:  # a run killed in the middle of a line
+        f.write(b'{"id": "test-00002", "source": "random", "ste')
+    summary = script.main(argv + ["--max_samples", "4"])
+    assert sum(n for *_, n in count_generated) == 4  # items 2 and 3, two sources
+    recs = _records(out)
+    assert len(recs) == 8 and all(recs[k] == v for k, v in first.items())
+    assert [g["n"] for g in summary["groups"]] == [4, 4]
+    count_generated.clear()
+    script.main(argv + ["--max_samples", "4"])  # nothing left to do: no model load, same summary
+    assert count_generated == []
+    with pytest.raises(ValueError, match=r"gen_length: 8 in the earlier run, 12 now"):
+        script.main(argv[:-6] + ["--steps", "12", "--gen_length", "12", "--block_length", "4"])
+
+
+def test_steps_sweep_plots_accuracy_vs_nfe(tiny_model_dir, data_file, tmp_path):
+    out = tmp_path / "sweep"
+    summary = script.main(_argv(tiny_model_dir, data_file, out, "--max_samples", "2", "--steps_list", "4,8",
+                                "--sources", "tps_prob,random"))
+    assert [g["label"] for g in summary["groups"]] == ["tps_prob@4", "random@4", "tps_prob@8", "random@8"]
+    assert [g["mean_nfe"] for g in summary["groups"]] == [4, 4, 8, 8]
+    assert (out / "accuracy_vs_nfe.png").stat().st_size > 1000
+
+
+def test_rescore_loads_no_model(tiny_model_dir, data_file, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    script.main(_argv(tiny_model_dir, data_file, out, "--max_samples", "2"))
+    lines = ge.read_results(out / "results.jsonl")
+    lines[0]["completion"] = "4 apples. #### 4"  # as if the model had been right
+    (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+
+    def boom(*a, **k):
+        raise AssertionError("--rescore must not load a model")
+
+    monkeypatch.setattr(script, "load_for_inference", boom)
+    summary = script.main(["--rescore", str(out / "results.jsonl")])
+    assert summary["format"] == "gsm8k" and summary["verdicts_changed"] == 1
+    assert summary["groups"][0]["correct"] == 1 and (out / "rescored.jsonl").is_file()
+    # A bare file elsewhere (no config.json beside it) needs --format.
+    bare = tmp_path / "other" / "old.jsonl"
+    bare.parent.mkdir()
+    bare.write_text(json.dumps({"id": "1", "gold": "5", "completion": "#### 5"}) + "\n")
+    with pytest.raises(ValueError, match="pass --format"):
+        script.main(["--rescore", str(bare)])
+    s = script.main(["--rescore", str(bare), "--format", "gsm8k", "--output_dir", str(tmp_path / "re")])
+    assert s["groups"][0]["accuracy"] == 1.0 and (tmp_path / "re" / "summary.md").is_file()
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--sources", "ups"], "source 'ups' needs a UPS"),
+    (["--sources", "best"], r"--sources: unknown \['best'\]"),
+    (["--format", "latex"], "latex"),
+    (["--ups_head", "missing.pt"], "UPS checkpoint not found"),
+    (["--gen_length", "300", "--block_length", "4", "--steps", "75"], "max_sequence_length"),
+    (["--steps_list", "8,x"], "--steps_list must be comma-separated integers"),
+])
+def test_bad_input_fails_before_the_model_loads(tiny_model_dir, data_file, tmp_path, monkeypatch, extra, match):
+    monkeypatch.setattr(script, "load_for_inference", lambda *a, **k: pytest.fail("model loaded"))
+    with pytest.raises((ValueError, FileNotFoundError, SystemExit), match=match):
+        script.main(_argv(tiny_model_dir, data_file, tmp_path / "o", *extra))
+
+
+def test_dataset_without_fields_lists_them(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(script, "load_for_inference", lambda *a, **k: pytest.fail("model loaded"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "x", "target": "1"}) + "\n")
+    with pytest.raises(ValueError, match=r"fields found: \['prompt', 'target'\]"):
+        script.main(_argv(tiny_model_dir, bad, tmp_path / "o", "--format", "gsm8k"))
+
+
+def test_max_samples_beyond_split_runs_what_exists(tiny_model_dir, data_file, tmp_path, caplog):
+    summary = script.main(_argv(tiny_model_dir, data_file, tmp_path / "o", "--max_samples", "50", "--start", "4"))
+    assert summary["groups"][0]["n"] == 2 and "running the 2 that exist" in summary["note"]
+
+
+def test_two_processes_equal_one(tiny_model_dir, data_file, tmp_path):
+    common = ["--model_name", str(tiny_model_dir), "--dataset", str(data_file), *SAMPLING, "--max_samples", "3",
+              "--sources", "tps_prob,random", "--temperature", "0.7", "--infer_bs", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    with socket.socket() as sock:  # a free port for the gloo rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    t0 = time.time()
+    # accelerate launch --cpu starts one process (several need mpirun), so use torchrun, which accelerate
+    # launch also uses on GPUs; PartialState then joins the gloo group.
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_addr", "127.0.0.1", "--master_port", str(port),
+                           str(REPO / "remedi" / "eval_gsm_math.py"), *common, "--output_dir", str(tmp_path / "dp")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    print(f"two-process run: {time.time() - t0:.1f}s")
+    script.main([*common, "--output_dir", str(tmp_path / "one")])
+    two, one = _records(tmp_path / "dp"), _records(tmp_path / "one")
+    assert len(two) == 6 and two.keys() == one.keys()
+    for k in one:
+        for f in ("completion", "extracted", "correct", "nfe", "remasks", "remasks_per_block", "prompt"):
+            assert two[k][f] == one[k][f], (k, f)
+    assert json.loads((tmp_path / "dp" / "config.json").read_text())["last_run"]["world_size"] == 2
