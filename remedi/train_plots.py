@@ -1,0 +1,69 @@
+"""Training curves from a run's metrics.jsonl.
+
+    python -m remedi.train_plots runs/train_remask_sft-.../metrics.jsonl --out curves.png
+
+Panels: TPS / UPS loss, UPS accuracy by set (clean, incorrect, masked), AUROC (clean vs incorrect among
+unmasked tokens; TPS-argmax right vs wrong among masked ones), learning rates, tokens/s, gradient norm.
+"""
+if __package__ in (None, ""):  # run as a file: make the repo root importable
+    import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1])); __package__ = "remedi"  # noqa: E401,E702
+
+import argparse
+import json
+from pathlib import Path
+
+PANELS = [
+    ("loss", ["tps_loss", "ups_loss"]),
+    ("UPS accuracy", ["ups_acc_clean", "ups_acc_incorrect", "ups_acc_masked"]),
+    ("UPS AUROC", ["auroc_unmasked", "auroc_masked"]),
+    ("learning rate", None),  # every lr_* key
+    ("tokens/s", ["tokens_per_s"]),
+    ("grad norm", ["grad_norm"]),
+]
+
+
+def read_metrics(path) -> list[dict]:
+    return [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
+
+
+def plot(rows: list[dict], out) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not rows:
+        raise ValueError("metrics file has no lines yet")
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    steps = [r["step"] for r in rows]
+    for ax, (title, keys) in zip(axes.flat, PANELS):
+        keys = keys or sorted({k for r in rows for k in r if k.startswith("lr_")})
+        for k in keys:
+            pts = [(s, r[k]) for s, r in zip(steps, rows) if r.get(k) is not None]
+            if pts:
+                ax.plot(*zip(*pts), label=k, marker="." if len(pts) < 50 else None)
+        ax.set_title(title)
+        ax.set_xlabel("optimiser step")
+        if ax.lines:
+            ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def main(argv=None) -> Path:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("metrics", help="metrics.jsonl written by train_remask_sft.py / train_remask_lora.py")
+    ap.add_argument("--out", required=True, help="PNG to write")
+    a = ap.parse_args(argv)
+    out = plot(read_metrics(a.metrics), a.out)
+    print(f"wrote {out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

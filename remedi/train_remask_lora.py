@@ -1,0 +1,33 @@
+"""LoRA on the LLaDA backbone (TPS) plus the UPS, trained jointly or alternately.
+
+    python remedi/train_remask_lora.py --model_name GSAI-ML/LLaDA-8B-Base --dataset simplescaling/s1K-1.1 \
+        --seq_len 1024 --batch_size 1 --epochs 1 --grad_accum 2 --lora_r 16 --lora_alpha 32 \
+        --lora_dropout 0.05 --lora_target auto --lr_lora 5e-5 --lr_ups 1e-4 --lambda_ups 1.0 \
+        --r_incorrect 0.1 --mask_id 126336 --save_lora_dir checkpoints/lora_s1k \
+        --save_ups_head checkpoints/ups_head_s1k_lora.pt
+
+joint: one optimiser step on L_TPS + lambda_ups * L_UPS (the head reads a detached hidden state, so the
+BCE never reaches the backbone); alternating: --alt_ratio LoRA steps on L_TPS per UPS step on L_UPS.
+Adapters are written in peft format (adapter_config.json + adapter_model.safetensors).
+"""
+if __package__ in (None, ""):  # run as a file: make the repo root importable
+    import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1])); __package__ = "remedi"  # noqa: E401,E702
+
+import sys
+
+from .cli import ModelArgs, parse_args
+from .training import DataArgs, LoraArgs, TrainArgs, run
+
+
+def main(argv=None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for a in argv:
+        if a.split("=", 1)[0] in ("--lr", "--save_path", "--train_backbone"):
+            raise ValueError(f"{a.split('=', 1)[0]} belongs to train_remask_sft.py; here use --lr_lora/"
+                             "--lr_ups, --save_ups_head and --save_lora_dir (the backbone trains through LoRA)")
+    margs, dargs, targs, largs = parse_args([ModelArgs, DataArgs, TrainArgs, LoraArgs], argv, description=__doc__)
+    return run(margs, dargs, targs, largs, script="train_remask_lora")
+
+
+if __name__ == "__main__":
+    main()

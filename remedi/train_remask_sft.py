@@ -1,0 +1,33 @@
+"""Remask SFT: train the UPS (head or stream) on a frozen LLaDA backbone, or the whole model.
+
+    python remedi/train_remask_sft.py --model_name GSAI-ML/LLaDA-8B-Base --dataset simplescaling/s1K-1.1 \
+        --seq_len 1024 --batch_size 1 --epochs 1 --lr 1e-4 --lambda_ups 1.0 --r_incorrect 0.1 \
+        --mask_id 126336 --save_path checkpoints/ups_head_s1k.pt
+    accelerate launch --config_file configs/accelerate_ddp.yaml remedi/train_remask_sft.py ...
+
+LoRA on the backbone is train_remask_lora.py; both scripts share remedi.training.run.
+"""
+if __package__ in (None, ""):  # run as a file: make the repo root importable
+    import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1])); __package__ = "remedi"  # noqa: E401,E702
+
+import dataclasses
+import sys
+
+from .cli import ModelArgs, parse_args
+from .training import DataArgs, LoraArgs, SftArgs, TrainArgs, run
+
+LORA_FLAGS = {f"--{f.name}" for f in dataclasses.fields(LoraArgs)} - {f"--{f.name}" for f in dataclasses.fields(SftArgs)}
+
+
+def main(argv=None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    lora = sorted({a.split("=", 1)[0] for a in argv if a.split("=", 1)[0] in LORA_FLAGS})
+    if lora:
+        raise ValueError(f"{', '.join(lora)} {'is a LoRA flag' if len(lora) == 1 else 'are LoRA flags'}: "
+                         "this script trains the UPS (or the full model); use train_remask_lora.py for LoRA training")
+    margs, dargs, targs, sargs = parse_args([ModelArgs, DataArgs, TrainArgs, SftArgs], argv, description=__doc__)
+    return run(margs, dargs, targs, sargs, script="train_remask_sft")
+
+
+if __name__ == "__main__":
+    main()

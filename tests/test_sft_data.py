@@ -1,0 +1,142 @@
+"""SFT data: field maps, local files, errors that list what exists, tokenised layout, collate, sharding."""
+import json
+import sys
+import types
+
+import pytest
+import torch
+
+from remedi import sft_data as D
+from remedi.loading import encode_prompt
+from tests.conftest import make_tokenizer, shared_data_dir
+
+GSM = [{"question": f"Tom has {i} apples and buys {i + 2} more. How many?",
+        "answer": f"{i} + {i + 2} = {2 * i + 2}.\n#### {2 * i + 2}"} for i in range(10)]
+EOS, EOT = 1, 5
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tokenizer()
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_local_jsonl_json_and_split_folder(tmp_path):
+    f = write_jsonl(tmp_path / "data.jsonl", GSM)
+    rows, src = D.load_records(str(f))
+    assert rows == GSM and src.endswith("data.jsonl")
+    (tmp_path / "list.json").write_text(json.dumps(GSM[:3]))
+    assert D.load_records(str(tmp_path / "list.json"))[0] == GSM[:3]
+    (tmp_path / "obj.json").write_text(json.dumps({"data": GSM[:2], "version": 1}))
+    assert D.load_records(str(tmp_path / "obj.json"))[0] == GSM[:2]
+    folder = tmp_path / "gsm"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", GSM[:4])
+    write_jsonl(folder / "test.jsonl", GSM[4:])
+    assert D.load_records(str(folder), split="test")[0] == GSM[4:]
+    assert D.load_records(str(folder))[0] == GSM[:4]
+    with pytest.raises(ValueError, match=r"--split 'validation' not found.*\['test', 'train'\]"):
+        D.load_records(str(folder), split="validation")
+
+
+def test_parquet(tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    pq.write_table(pa.Table.from_pylist(GSM[:3]), str(tmp_path / "d.parquet"))
+    assert D.load_records(str(tmp_path / "d.parquet"))[0] == GSM[:3]
+
+
+def test_fields_known_and_errors():
+    assert D.resolve_fields("openai/gsm8k", None, None) == ("question", ("answer",), "\n\n")
+    assert D.resolve_fields("HuggingFaceH4/MATH-500", None, None)[:2] == ("problem", ("solution",))
+    assert D.KNOWN["HuggingFaceH4/MATH-500"].split == "test"
+    assert D.resolve_fields("simplescaling/s1K-1.1", None, None)[1] == ("deepseek_thinking_trajectory",
+                                                                        "deepseek_attempt")
+    assert D.resolve_fields("simplescaling/s1K-1.1", None, "deepseek_attempt")[1] == ("deepseek_attempt",)
+    assert D.resolve_fields("OpenCoder-LLM/opc-sft-stage2", None, None)[:2] == ("instruction", ("output",))
+    with pytest.raises(ValueError, match="--prompt_field"):
+        D.resolve_fields("my/data", None, None)
+    with pytest.raises(ValueError, match=r"\['problem'\] not found; fields found: \['answer', 'question'\]"):
+        D.check_fields(GSM, "problem", ("answer",), "x.jsonl")
+
+
+def test_hub_missing_split_lists_available(monkeypatch):
+    fake = types.SimpleNamespace(get_dataset_split_names=lambda name, subset: ["train", "test"],
+                                 load_dataset=lambda name, subset, split: GSM[:2])
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    with pytest.raises(ValueError, match=r"--split 'validation' not found in openai/gsm8k \(main\); available"):
+        D.load_records("openai/gsm8k", split="validation")
+    rows, src = D.load_records("openai/gsm8k")
+    assert rows == GSM[:2] and src == "openai/gsm8k/main[train]"
+    rows, _ = D.load_records("OpenCoder-LLM/opc-sft-stage2", subset="educational_instruct,evol_instruct")
+    assert len(rows) == 4
+    with pytest.raises(ValueError, match="not a subset"):
+        D.load_records("OpenCoder-LLM/opc-sft-stage2", subset="nope")
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_tokenize_layout(tok, chat):
+    data = D.tokenize_records(GSM[:3], tok, prompt_field="question", answer_fields=("answer",), answer_join="\n\n",
+                              seq_len=200, chat=chat, eos_id=EOS, eot_id=EOT)
+    assert len(data.examples) == 3 and data.n_truncated == data.n_skipped == 0
+    e = data.examples[0]
+    assert e.prompt_ids == encode_prompt(tok, GSM[0]["question"], chat)  # the prompt exactly as at inference
+    end = [EOT, EOS] if chat else [EOS]
+    assert e.answer_ids[-len(end):] == end
+    assert tok.decode(e.answer_ids[: -len(end)]) == GSM[0]["answer"]
+
+
+def test_truncate_and_skip_counts(tok):
+    rows = [{"q": "short?", "a": "x " * 200}, {"q": "long " * 100, "a": "y"}, {"q": "ok?", "a": "fine"},
+            {"q": "", "a": "empty prompt"}]
+    data = D.tokenize_records(rows, tok, prompt_field="q", answer_fields=("a",), answer_join="", seq_len=40,
+                              chat=False, eos_id=EOS, eot_id=EOT)
+    assert (len(data.examples), data.n_truncated, data.n_skipped) == (2, 1, 2)
+    assert len(data.examples[0].prompt_ids) + len(data.examples[0].answer_ids) == 40
+    assert "1 answers truncated" in data.summary() and "2 skipped" in data.summary()
+
+
+def test_collate_pads_answer_with_eos():
+    ex = [D.Example([7, 8], [9, 1]), D.Example([7, 8, 9], [10, 11, 1])]
+    ids, answer = D.collate(ex, pad_id=1, length=8)
+    assert ids.tolist() == [[7, 8, 9, 1, 1, 1, 1, 1], [7, 8, 9, 10, 11, 1, 1, 1]]
+    assert answer.tolist() == [[False, False, True, True, True, True, True, True],
+                               [False, False, False, True, True, True, True, True]]
+    ids, _ = D.collate(ex, pad_id=1)
+    assert ids.shape == (2, 6)
+
+
+def test_micro_batches_shard_and_order():
+    n = 23
+    a = D.micro_batches(n, 2, 2, 0, seed=3, epoch=0)
+    b = D.micro_batches(n, 2, 2, 1, seed=3, epoch=0)
+    assert len(a) == len(b) == 5  # 23 // 4 global batches; the tail is dropped
+    flat = [i for x in a + b for i in x]
+    assert len(set(flat)) == 20
+    assert D.micro_batches(n, 2, 2, 0, seed=3, epoch=0) == a
+    assert D.micro_batches(n, 2, 2, 0, seed=3, epoch=1) != a
+
+
+def test_arith_dataset():
+    rows, src = D.load_records("arith", arith_n=30, seed=1)
+    assert len(rows) == 30 and "question" in rows[0] and "####" in rows[0]["answer"]
+    with pytest.raises(ValueError, match="splits: train, validation, test"):
+        D.load_records("arith", split="dev")
+
+
+def test_shared_gsm8k_rows(tok):
+    root = shared_data_dir()
+    if root is None:
+        pytest.skip("no ../shared/data")
+    rows, _ = D.load_records(str(root / "gsm8k"), split="train")
+    D.check_fields(rows, "question", ("answer",), "gsm8k")
+    data = D.tokenize_records(rows[:20], tok, prompt_field="question", answer_fields=("answer",), answer_join="",
+                              seq_len=256, chat=True, eos_id=EOS, eot_id=EOT)
+    assert data.n_records == 20 and len(data.examples) + data.n_skipped == 20
+    ids, answer = D.collate(data.examples[:2], pad_id=EOS, length=256)
+    assert ids.shape == (2, 256) and answer[:, -1].all()
