@@ -185,3 +185,83 @@ def test_two_processes_equal_one(tiny_model_dir, data_file, tmp_path):
         for f in ("completion", "extracted", "correct", "nfe", "remasks", "remasks_per_block", "prompt"):
             assert two[k][f] == one[k][f], (k, f)
     assert json.loads((tmp_path / "dp" / "config.json").read_text())["last_run"]["world_size"] == 2
+
+
+USER_COMMAND = ["--model_name", "GSAI-ML/LLaDA-8B-Base", "--ups_head", "X.pt", "--lora_path", "DIR",
+                "--dataset", "openai/gsm8k", "--subset", "main", "--split", "test", "--format", "gsm8k",
+                "--max_samples", "50", "--infer_bs", "1", "--steps", "128", "--gen_length", "128",
+                "--block_length", "16", "--temperature", "0.0", "--cfg_scale", "0.0", "--mask_id", "126336",
+                "--eos_gating"]
+
+
+def test_user_command_parses():
+    from remedi.cli import ModelArgs, parse_args
+    from remedi.sampling_args import SamplingArgs
+
+    m, s, e = parse_args([ModelArgs, SamplingArgs, script.EvalArgs], USER_COMMAND)
+    assert (m.model_name, m.mask_id, e.ups_head, e.lora_path) == ("GSAI-ML/LLaDA-8B-Base", 126336, "X.pt", "DIR")
+    assert (s.steps, s.gen_length, s.block_length, s.eos_gating, s.temperature) == (128, 128, 16, True, 0.0)
+    assert (e.dataset, e.subset, e.split, e.format, e.max_samples, e.infer_bs) == \
+        ("openai/gsm8k", "main", "test", "gsm8k", 50, 1)
+    assert script._default_sources(True, False) == ["llada_low_confidence", "ups", "tps_prob", "random"]
+    assert script._default_sources(False, False) == ["llada_low_confidence"]
+
+
+def test_hub_datasets_resolve_without_downloading():
+    gsm = ge.resolve_dataset("openai/gsm8k")
+    assert (gsm.kind, gsm.fmt, gsm.subset, gsm.split) == ("hub", "gsm8k", "main", "test")
+    assert ge.fewshot_source(gsm, None).split == "train"
+    assert ge.resolve_dataset("HuggingFaceH4/MATH-500").fmt == "math"
+    with pytest.raises(ValueError, match="pass --format"):
+        ge.resolve_dataset("someone/riddles")
+
+
+def test_embedded_defaults_arith_task_and_ups(tmp_path, monkeypatch):
+    """No dataset/sampling flags: the embedded model's arith test split, defaults.json and ups_head.pt."""
+    import torch
+
+    from remedi.checkpoint import load_pretrained, save_ups
+    from remedi.modeling import UPSHead
+    from tests.conftest import build_model_dir
+
+    emb = build_model_dir(tmp_path / "remedi-tiny-gsm")
+    (emb / "data").mkdir()
+    rows = [{"id": f"arith-test-{i:05d}", "question": f"Ann has {i} pens and gets 2 more. How many pens?",
+             "answer": f"{i} + 2 = {i + 2}\n#### {i + 2}", "n_ops": 1} for i in range(3)]
+    (emb / "data" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (emb / "defaults.json").write_text(json.dumps({"steps": 4, "gen_length": 8, "block_length": 4}))
+    model = load_pretrained(emb, dtype=torch.float32, device="cpu")
+    model.attach_head(UPSHead(model.config.d_model))
+    save_ups(emb / "ups_head.pt", model)
+    monkeypatch.setattr(script, "EMBEDDED_MODEL", emb)
+    monkeypatch.setattr(ge, "EMBEDDED_UPS", emb / "ups_head.pt")
+    monkeypatch.setattr(ge, "ARITH_DATA_DIR", emb / "data")
+    out = tmp_path / "run"
+    # --model_name stands for ModelArgs' default (the real embedded path); explicit --steps beats defaults.json
+    summary = script.main(["--model_name", str(emb), "--output_dir", str(out), "--steps", "8"])
+    assert summary["sources"] == ["llada_low_confidence", "tps_prob", "margin", "random", "ups"]
+    cfg = summary["config"]
+    assert (cfg["dataset"], cfg["prompt_style"], cfg["gen_length"], cfg["block_length"]) == \
+        (str(emb / "data" / "test.jsonl"), "arith", 8, 4)
+    assert summary["steps"] == [8] and cfg["ups_head"] == str(emb / "ups_head.pt")
+    recs = ge.read_results(out / "results.jsonl")
+    assert len(recs) == 15 and recs[0]["prompt"] == rows[0]["question"] + "\n"
+    assert recs[0]["meta"] == {"n_ops": 1}
+
+
+def test_fewshot_math_and_trajectories(tiny_model_dir, tmp_path):
+    d = tmp_path / "m"
+    d.mkdir()
+    probs = [{"problem": f"What is {i} + {i}?", "solution": f"It is $\\boxed{{{2 * i}}}$.", "answer": str(2 * i)}
+             for i in range(4)]
+    (d / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in probs[:2]))
+    (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in probs[2:]))
+    out = tmp_path / "run"
+    summary = script.main(_argv(tiny_model_dir, d, out, "--fewshot", "1", "--sources", "tps_prob",
+                                "--trajectory_out", str(tmp_path / "traj")))
+    assert summary["config"]["format"] == "math" and summary["config"]["fewshot_ids"] == ["train-00000"]
+    rec = ge.read_results(out / "results.jsonl")[0]
+    assert rec["prompt"] == ("Question: What is 2 + 2?\nAnswer: It is $\\boxed{4}$.\n\n"
+                             "Question: What is 0 + 0?\nAnswer:")
+    assert rec["gold"] == "0"
+    assert list((tmp_path / "traj").glob("trajectory-tps_prob-*.png"))
