@@ -34,6 +34,11 @@ token for token):
   temperature > 0, then uniform confidences of shape (block_length,) in float64 for the random
   strategies. Hence a row gives the same output alone or in any batch, and temperature 0 with a
   deterministic strategy draws nothing (independent of the seed).
+* "The same alone or in any batch" is exact in float32 (tested on CPU; 8/8 rows identical on an H100 with
+  LLaDA-8B in float32). In bfloat16 it holds only up to rounding: padding and batch size change the
+  kernels' summation order, logits move by a few bf16 ulps, and near-ties can flip a token, after which
+  the row diverges (a random-weight 8B in bf16 agreed on ~90% of argmaxes and on 0/8 whole rows). For
+  bit-reproducible evaluations in bf16 keep the batch size fixed (or 1).
 * Gumbel sampling is the reference's: ``argmax(exp(logits) / (-log u) ** temperature)`` in float64.
 * CFG: the unconditional copy has every prompt position replaced by the mask;
   ``logits = un + (cfg_scale + 1) * (cond - un)``; the batch of 2B rows is one forward pass, counted as

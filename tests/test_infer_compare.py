@@ -164,3 +164,19 @@ def test_trajectory_facts_and_files(tmp_path):
         draw_trajectory(generate(FakeModel(P=2), [[1, 2]], SamplerConfig(strategy="tps_prob", steps=4, gen_length=4,
                                                                      block_length=4), SpecialIds(7, 6, 6))[0],
                         None, tmp_path / "u.png")
+
+
+@pytest.mark.parametrize("strategy", ["tps_prob", "llada_low_confidence"])
+def test_trajectory_of_a_gated_generation(tmp_path, strategy):
+    from remedi.sampler import SamplerConfig, generate
+    from remedi.trajectory import analyse, draw_trajectory
+
+    from .test_sampler import IDS, PROMPTS, _model
+
+    cfg = SamplerConfig(strategy=strategy, steps=8, gen_length=16, block_length=8, eos_gating=True,
+                        record_trajectory=True)
+    for g in generate(_model(), PROMPTS, cfg, IDS):
+        a = draw_trajectory(g, None, tmp_path / "g.png", tmp_path / "g.html")
+        assert a["n_pos"] == 8 * len(g.remasks_per_block) and len(g.trajectory) == g.nfe
+        assert all(fs is not None for fs in a["final_step"])
+        assert analyse(g.trajectory)["final"][:len(g.tokens)] == g.tokens
