@@ -170,7 +170,7 @@ def write_reports(out: Path, records: list, title: str, n_boot: int, seed: int, 
     from .eval_plots import has_steps_sweep, plot_accuracy, plot_accuracy_vs_nfe
 
     summary = ge.summarize(records, n_boot=n_boot, seed=seed)
-    files = {"summary.json": str(out / "summary.json"), "summary.md": str(out / "summary.md"),
+    files = {"results": str(extra.pop("results")), "summary.json": str(out / "summary.json"), "summary.md": str(out / "summary.md"),
              "accuracy.png": str(plot_accuracy(summary, out / "accuracy.png", title))}
     if has_steps_sweep(summary):
         files["accuracy_vs_nfe.png"] = str(plot_accuracy_vs_nfe(summary, out / "accuracy_vs_nfe.png", title))
@@ -200,7 +200,7 @@ def rescore(e: EvalArgs, seed: int) -> dict:
     changed = sum(a.get("correct") != b["correct"] for a, b in zip(old, records))
     log.info("rescored %d records from %s (%d verdicts changed)", len(records), path, changed)
     return write_reports(out, records, f"rescored {path.name} ({fmt})", e.n_boot, seed,
-                         {"rescored_from": str(path), "format": fmt, "verdicts_changed": changed})
+                         {"results": out / "rescored.jsonl", "rescored_from": str(path), "format": fmt, "verdicts_changed": changed})
 
 
 def main(argv=None) -> dict:
@@ -220,7 +220,8 @@ def main(argv=None) -> dict:
         or str(m.device or "").startswith("cpu")
     state = PartialState(cpu=cpu)
     setup_logging(state.is_main_process)
-    plan = plan_run(m, s, e, argv)
+    with state.main_process_first():  # rank 0 fills the hub caches (model, dataset) before the others read them
+        plan = plan_run(m, s, e, argv)
     # Rank 0 opens (or resumes) the output folder; everyone learns the folder and the finished keys.
     msg = [None, None, None]
     if state.is_main_process:
@@ -279,7 +280,7 @@ def main(argv=None) -> dict:
     wanted = {(it.id, src, st) for it in plan.items for src in plan.sources for st in plan.steps}
     records = [r for r in ge.read_results(out / "results.jsonl") if ge.record_key(r) in wanted]
     return write_reports(out, records, f"{plan.spec.name} ({plan.spec.fmt})", e.n_boot, m.seed,
-                         {"config": plan.fixed, "sources": plan.sources, "steps": plan.steps, "note": plan.note,
+                         {"results": out / "results.jsonl", "config": plan.fixed, "sources": plan.sources, "steps": plan.steps, "note": plan.note,
                           "output_dir": str(out)})
 
 

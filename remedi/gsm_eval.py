@@ -266,9 +266,10 @@ def arith_prompt(question: str) -> str:
 
 
 def prompt_style(spec: DatasetSpec, chat: bool) -> str:
-    if chat:
-        return "chat"
-    return ARITH if spec.kind == ARITH else "plain"
+    """plain | chat for real datasets; arith | arith_chat (the bare question as the user message) for arith."""
+    if spec.kind == ARITH:
+        return "arith_chat" if chat else ARITH
+    return "chat" if chat else "plain"
 
 
 def build_prompt(question: str, fmt: str, style: str, exemplars: Sequence[Item] = ()) -> str:
@@ -276,6 +277,8 @@ def build_prompt(question: str, fmt: str, style: str, exemplars: Sequence[Item] 
     shots = "".join(f"Question: {ex.question}\nAnswer: {ex.solution}\n\n" for ex in exemplars)
     if style == ARITH:
         return "".join(arith_prompt(ex.question) + f"{ex.solution}\n\n" for ex in exemplars) + arith_prompt(question)
+    if style == "arith_chat":
+        return "".join(arith_prompt(ex.question) + f"{ex.solution}\n\n" for ex in exemplars) + question
     if style == "chat":
         return f"{shots}{question}\n{INSTRUCTIONS[fmt]}"
     if style == "plain":
@@ -285,7 +288,7 @@ def build_prompt(question: str, fmt: str, style: str, exemplars: Sequence[Item] 
 
 def encode(tokenizer, text: str, style: str) -> tuple[list[int], str]:
     """Token ids and the exact text the model sees (chat template applied when style is chat)."""
-    chat = style == "chat"
+    chat = style.endswith("chat")
     ids = encode_prompt(tokenizer, text, chat=chat)
     shown = text
     if chat:
@@ -444,13 +447,15 @@ def apply_model_defaults(sampling, model_dir, explicit: Iterable[str]) -> dict:
 
 
 def explicit_flags(argv: Sequence[str], names: Iterable[str]) -> set[str]:
-    """Which of ``names`` appear on the command line (``--x``, ``--x=v`` or ``--no_x``)."""
+    """Which of ``names`` appear on the command line (``--x``, ``--x=v``, ``--no_x``, or an argparse
+    abbreviation such as ``--gen_len``)."""
     given = set()
     for a in argv:
-        if a.startswith("--"):
+        if a.startswith("--") and len(a) > 2:
             flag = a[2:].split("=", 1)[0]
-            given.add(flag[3:] if flag.startswith("no_") else flag)
-    return given & set(names)
+            for f in {flag, flag[3:] if flag.startswith("no_") else flag}:
+                given |= {n for n in names if n == f or (f and n.startswith(f))}
+    return given
 
 
 def check_resume(old: dict, new: dict) -> None:

@@ -66,7 +66,7 @@ def test_end_to_end_reports(tiny_model_dir, data_file, tmp_path, capsys):
     on_disk = json.loads((out / "summary.json").read_text())
     assert [g["source"] for g in on_disk["groups"]] == ["llada_low_confidence", "tps_prob", "random"]
     assert len(on_disk["pairs"]) == 3 and on_disk["groups"][0]["n"] == 3
-    assert summary["groups"] == on_disk["groups"]
+    assert summary["groups"] == on_disk["groups"] and on_disk["files"]["results"] == str(out / "results.jsonl")
     printed = capsys.readouterr().out
     assert "| source | n | accuracy | 95% CI |" in printed and "McNemar" in printed
     assert str(out / "summary.md") in printed

@@ -96,6 +96,9 @@ def test_arith_files_are_recognised_by_their_ids(tmp_path):
 def test_arith_prompt_is_question_and_newline():
     assert ge.arith_prompt("Ann has 3 pens. How many?") == "Ann has 3 pens. How many?\n"
     assert ge.build_prompt("Q?", "gsm8k", "arith") == "Q?\n"
+    assert ge.build_prompt("Q?", "gsm8k", "arith_chat") == "Q?"  # chat: the bare question is the user message
+    arith = ge.DatasetSpec("arith", "x.jsonl", "gsm8k")
+    assert (ge.prompt_style(arith, False), ge.prompt_style(arith, True)) == ("arith", "arith_chat")
 
 
 @needs_data
@@ -178,6 +181,7 @@ def test_model_defaults_json_fills_only_flags_not_given(tmp_path):
     assert applied == {"gen_length": 96} and (s.steps, s.gen_length, s.block_length) == (64, 96, 32)
     assert ge.explicit_flags(["--no_eos_gating", "--gen_length", "8"], ["eos_gating", "gen_length"]) == \
         {"eos_gating", "gen_length"}
+    assert ge.explicit_flags(["--gen_len=8", "--", "--seed"], names) == {"gen_length"}  # argparse abbreviation
     assert ge.apply_model_defaults(S(), tmp_path / "none", set()) == {}
 
 
