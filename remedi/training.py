@@ -21,6 +21,7 @@ any process state. A non-finite loss or gradient norm stops the run before the o
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import hashlib
@@ -112,6 +113,8 @@ class TrainArgs:
     weight_decay: float = arg(0.0, "AdamW weight decay")
     max_grad_norm: float = arg(1.0, "gradient clipping (0: off; the norm is still logged)")
     gradient_checkpointing: bool = arg(False, "recompute block activations in the backward (saves memory)")
+    compile: bool = arg(False, "torch.compile every transformer block (GPU; static shapes, best with --pad_to "
+                        "seq_len)")
     mixed_precision: str = arg("auto", "auto (bf16 on GPU, none on CPU), bf16, fp16 or no")
     output_dir: Optional[str] = arg(None, "metrics.jsonl, args.json and checkpoints (default runs/<script>-<time>)")
     save_every: int = arg(0, "write a resumable checkpoint every N optimiser steps (0: off)")
@@ -403,6 +406,9 @@ class Trainer:
         elif (self.out / "checkpoints" / "latest.json").is_file():
             raise ValueError(f"--output_dir {self.out} already holds a run with checkpoints: pass --resume to continue "
                              "it or choose another --output_dir")
+        if self.fsdp and self.plan.train_backbone == "lora":
+            raise ValueError("LoRA under FSDP is not supported: the adapters are small, run data-parallel with "
+                             "configs/accelerate_ddp.yaml (FSDP is for --train_backbone full)")
         self._preflight()
         self._load_data()
         self._build_model()
@@ -487,7 +493,9 @@ class Trainer:
         from .loading import pick_dtype
 
         frozen_dtype = pick_dtype(m.dtype, dev)
-        base_dtype = torch.float32 if p.train_backbone == "full" else frozen_dtype
+        # FSDP flattens each wrapped unit into one tensor of one dtype: keep everything float32 there
+        # (its mixed-precision policy computes in bf16)
+        base_dtype = torch.float32 if p.train_backbone == "full" or self.fsdp else frozen_dtype
         # global RNG: the same on every process while building (peft's adapter init draws from it)
         random.seed(m.seed)
         torch.manual_seed(_derive_seed(m.seed, "build"))
@@ -527,6 +535,8 @@ class Trainer:
                     prm.requires_grad_(True)
         if t.gradient_checkpointing:
             lm.set_gradient_checkpointing(True)
+        if t.compile:
+            lm.compile_blocks()
         lm.train()
         self.lm = lm
         ups_ids = {id(q) for mod in ups_modules for q in mod.parameters()}
@@ -571,18 +581,25 @@ class Trainer:
             groups.append({"params": self.ups_params, "lr": p.lr_ups, "name": "ups"})
         opt = torch.optim.AdamW(groups, lr=groups[0]["lr"], weight_decay=t.weight_decay, betas=(0.9, 0.95))
         self.sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(t, self.total_steps))
-        self.model, self.opt = self.acc.prepare(self.step_module, opt)
         self.trainable_names = [n for n, q in self.step_module.named_parameters() if q.requires_grad]
-        self._ups_ids = {id(q) for q in self.ups_params}
+        if self.resume_from is not None:  # weights go in before FSDP/DDP take the module over
+            self._load_trainable(self.resume_from)
+        self.model, self.opt = self.acc.prepare(self.step_module, opt)
 
     # ---------------------------------------------------------------------------------- checkpoints
+    @property
+    def fsdp(self) -> bool:
+        return self.acc.distributed_type.name == "FSDP"
+
     def _trainable_state(self) -> dict[str, torch.Tensor]:
-        full = self.acc.get_state_dict(self.model)
+        """Full (gathered) float32 copies of the trainable tensors on the main process, {} elsewhere."""
+        full = self.acc.get_state_dict(self.model)  # collective under FSDP
+        if not self.main:
+            return {}
         return {n: full[n].detach().float().contiguous().cpu() for n in self.trainable_names}
 
     def _peft_free(self):
         """A context in which ``self.lm.model`` is the plain LLaDAModel (checkpoint writers expect it)."""
-        import contextlib
 
         @contextlib.contextmanager
         def ctx():
@@ -613,13 +630,13 @@ class Trainer:
         acc.wait_for_everyone()
         r = acc.process_index
         torch.save(_rng_state(), tmp / f"rng_rank{r}.pt")
-        sharded = acc.distributed_type.name == "FSDP"
+        sharded = self.fsdp
         if sharded or self.main:
             torch.save({"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict()},
                        tmp / (f"optim_rank{r}.pt" if sharded else "optim.pt"))
         if self.main:
             save_file(state, str(tmp / "trainable.safetensors"))
-            if self.lm.ups_arch is not None and not sharded:
+            if self.lm.ups_arch is not None and not sharded:  # ready for inference (FSDP: at the end only)
                 with self._peft_free() as lm:
                     save_ups(tmp / "ups.pt", lm, extra_meta=self._meta(step))
             if self.plan.train_backbone == "lora":
@@ -639,22 +656,27 @@ class Trainer:
             log.info("checkpoint %s", final)
         acc.wait_for_everyone()
 
-    def load_checkpoint(self, ck: Path) -> dict:
+    def _load_trainable(self, ck: Path) -> None:
         from safetensors.torch import load_file
 
-        acc = self.acc
         st = json.loads((ck / "trainer_state.json").read_text())
-        if st["world_size"] != acc.num_processes:
-            raise ValueError(f"{ck} was written by {st['world_size']} processes, this run has {acc.num_processes}: "
-                             "resume with the same number of processes (the data order depends on it)")
+        if st["world_size"] != self.acc.num_processes:
+            raise ValueError(f"{ck} was written by {st['world_size']} processes, this run has "
+                             f"{self.acc.num_processes}: resume with the same number of processes (the data order "
+                             "depends on it)")
         saved = load_file(str(ck / "trainable.safetensors"))
-        missing = sorted(set(self.trainable_names) ^ set(saved))
-        if missing:
-            raise ValueError(f"{ck}: trainable tensors do not match this run: {missing[:6]}")
+        mismatch = sorted(set(self.trainable_names) ^ set(saved))
+        if mismatch:
+            raise ValueError(f"{ck}: trainable tensors do not match this run: {mismatch[:6]}")
         params = dict(self.step_module.named_parameters())
         with torch.no_grad():
             for n, v in saved.items():
                 params[n].copy_(v.to(params[n].dtype))
+
+    def load_checkpoint(self, ck: Path) -> dict:
+        """Optimiser, scheduler and RNG (the weights were loaded before ``prepare``); returns the position."""
+        acc = self.acc
+        st = json.loads((ck / "trainer_state.json").read_text())
         optf = ck / (f"optim_rank{acc.process_index}.pt" if st["optim_sharded"] else "optim.pt")
         blob = torch.load(optf, map_location="cpu", weights_only=True)
         self.opt.load_state_dict(blob["optimizer"])
@@ -670,11 +692,10 @@ class Trainer:
         acc = self.acc
         acc.wait_for_everyone()
         paths: dict[str, str] = {}
-        if acc.distributed_type.name == "FSDP":
-            raise NotImplementedError("final export under FSDP: use the checkpoint's trainable.safetensors")
+        gathered = self._gathered_copy() if self.fsdp else None  # collective
         if not self.main:
             return paths
-        with self._peft_free() as lm:
+        with (contextlib.nullcontext(gathered) if gathered is not None else self._peft_free()) as lm:
             if lm.ups_arch is not None:
                 ups_path = Path(p.ups_out or self.out / "ups.pt")
                 save_ups(ups_path, lm, extra_meta=self._meta(step))
@@ -690,6 +711,19 @@ class Trainer:
         for k, v in paths.items():
             log.info("saved %s: %s", k, v)
         return paths
+
+    def _gathered_copy(self) -> Optional[RemeDiLM]:
+        """FSDP: the whole model gathered into a CPU copy on the main process (None elsewhere)."""
+        full = self.acc.get_state_dict(self.model)
+        if not self.main:
+            return None
+        with torch.device("meta"):
+            copy = RemeDiLM(self.lm.config)
+            if self.lm.ups_head is not None:
+                copy.attach_head(UPSHead(self.cfg.d_model, self.lm.ups_head.width))
+        copy.load_state_dict({k.removeprefix("lm."): v.cpu() for k, v in full.items()}, strict=True, assign=True)
+        copy.name_or_path = self.lm.name_or_path
+        return copy
 
     def _save_model_dir(self, lm: RemeDiLM, out: Path) -> None:
         head, lm.ups_head = lm.ups_head, None  # a head UPS is saved on its own, never inside the backbone

@@ -47,7 +47,11 @@ def trainer_for(script, argv):
 
 @pytest.fixture(autouse=True)
 def _reset_accelerate():
+    # tiny matrices: one thread is faster, and immune to spin-waiting when the CPU is shared
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     yield
+    torch.set_num_threads(threads)
     from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state()
