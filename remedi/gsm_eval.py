@@ -261,8 +261,12 @@ def select_items(items: Sequence[Item], start: int = 0, max_samples: Optional[in
 
 
 def arith_prompt(question: str) -> str:
-    """The prompt the embedded arithmetic model is trained on: the question and one newline."""
-    return question + "\n"
+    """The prompt the embedded arithmetic model is trained on: the bare question.
+
+    Training (remedi.sft_data, plain format) encodes the question and the answer separately and
+    concatenates the ids, so the answer's first token follows the question's last one directly.
+    """
+    return question
 
 
 def prompt_style(spec: DatasetSpec, chat: bool) -> str:

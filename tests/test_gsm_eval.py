@@ -93,9 +93,9 @@ def test_arith_files_are_recognised_by_their_ids(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ prompts
-def test_arith_prompt_is_question_and_newline():
-    assert ge.arith_prompt("Ann has 3 pens. How many?") == "Ann has 3 pens. How many?\n"
-    assert ge.build_prompt("Q?", "gsm8k", "arith") == "Q?\n"
+def test_arith_prompt_is_the_bare_question_as_in_training():
+    assert ge.arith_prompt("Ann has 3 pens. How many?") == "Ann has 3 pens. How many?"
+    assert ge.build_prompt("Q?", "gsm8k", "arith") == "Q?"
     assert ge.build_prompt("Q?", "gsm8k", "arith_chat") == "Q?"  # chat: the bare question is the user message
     arith = ge.DatasetSpec("arith", "x.jsonl", "gsm8k")
     assert (ge.prompt_style(arith, False), ge.prompt_style(arith, True)) == ("arith", "arith_chat")
