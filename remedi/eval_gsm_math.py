@@ -275,6 +275,8 @@ def main(argv=None) -> dict:
         if e.trajectory_out and state.is_main_process:
             _trajectories(loaded, plan, s, m.seed, Path(e.trajectory_out))
     state.wait_for_everyone()
+    if state.num_processes > 1:  # no collectives follow; rank 0 writes the reports alone
+        state.destroy_process_group()
     if not state.is_main_process:
         return {}
     wanted = {(it.id, src, st) for it in plan.items for src in plan.sources for st in plan.steps}

@@ -61,13 +61,17 @@ def plot_accuracy_vs_nfe(summary: dict, path: str | os.PathLike, title: str = ""
         return None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for src in sorted({g["source"] for g in summary["groups"]}):
+    sources = list(dict.fromkeys(g["source"] for g in summary["groups"]))  # run order
+    for i, src in enumerate(sources):
         pts = sorted((g for g in summary["groups"] if g["source"] == src and g["steps"] is not None),
                      key=lambda g: g["steps"])
-        x = [g["mean_nfe"] if g["mean_nfe"] is not None else g["steps"] for g in pts]
+        dodge = 1.0 + 0.012 * (i - (len(sources) - 1) / 2)  # sources with equal accuracy stay visible
+        x = [dodge * (g["mean_nfe"] if g["mean_nfe"] is not None else g["steps"]) for g in pts]
         ax.errorbar(x, [g["accuracy"] for g in pts], capsize=3, marker="o", label=src,
                     yerr=[[g["accuracy"] - g["ci_lo"] for g in pts], [g["ci_hi"] - g["accuracy"] for g in pts]])
-    ax.set_xlabel("mean NFE (model forward passes per item)")
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(plt.matplotlib.ticker.ScalarFormatter())
+    ax.set_xlabel("mean NFE (model forward passes per item; points dodged sideways)")
     ax.set_ylabel("accuracy (95% Wilson CI)")
     ax.set_ylim(0, 1.05)
     ax.legend(fontsize=8)
