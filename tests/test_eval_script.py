@@ -245,7 +245,7 @@ def test_embedded_defaults_arith_task_and_ups(tmp_path, monkeypatch):
         (str(emb / "data" / "test.jsonl"), "arith", 8, 4)
     assert summary["steps"] == [8] and cfg["ups_head"] == str(emb / "ups_head.pt")
     recs = ge.read_results(out / "results.jsonl")
-    assert len(recs) == 15 and recs[0]["prompt"] == rows[0]["question"] + "\n"
+    assert len(recs) == 15 and recs[0]["prompt"] == ge.arith_prompt(rows[0]["question"])
     assert recs[0]["meta"] == {"n_ops": 1}
 
 
