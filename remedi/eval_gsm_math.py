@@ -31,7 +31,8 @@ from . import gsm_eval as ge
 from .answer_check import FORMATS
 from .checkpoint import atomic_path, versions, write_json_atomic
 from .cli import ModelArgs, arg, parse_args, setup_logging
-from .loading import EMBEDDED_MODEL, default_chat, load_for_inference, load_tokenizer, preflight
+from .loading import (EMBEDDED_MODEL, default_chat, load_for_inference, load_tokenizer, preflight,
+                      resolve_special_ids)
 from .sampler import STRATEGIES
 from .sampling_args import SamplingArgs
 
@@ -138,6 +139,7 @@ def plan_run(m: ModelArgs, s: SamplingArgs, e: EvalArgs, argv) -> Plan:
     chat = e.chat or (not e.no_chat and default_chat(m.model_name))
     style = ge.prompt_style(spec, chat)
     tok = load_tokenizer(model_dir)
+    resolve_special_ids(tok, cfg, m.mask_id)  # a wrong --mask_id fails here, not after the weights load
     prompts = {}
     for it in items:
         ids, text = ge.encode(tok, ge.build_prompt(it.question, spec.fmt, style, exemplars), style)

@@ -142,6 +142,7 @@ def test_rescore_loads_no_model(tiny_model_dir, data_file, tmp_path, monkeypatch
     (["--ups_head", "missing.pt"], "UPS checkpoint not found"),
     (["--gen_length", "300", "--block_length", "4", "--steps", "75"], "max_sequence_length"),
     (["--steps_list", "8,x"], "--steps_list must be comma-separated integers"),
+    (["--mask_id", "126336"], "--mask_id 126336 disagrees"),
 ])
 def test_bad_input_fails_before_the_model_loads(tiny_model_dir, data_file, tmp_path, monkeypatch, extra, match):
     monkeypatch.setattr(script, "load_for_inference", lambda *a, **k: pytest.fail("model loaded"))
