@@ -125,7 +125,8 @@ def load_pretrained(
         model = RemeDiLM(cfg)
     expected = dict(model.state_dict())
     state: dict[str, torch.Tensor] = {}
-    dev = str(torch.device(device))
+    dev = torch.device(device)
+    dev = "cpu" if dev.type == "cpu" else str(dev)  # safetensors accepts "cpu", not "cpu:0"
     for f in _weight_files(model_dir):
         with safe_open(str(f), framework="pt", device=dev) as sf:
             for key in sf.keys():
