@@ -61,9 +61,9 @@ def build(case: str, config: str, device: torch.device):
         lm.attach_head(head.to(device))
         lm.model = get_peft_model(lm.model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
                                                        target_modules=LORA_AUTO_TARGET))
-        trainable, backbone_trains = [p for p in lm.parameters() if p.requires_grad] + list(head.parameters()), True
         for p in head.parameters():
             p.requires_grad_(True)
+        trainable, backbone_trains = [p for p in lm.parameters() if p.requires_grad], True
         lm.set_gradient_checkpointing(case == "lora_ckpt")
     elif case == "stream":
         add_stream(lm, default_taps(cfg.n_layers))

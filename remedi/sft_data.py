@@ -106,7 +106,10 @@ def _read_local(path: Path) -> list[dict]:
 def _local_split(path: Path, split: Optional[str]) -> tuple[Path, str]:
     """A file is its own (single) split; a folder holds ``<split>.<suffix>`` files."""
     if path.is_file():
-        return path, split or path.stem
+        if split not in (None, path.stem):
+            raise ValueError(f"--split {split!r} given, but --dataset {path} is a single file (split "
+                             f"{path.stem!r}); pass the folder holding <split>.jsonl files to choose a split")
+        return path, path.stem
     found = sorted({p.stem for p in path.iterdir() if p.suffix in LOCAL_SUFFIXES})
     want = split or "train"
     for suf in LOCAL_SUFFIXES:

@@ -271,6 +271,12 @@ class TrainStep(nn.Module):
             labels = ups_labels(clean, incorrect, masked, logp.exp(), smoothing=self.label_smoothing)
             res.update(ups_loss=ups_loss(ups_logits, labels, answer_mask), ups_logits=ups_logits.detach(),
                        labels=labels)
+        # Alternating mode: only the phase's loss keeps its graph, so DDP (find_unused_parameters) sees the
+        # other part's parameters as unused instead of waiting for gradients that never come.
+        if phase == "tps" and "ups_loss" in res:
+            res["ups_loss"] = res["ups_loss"].detach()
+        if phase == "ups":
+            res["tps_loss"] = res["tps_loss"].detach()
         return res
 
 
@@ -907,6 +913,8 @@ def run(margs: ModelArgs, dargs: DataArgs, targs: TrainArgs, extra: SftArgs | Lo
         trainer.setup()
         result = trainer.train()
         result["output_dir"] = str(trainer.out)
+        if trainer.acc.num_processes > 1:
+            trainer.acc.end_training()  # destroys the process group
         return result
     finally:
         # tests (and notebooks) call run() several times in one process: start each from a clean state

@@ -41,6 +41,9 @@ def test_local_jsonl_json_and_split_folder(tmp_path):
     assert D.load_records(str(folder))[0] == GSM[:4]
     with pytest.raises(ValueError, match=r"--split 'validation' not found.*\['test', 'train'\]"):
         D.load_records(str(folder), split="validation")
+    with pytest.raises(ValueError, match="single file"):  # never a silent fallback to another split
+        D.load_records(str(folder / "train.jsonl"), split="test")
+    assert D.load_records(str(folder / "train.jsonl"), split="train")[0] == GSM[:4]
 
 
 def test_parquet(tmp_path):
