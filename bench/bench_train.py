@@ -16,7 +16,8 @@ matmul rate measured in the same run. Counted FLOPs (bench/common.forward_flops 
 
 Cases: head (batch 1), head_max (largest batch of 1, 2, 4, ... that fits), lora (batch 1), lora_ckpt
 (batch 1, gradient checkpointing), stream (batch 1). Under `accelerate launch` every process runs the
-same case on its own GPU and the table reports the summed tokens/s.
+same case on its own GPU and the table reports the summed tokens/s. ``--compile`` compiles every block
+(``--warmup`` steps then include the compilation; use --warmup 3 or more).
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ from remedi.training import TrainStep, default_taps  # noqa: E402
 CASES = ("head", "head_max", "lora", "lora_ckpt", "stream")
 
 
-def build(case: str, config: str, device: torch.device):
+def build(case: str, config: str, device: torch.device, compile_blocks: bool = False):
     """Model + TrainStep + optimiser for one case, random weights built directly in bf16 on the GPU."""
     lm = random_model(config, ups=None, device=str(device))
     cfg = lm.config
@@ -81,6 +82,8 @@ def build(case: str, config: str, device: torch.device):
     for p in trainable:
         p.requires_grad_(True)
     lm.train()
+    if compile_blocks:
+        lm.compile_blocks()
     step = TrainStep(lm, backbone_trains=backbone_trains, label_smoothing=False)
     opt = torch.optim.AdamW(trainable, lr=1e-5)
     return lm, step, opt, sum(p.numel() for p in trainable)
@@ -98,9 +101,10 @@ def counted_flops(case: str, cfg, batch: int, seq: int) -> float:
     return 2 * fwd_s + stream_only
 
 
-def time_case(acc, case: str, config: str, batch: int, seq: int, iters: int, warmup: int) -> dict:
+def time_case(acc, case: str, config: str, batch: int, seq: int, iters: int, warmup: int,
+              compile_blocks: bool = False) -> dict:
     device = acc.device
-    lm, step_mod, opt, n_train = build(case, config, device)
+    lm, step_mod, opt, n_train = build(case, config, device, compile_blocks)
     cfg = lm.config
     model, opt = acc.prepare(step_mod, opt)
     g = torch.Generator().manual_seed(acc.process_index)
@@ -134,9 +138,11 @@ def time_case(acc, case: str, config: str, batch: int, seq: int, iters: int, war
     acc.wait_for_everyone()
     sec = (time.perf_counter() - t0) / iters
     peak = torch.cuda.max_memory_allocated(device) / 2**30
-    row = {"case": case, "batch": batch, "seq": seq, "processes": acc.num_processes, "ms_per_step": round(sec * 1e3, 1),
+    row = {"case": case + ("+compile" if compile_blocks else ""), "batch": batch, "seq": seq,
+           "processes": acc.num_processes, "ms_per_step": round(sec * 1e3, 1),
            "tok_s": round(batch * seq * acc.num_processes / sec), "peak_gib": round(peak, 1),
-           "trainable_m": round(n_train / 1e6, 2), "tflops": round(counted_flops(case, cfg, batch, seq) / sec / 1e12, 1)}
+           "trainable_m": round(n_train / 1e6, 2),
+           "tflops": round(counted_flops(case, cfg, batch, seq) / sec / 1e12, 1)}
     del model, opt, lm, step_mod
     acc.free_memory()
     gc.collect()
@@ -152,6 +158,7 @@ def main(argv=None):
     ap.add_argument("--max_batch", type=int, default=64, help="head_max: largest batch tried")
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--compile", action="store_true", help="torch.compile every block (as train --compile)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -171,7 +178,7 @@ def main(argv=None):
         best = None
         for b in batches:
             try:
-                row = time_case(acc, case, args.config, b, args.seq, args.iters, args.warmup)
+                row = time_case(acc, case, args.config, b, args.seq, args.iters, args.warmup, args.compile)
             except torch.cuda.OutOfMemoryError:
                 acc.free_memory()
                 gc.collect()

@@ -16,7 +16,8 @@ import sys
 from .cli import ModelArgs, parse_args
 from .training import DataArgs, LoraArgs, SftArgs, TrainArgs, run
 
-LORA_FLAGS = {f"--{f.name}" for f in dataclasses.fields(LoraArgs)} - {f"--{f.name}" for f in dataclasses.fields(SftArgs)}
+LORA_FLAGS = {f"--{f.name}" for f in dataclasses.fields(LoraArgs)} - {f"--{f.name}" for f in
+                                                                      dataclasses.fields(SftArgs)}
 
 
 def main(argv=None) -> dict:

@@ -42,7 +42,7 @@ import torch.nn as nn
 from .checkpoint import (add_stream, atomic_path, check_ups_compatible, load_pretrained, load_ups, read_ups,
                          save_pretrained, save_ups, versions, write_json_atomic)
 from .cli import ModelArgs, arg
-from .llada_config import CONFIGS, LLaDAConfig, get_config
+from .llada_config import CONFIGS, get_config
 from .loading import (LORA_AUTO_TARGET, MASK_TOKEN, SpecialIds, default_chat, load_tokenizer, preflight,
                       resolve_special_ids)
 from .losses import UPSMetrics, tps_loss, true_token_logprob, ups_labels, ups_loss
@@ -408,10 +408,11 @@ class Trainer:
                     if k not in _RESUME_FREE and saved.get(k) != v}
             if diff:
                 raise ValueError("--resume with different arguments than the run in "
-                                 f"{self.out}: " + "; ".join(f"--{k}: was {a!r}, now {b!r}" for k, (a, b) in diff.items()))
-        elif (self.out / "checkpoints" / "latest.json").is_file():
-            raise ValueError(f"--output_dir {self.out} already holds a run with checkpoints: pass --resume to continue "
-                             "it or choose another --output_dir")
+                                 f"{self.out}: " + "; ".join(f"--{k}: was {a!r}, now {b!r}"
+                                                             for k, (a, b) in diff.items()))
+        elif (self.out / "args.json").is_file():
+            raise ValueError(f"--output_dir {self.out} already holds a run (args.json): pass --resume to continue it "
+                             "(needs its --save_every checkpoints) or choose another --output_dir")
         if self.fsdp and self.plan.train_backbone == "lora":
             raise ValueError("LoRA under FSDP is not supported: the adapters are small, run data-parallel with "
                              "configs/accelerate_ddp.yaml (FSDP is for --train_backbone full)")
@@ -465,7 +466,8 @@ class Trainer:
         self.cfg, self.tokenizer = cfg, tok
         self.ids: SpecialIds = resolve_special_ids(tok, cfg, m.mask_id)
         specials = set(getattr(tok, "all_special_ids", []) or [])
-        specials |= {i for i in (self.ids.mask, self.ids.eos, self.ids.pad, self.ids.eot, self.ids.bos) if i is not None}
+        ids = self.ids
+        specials |= {i for i in (ids.mask, ids.eos, ids.pad, ids.eot, ids.bos) if i is not None}
         self.special_ids = sorted(specials)
 
     def _load_data(self) -> None:
@@ -767,7 +769,8 @@ class Trainer:
             self._truncate_metrics(step)
         metrics = UPSMetrics()
         sums = {"tps_loss": 0.0, "ups_loss": 0.0, "loss": 0.0, "n": 0, "tokens": 0, "grad_norm": 0.0, "n_opt": 0}
-        bar = tqdm(total=self.total_steps, initial=step, disable=not self.main, desc=self.plan.script, dynamic_ncols=True)
+        bar = tqdm(total=self.total_steps, initial=step, disable=not self.main, desc=self.plan.script,
+                   dynamic_ncols=True)
         t_last = time.perf_counter()
         n_ex = len(self.data.examples)
         world, rank = acc.num_processes, acc.process_index

@@ -4,7 +4,6 @@ import sys
 import types
 
 import pytest
-import torch
 
 from remedi import sft_data as D
 from remedi.loading import encode_prompt
