@@ -45,16 +45,41 @@ token for token):
   2 NFE (so ``nfe = 2 * steps`` with CFG).
 * ``confidence_eos_eot_inf`` gives EOS and EOT *candidates* confidence -inf at every temperature (the
   reference applies it to EOS only at temperature 0, a quirk not copied).
+
+Fast decoding (issue 7; every part has a flag that turns it off, and the defaults are the exact sampler):
+
+* ``cache="prefix"`` / ``"dual"`` (Fast-dLLM's two block caches; one :class:`~remedi.modeling.KVCache`
+  holds the backbone's and the UPS stream's keys/values, and the 2B rows of CFG). A block's first step
+  is a full forward into a fresh cache (so it equals the uncached step, and eos_gating's shrinking batch
+  needs no cache surgery). Later steps compute only ``x[:, lo:]`` (prefix: block + masked suffix) or
+  ``x[:, lo:hi]`` (dual: the block alone), attending to the other positions' keys/values as of the last
+  full forward: approximate, since with bidirectional attention those keys depend on the block's
+  changing tokens. ``cache_refresh = n`` adds a full forward every n-th step; n = 1 equals
+  ``cache="none"`` token for token (tested). Remasking inside the block works unchanged.
+* ``threshold`` (parallel decoding, Fast-dLLM / the RemeDi UPS rule): each step commits every masked
+  position of the block whose confidence is >= threshold, and at least the best one; with
+  ``remask_threshold`` (remask strategies only) positions unmasked in earlier steps whose confidence is
+  below it are remasked, lowest first, at most (commits of the step - 1). Every step therefore leaves
+  at least one mask fewer: a block ends within block_length steps and a generation within gen_length.
+  ``steps`` is not used; NFE counts the forwards a row took part in. The confidence compared is the
+  strategy's score, except ``entropy`` (exp(-entropy), in (0, 1]); for the random strategies it is a
+  fresh uniform draw, so the threshold is the probability that a masked position stays masked. In a
+  batch, a row whose block is finished draws no random numbers and is left unchanged until the other
+  rows finish theirs (one host sync per step decides), so rows stay batch-independent.
+* ``compile``: ``model.compile_blocks`` once per model, with the cache's update kept out of the
+  graphs (:class:`_EagerUpdateCache`).
 """
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 
 from .loading import SpecialIds
+from .modeling import KVCache
 
 STRATEGIES = ("llada_low_confidence", "llada_random", "ups", "tps_prob", "margin", "entropy", "random")
 LLADA_STRATEGIES = ("llada_low_confidence", "llada_random")
@@ -75,8 +100,11 @@ class SamplerConfig:
     confidence_eos_eot_inf: bool = False
     eos_gating: bool = False
     record_trajectory: bool = False
-    cache: str = "none"  # none | prefix | dual   (issue 7 adds the cached modes)
-    threshold: Optional[float] = None  # parallel threshold decoding (issue 7)
+    cache: str = "none"  # none | prefix | dual (see "Fast decoding" in the module docstring)
+    cache_refresh: int = 0  # 0: full forward only at a block's first step; n: also every n-th step
+    threshold: Optional[float] = None  # parallel threshold decoding; None = the step schedule
+    remask_threshold: Optional[float] = None  # threshold mode, remask strategies: remask below this
+    compile: bool = False  # torch.compile the transformer blocks (in place, once per model)
 
     @property
     def num_blocks(self) -> int:
@@ -97,6 +125,7 @@ class SamplerConfig:
 
         ``steps / num_blocks`` may exceed ``block_length``: LLaDA allows it, and the surplus steps of a
         block commit nothing (they still cost a forward pass; the remask strategies may still swap).
+        With ``threshold`` the number of steps is dynamic and ``steps`` is not used.
         """
         if self.strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy/source {self.strategy!r}; choose from {', '.join(STRATEGIES)}")
@@ -107,7 +136,7 @@ class SamplerConfig:
         if self.gen_length % self.block_length:
             raise ValueError(f"--block_length {self.block_length} must divide --gen_length {self.gen_length} "
                              f"(e.g. --block_length {_largest_divisor_at_most(self.gen_length, self.block_length)})")
-        if self.steps % self.num_blocks:
+        if self.steps % self.num_blocks and self.threshold is None:
             raise ValueError(f"--steps {self.steps} must be divisible by the number of blocks "
                              f"{self.num_blocks} (= --gen_length / --block_length); e.g. --steps "
                              f"{max(self.num_blocks, self.steps - self.steps % self.num_blocks)}")
@@ -117,11 +146,22 @@ class SamplerConfig:
             raise ValueError(f"--cfg_scale must be a finite number >= 0, got {self.cfg_scale}")
         if self.cache not in CACHE_MODES:
             raise ValueError(f"--cache {self.cache!r}: choose one of {', '.join(CACHE_MODES)}")
-        if self.cache != "none":
-            raise ValueError(f"--cache {self.cache} is not implemented yet (issue 7); use --cache none")
-        if self.threshold is not None:
-            raise ValueError("--threshold (parallel threshold decoding) is not implemented yet (issue 7); "
-                             "leave it unset")
+        r = self.cache_refresh
+        if not isinstance(r, int) or isinstance(r, bool) or r < 0:
+            raise ValueError(f"--cache_refresh must be an integer >= 0 (0 = full forward only at each block's "
+                             f"first step, n = also every n-th step), got {r!r}")
+        if r and self.cache == "none":
+            raise ValueError(f"--cache_refresh {r} needs --cache prefix or --cache dual (without a cache every "
+                             f"step is a full forward already)")
+        if self.threshold is not None and not 0.0 < self.threshold <= 1.0:
+            raise ValueError(f"--threshold must be in (0, 1] (or unset for the step schedule), got {self.threshold}")
+        if self.remask_threshold is not None:
+            if self.threshold is None:
+                raise ValueError("--remask_threshold works only in parallel threshold decoding: also pass "
+                                 "--threshold (e.g. --threshold 0.9 --remask_threshold 0.1)")
+            if not 0.0 < self.remask_threshold <= self.threshold:
+                raise ValueError(f"--remask_threshold must be in (0, --threshold] = (0, {self.threshold}], got "
+                                 f"{self.remask_threshold}")
         if has_ups is False and self.strategy == "ups":
             raise ValueError("source 'ups' needs a UPS: pass --ups_head CHECKPOINT (or a model with a UPS "
                              "stream), or choose another source (tps_prob, margin, entropy, random, llada_*)")
@@ -187,26 +227,60 @@ def layout_batch(prompts: Sequence[Sequence[int]], gen_length: int, ids: Special
     return x.to(device), attn, P
 
 
+def new_cache(cfg: SamplerConfig) -> Optional[KVCache]:
+    """A fresh KV cache for one block (None for ``cache="none"``).
+
+    With ``compile`` the cache's update runs outside the compiled graphs (see :class:`_EagerUpdateCache`).
+    """
+    if cfg.cache == "none":
+        return None
+    return _EagerUpdateCache() if cfg.compile else KVCache()
+
+
+class _EagerUpdateCache(KVCache):
+    """KVCache whose update is never traced by torch.compile.
+
+    Traced, the update's dictionary lookups and ``layer`` / ``start`` integers become guards, so every
+    layer and every block start compiles anew until dynamo's recompile limit sends the rest to eager
+    (measured on CPU with the tiny config). Left out of the graph, together with
+    ``allow_unspec_int_on_nn_module`` (see :func:`_compile_context`), the blocks compile a handful of times.
+    """
+
+    @torch.compiler.disable
+    def update(self, layer, start, k, v):
+        return super().update(layer, start, k, v)
+
+
 def block_forward(model, x: torch.Tensor, attn: Optional[torch.Tensor], lo: int, hi: int, prompt_end: int,
-                  cfg: SamplerConfig, mask_id: int, cache=None):
+                  cfg: SamplerConfig, mask_id: int, cache: Optional[KVCache] = None, full: bool = True):
     """Logits (B, hi-lo, V) float32 (CFG applied) and UPS logits (B, hi-lo) or None for block [lo, hi).
 
-    The LM head runs only on the block (``out_slice``). Issue 7 passes a KV cache here.
+    The LM head runs only on the block (``out_slice``). Without a cache, or with ``full``, the whole
+    sequence is computed (a full forward also refills ``cache``). Otherwise only ``x[:, lo:]`` (prefix
+    cache) or ``x[:, lo:hi]`` (dual cache) is computed; the other positions' keys/values come from the
+    cache as they were last computed. With CFG the 2B rows (conditional, then unconditional) share one
+    forward and one cache; the unconditional copy differs only in the prompt, which a partial forward
+    never covers.
     """
-    if cache is not None:
-        raise NotImplementedError("KV cache decoding arrives with issue 7")
-    out_slice = slice(lo, hi)
+    if cache is None or full:
+        start, inp, out_slice = 0, x, slice(lo, hi)
+    elif cfg.cache == "prefix":
+        start, inp, out_slice = lo, x[:, lo:], slice(0, hi - lo)
+    else:  # dual
+        start, inp, out_slice = lo, x[:, lo:hi], None
+    kw = {"out_slice": out_slice} if cache is None else {"out_slice": out_slice, "cache": cache, "start": start}
     if cfg.cfg_scale > 0:
-        un = x.clone()
-        un[:, :prompt_end] = mask_id  # unconditional copy: the prompt fully masked
-        both = torch.cat([x, un], 0)
+        un = inp.clone()
+        if start < prompt_end:
+            un[:, :prompt_end - start] = mask_id  # unconditional copy: the prompt fully masked
+        both = torch.cat([inp, un], 0)
         am = None if attn is None else torch.cat([attn, attn], 0)
-        out = model(both, am, out_slice=out_slice)
+        out = model(both, am, **kw)
         cond, unc = out.logits.float().chunk(2, 0)
         logits = unc + (cfg.cfg_scale + 1) * (cond - unc)
         ups = None if out.ups_logits is None else out.ups_logits.chunk(2, 0)[0]
     else:
-        out = model(x, attn, out_slice=out_slice)
+        out = model(inp, attn, **kw)
         logits, ups = out.logits.float(), out.ups_logits
     return logits, ups
 
@@ -219,19 +293,32 @@ def prepare_logits(logits: torch.Tensor, cfg: SamplerConfig, ids: SpecialIds) ->
     return logits
 
 
-def draw_candidates(logits: torch.Tensor, temperature: float, generators: Sequence[torch.Generator]) -> torch.Tensor:
-    """x0 (B, Lb): argmax, or the reference's float64 Gumbel-max with per-row uniforms."""
+def draw_candidates(logits: torch.Tensor, temperature: float,
+                    generators: Sequence[Optional[torch.Generator]]) -> torch.Tensor:
+    """x0 (B, Lb): argmax, or the reference's float64 Gumbel-max with per-row uniforms.
+
+    A row whose generator is None draws nothing (threshold decoding: its block is finished; it gets the
+    argmax, which the caller discards), so a row's random stream never depends on its batch.
+    """
     if temperature == 0:
         return logits.argmax(-1)
-    B, Lb, V = logits.shape
-    u = torch.stack([torch.rand((Lb, V), generator=g, dtype=torch.float64, device=g.device).to(logits.device)
-                     for g in generators])  # (B, Lb, V)
-    noisy = logits.double().exp() / (-torch.log(u)) ** temperature
-    return noisy.argmax(-1)
+    rows = [b for b, g in enumerate(generators) if g is not None]
+    Lb, V = logits.shape[1:]
+    u = torch.stack([torch.rand((Lb, V), generator=generators[b], dtype=torch.float64,
+                                device=generators[b].device).to(logits.device) for b in rows])  # (R, Lb, V)
+    sub = logits if len(rows) == len(generators) else logits[torch.tensor(rows, device=logits.device)]
+    noisy = sub.double().exp() / (-torch.log(u)) ** temperature
+    if len(rows) == len(generators):
+        return noisy.argmax(-1)
+    x0 = logits.argmax(-1)
+    x0[torch.tensor(rows, device=logits.device)] = noisy.argmax(-1)
+    return x0
 
 
-def draw_uniform(B: int, Lb: int, generators: Sequence[torch.Generator], device) -> torch.Tensor:
-    return torch.stack([torch.rand((Lb,), generator=g, dtype=torch.float64, device=g.device).to(device)
+def draw_uniform(B: int, Lb: int, generators: Sequence[Optional[torch.Generator]], device) -> torch.Tensor:
+    """(B, Lb) float64 uniforms, one row per generator; zeros for a None generator (draws nothing)."""
+    return torch.stack([torch.zeros(Lb, dtype=torch.float64, device=device) if g is None else
+                        torch.rand((Lb,), generator=g, dtype=torch.float64, device=g.device).to(device)
                         for g in generators])  # (B, Lb)
 
 
@@ -277,6 +364,49 @@ def select_top_k(scores: torch.Tensor, eligible: torch.Tensor, k: torch.Tensor) 
     return (ranks < k[:, None]) & eligible
 
 
+def threshold_confidence(strategy: str, score: torch.Tensor) -> torch.Tensor:
+    """The score on the (0, 1] scale a threshold compares against: exp(-entropy) for ``entropy``
+    (1 for a one-hot distribution, 1/V for a uniform one), the score itself for every other source."""
+    return score.exp() if strategy == "entropy" else score
+
+
+def threshold_step(cfg: SamplerConfig, score: torch.Tensor, masked: torch.Tensor):
+    """Parallel threshold decoding: (unmask, remask), bool (B, Lb).
+
+    unmask: every masked position whose confidence reaches ``threshold``, and at least the best-scoring
+    masked one. remask (remask strategies with ``remask_threshold``): positions unmasked before this
+    step whose confidence is below ``remask_threshold``, lowest first, at most (newly unmasked - 1) of
+    them, so that every step leaves at least one mask fewer and a block takes at most block_length steps.
+    """
+    conf = threshold_confidence(cfg.strategy, score)
+    one = torch.ones(score.shape[0], dtype=torch.long, device=score.device)
+    unmask = select_top_k(score, masked, one) | (masked & (conf >= cfg.threshold))
+    if cfg.remask_threshold is None or not cfg.remasks:
+        return unmask, torch.zeros_like(masked)
+    low = ~masked & (conf < cfg.remask_threshold)
+    cap = (unmask.sum(1) - 1).clamp(min=0)
+    return unmask, select_top_k(-score, low, cap)
+
+
+_COMPILED: "weakref.WeakSet" = weakref.WeakSet()
+
+
+def compile_model(model, **compile_kwargs) -> None:
+    """``model.compile_blocks`` once per model (automatic dynamic shapes: the cached modes run several
+    sequence lengths, and eos_gating several batch sizes). ``compile_kwargs`` go to torch.compile."""
+    if model in _COMPILED:
+        return
+    if not hasattr(model, "compile_blocks"):
+        raise ValueError(f"--compile: {type(model).__name__} has no compile_blocks(); run without --compile")
+    model.compile_blocks(**{"dynamic": None, **compile_kwargs})
+    _COMPILED.add(model)
+
+
+def _compile_context():
+    """Layer ids and block starts are module/argument integers: let dynamo treat them as symbols."""
+    return torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True)
+
+
 # ------------------------------------------------------------------------------------------- driver
 @torch.inference_mode()
 def generate(model, prompts: list[list[int]], cfg: SamplerConfig, ids: SpecialIds,
@@ -295,6 +425,14 @@ def generate(model, prompts: list[list[int]], cfg: SamplerConfig, ids: SpecialId
         generators = [torch.Generator().manual_seed(0) for _ in prompts]
     if len(generators) != len(prompts):
         raise ValueError(f"{len(generators)} generators for {len(prompts)} prompts")
+    if not cfg.compile:
+        return _generate(model, prompts, cfg, ids, generators)
+    compile_model(model)
+    with _compile_context():
+        return _generate(model, prompts, cfg, ids, generators)
+
+
+def _generate(model, prompts, cfg: SamplerConfig, ids: SpecialIds, generators) -> list[Generation]:
     t0 = time.perf_counter()
     device = next(model.parameters()).device
     B, Lb, s, G = len(prompts), cfg.block_length, cfg.steps_per_block, cfg.gen_length
@@ -302,51 +440,70 @@ def generate(model, prompts: list[list[int]], cfg: SamplerConfig, ids: SpecialId
     K = torch.tensor(unmask_schedule(Lb, s), device=device)  # (s,) for the remask strategies
     nfe_per_step = 2 if cfg.cfg_scale > 0 else 1
     nfe = [0] * B
+    rstep = [0] * B  # steps each row has taken (its trajectory's step index)
     remasks = [[] for _ in range(B)]
     traj = [[] for _ in range(B)] if cfg.record_trajectory else None
+    thresh = cfg.threshold is not None
     active = list(range(B))
-    gstep = 0
     for blk in range(cfg.num_blocks):
         if not active:
             break
         lo, hi = P + blk * Lb, P + (blk + 1) * Lb
+        A = len(active)
         idx = torch.tensor(active, device=device)
         xa = x[idx]
         aa = None if attn is None else attn[idx]
         gens = [generators[b] for b in active]
-        counts = transfer_counts((xa[:, lo:hi] == ids.mask).sum(1), s)  # (A, s) LLaDA counts
-        blk_remasks = torch.zeros(len(active), dtype=torch.long, device=device)
-        for n in range(s):
-            logits, ups = block_forward(model, xa, aa, lo, hi, P, cfg, ids.mask)
+        counts = None if thresh else transfer_counts((xa[:, lo:hi] == ids.mask).sum(1), s)  # (A, s)
+        cache = new_cache(cfg)
+        blk_remasks = torch.zeros(A, dtype=torch.long, device=device)
+        running = [True] * A  # threshold mode: rows whose block still holds a mask
+        n = 0
+        # A threshold step leaves at least one mask fewer, so a block ends within Lb steps.
+        while n < (Lb if thresh else s) and any(running):
+            full = n == 0 or (cfg.cache_refresh > 0 and n % cfg.cache_refresh == 0)
+            logits, ups = block_forward(model, xa, aa, lo, hi, P, cfg, ids.mask, cache, full)
             logits = prepare_logits(logits, cfg, ids)
             cur = xa[:, lo:hi]
             masked = cur == ids.mask
-            x0 = draw_candidates(logits, cfg.temperature, gens)
-            rand = draw_uniform(len(active), Lb, gens, device) if cfg.strategy in RANDOM_STRATEGIES else None
-            if cfg.remasks:
-                tok = torch.where(masked, x0, cur)
-                score = position_scores(cfg.strategy, logits, tok, ups, rand)
-                if cfg.confidence_eos_eot_inf:
-                    score = score.masked_fill(masked & eos_eot_candidates(x0, ids), -torch.inf)
-                keep = select_top_k(score, torch.ones_like(masked), K[n].expand(len(active)))
+            step_gens = [g if r else None for g, r in zip(gens, running)]
+            x0 = draw_candidates(logits, cfg.temperature, step_gens)
+            rand = draw_uniform(A, Lb, step_gens, device) if cfg.strategy in RANDOM_STRATEGIES else None
+            tok = torch.where(masked, x0, cur) if cfg.remasks else x0
+            score = position_scores(cfg.strategy, logits, tok, ups, rand)
+            if cfg.confidence_eos_eot_inf:
+                stop = eos_eot_candidates(x0, ids)
+                score = score.masked_fill(masked & stop if cfg.remasks else stop, -torch.inf)
+            if thresh:
+                unmask, remasked = threshold_step(cfg, score, masked)
+                new = torch.where(unmask, x0, torch.where(remasked, torch.full_like(cur, ids.mask), cur))
+                if not all(running):  # finished rows stay as they are
+                    run = torch.tensor(running, device=device)[:, None]
+                    new, remasked = torch.where(run, new, cur), remasked & run
+            elif cfg.remasks:
+                keep = select_top_k(score, torch.ones_like(masked), K[n].expand(A))
                 new = torch.where(keep, tok, torch.full_like(cur, ids.mask))
                 remasked = ~masked & ~keep
             else:
-                score = position_scores(cfg.strategy, logits, x0, ups, rand)
-                if cfg.confidence_eos_eot_inf:
-                    score = score.masked_fill(eos_eot_candidates(x0, ids), -torch.inf)
                 keep = select_top_k(score, masked, counts[:, n])
                 new = torch.where(keep, x0, cur)
                 remasked = torch.zeros_like(masked)
             xa[:, lo:hi] = new
             blk_remasks += remasked.sum(1)
+            rows = [(j, b) for j, b in enumerate(active) if running[j]]
             if traj is not None:
                 ranked = torch.ones_like(masked) if cfg.remasks else masked
-                _record(traj, active, gstep, blk, lo - P, masked, new, remasked, score, ranked, xa[:, P:], ids)
-            gstep += 1
+                _record(traj, rows, rstep, blk, lo - P, masked, new, remasked, score, ranked, xa[:, P:], ids)
+            for _, b in rows:
+                nfe[b] += nfe_per_step
+                rstep[b] += 1
+            if thresh:
+                running = (new == ids.mask).any(1).tolist()  # the one host sync of a threshold step
+            n += 1
+        if any(running) and thresh:
+            raise RuntimeError("threshold decoding left masks in a block after block_length steps (a bug)")
         x[idx] = xa
         for j, b in enumerate(active):
-            nfe[b] += s * nfe_per_step
             remasks[b].append(int(blk_remasks[j]))
         if cfg.eos_gating:
             done = (xa[:, lo:hi] == ids.eos).any(1).tolist()
@@ -365,15 +522,16 @@ def cut_at_eos(tokens: list[int], eos: int) -> list[int]:
     return tokens[:tokens.index(eos)] if eos in tokens else tokens
 
 
-def _record(traj, active, gstep, blk, off, masked, new, remasked, score, ranked, gen, ids):
+def _record(traj, rows, rstep, blk, off, masked, new, remasked, score, ranked, gen, ids):
+    """Append one step to the trajectory of each (batch index j, row b) in ``rows``."""
     unm = (masked & (new != ids.mask)).tolist()
     rem = remasked.tolist()
     sc = score.tolist()
     rk = ranked.tolist()
     gen = gen.tolist()
-    for j, b in enumerate(active):
+    for j, b in rows:
         traj[b].append({
-            "step": gstep, "block": blk, "span": [off, off + len(sc[j])],
+            "step": rstep[b], "block": blk, "span": [off, off + len(sc[j])],
             "unmasked": [off + i for i, v in enumerate(unm[j]) if v],
             "remasked": [off + i for i, v in enumerate(rem[j]) if v],
             "conf": {off + i: float(v) for i, v in enumerate(sc[j]) if rk[j][i]},

@@ -26,8 +26,21 @@ class SamplingArgs:
     confidence_eos_eot_inf: bool = arg(_D.confidence_eos_eot_inf,
                                        "EOS/EOT candidates get the lowest confidence (unmasked last)")
     eos_gating: bool = arg(_D.eos_gating, "stop after a block that holds EOS (the rest is not computed)")
-    cache: str = arg(_D.cache, f"KV cache mode: {' | '.join(CACHE_MODES)}")
-    threshold: Optional[float] = arg(_D.threshold, "parallel threshold decoding (issue 7)")
+    cache: str = arg(_D.cache, "KV cache: none (a full forward every step, exact) | prefix (the prompt's and "
+                     "finished blocks' keys/values are computed at a block's first step and reused; each step "
+                     "runs the block and the masked suffix) | dual (the suffix's are reused too; each step runs "
+                     "only the block). prefix/dual are approximate (Fast-dLLM)")
+    cache_refresh: int = arg(_D.cache_refresh, "with --cache prefix|dual: 0 = full forward only at a block's first "
+                             "step; n = also every n-th step (1 = every step: equals --cache none exactly)")
+    threshold: Optional[float] = arg(_D.threshold, "parallel threshold decoding: each step commits every masked "
+                                     "position of the block whose confidence (the source's score; exp(-entropy) "
+                                     "for entropy; a uniform draw for the random sources) is >= this, at least "
+                                     "one; blocks end when unmasked, --steps is not used, NFE reports the steps")
+    remask_threshold: Optional[float] = arg(_D.remask_threshold, "with --threshold, remask sources only: also "
+                                            "remask tokens of the block scored below this (at most one fewer than "
+                                            "the step commits, so every step progresses); unset = no remasking")
+    compile: bool = arg(_D.compile, "torch.compile the transformer blocks before sampling (GPU speed-up; the "
+                        "first call compiles)")
 
     def __post_init__(self) -> None:
         self.to_sampler_config(STRATEGIES[0]).validate()  # lengths, steps, temperature: fail at parse time

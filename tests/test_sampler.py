@@ -311,8 +311,12 @@ def test_remask_strategy_corrects_a_wrong_token(strategy):
     (dict(cfg_scale=-0.5), "--cfg_scale"),
     (dict(strategy="confidence"), "unknown strategy"),
     (dict(cache="paged"), "--cache"),
-    (dict(cache="prefix"), "issue 7"),
-    (dict(threshold=0.9), "--threshold"),
+    (dict(cache_refresh=1), "--cache_refresh 1 needs --cache"),
+    (dict(cache="dual", cache_refresh=-1), "--cache_refresh"),
+    (dict(threshold=0.0), "--threshold"),
+    (dict(threshold=1.5), "--threshold"),
+    (dict(remask_threshold=0.1), "also pass --threshold"),
+    (dict(strategy="ups", threshold=0.5, remask_threshold=0.6), "--remask_threshold"),
 ])
 def test_validate_rejects(kw, flag):
     with pytest.raises(ValueError, match=flag):
