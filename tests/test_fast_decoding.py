@@ -471,3 +471,45 @@ def test_scripts_take_the_fast_decoding_flags(tiny_model_dir, tmp_path):
     assert summary["config"]["cache"] == "prefix" and summary["config"]["threshold"] == 0.5
     records = [json.loads(x) for x in (tmp_path / "ev" / "results.jsonl").read_text().splitlines()]
     assert len(records) == 2 and all(1 <= r["nfe"] <= 8 for r in records)
+
+
+# ------------------------------------------------------------------------------------ bench smoke tests
+def _bench(name):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_sampler_runs_on_cpu(tmp_path):
+    """The GPU benchmark's code paths end to end on the tiny config (timings mean nothing here)."""
+    import json
+
+    out = tmp_path / "s.json"
+    _bench("bench_sampler").main(["--config", "test-tiny", "--device", "cpu", "--dtype", "float32", "--prompt_len",
+                                  "8", "--gen_length", "32", "--block_length", "16", "--steps", "8", "--none_steps",
+                                  "4", "--batches", "1,2", "--ups", "head,stream", "--caches", "none,dual,prefix",
+                                  "--modes", "eager", "--out", str(out)])
+    rec = json.loads(out.read_text())
+    assert len(rec["rows"]) == 2 * (1 + 3 + 3) and not rec["skipped"] and "partial" not in rec
+    assert all(r["tok_s"] > 0 and r["floor_s"] > 0 for r in rec["rows"])
+    assert {r["scaled_x"] for r in rec["rows"] if r["cache"] == "none"} == {2.0}
+
+
+def test_bench_threshold_runs_on_the_tiny_model(tiny_model_dir, tmp_path):
+    import json
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"question": f"What is {i} + 4?", "answer": f"#### {i + 4}"}) + "\n"
+                            for i in range(3)))
+    rec = _bench("bench_threshold").main(["--model_name", str(tiny_model_dir), "--dataset", str(data), "--n_items",
+                                          "2", "--gen_length", "16", "--block_length", "8", "--sources",
+                                          "llada_low_confidence,tps_prob", "--steps_list", "2,16", "--thresholds",
+                                          "0.3,0.9", "--remask_threshold", "0.2", "--out", str(tmp_path / "t")])
+    assert len(rec["points"]) == 8 and (tmp_path / "t" / "accuracy_vs_nfe.png").is_file()
+    assert all(1 <= p["nfe"] <= 16 for p in rec["points"])
+    assert all("speedup_equal_acc" in p for p in rec["points"] if p["kind"] == "threshold")
