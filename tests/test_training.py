@@ -1,6 +1,7 @@
 """The shared training loop: modes, gradient isolation, end-to-end scripts, checkpoints, resume, faults."""
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -329,7 +330,10 @@ def test_two_processes_data_parallel(tiny_model_dir, data, tmp_path):
     """Two CPU processes (gloo DDP through accelerate), each on its own shard; launched with torchrun, which
     is what `accelerate launch --multi_gpu` runs underneath on GPUs."""
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    with socket.socket() as sock:  # a free port: other test runs may share this machine
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
            "remedi/train_remask_sft.py", *base(tiny_model_dir, data, out, "--max_steps", "3", "--save_every", "2")]
     proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"})
