@@ -220,7 +220,8 @@ def test_lora_script_end_to_end_checkpoints_load(tiny_model_dir, data, tmp_path)
     res = lora_main(base(tiny_model_dir, data, tmp_path / "run", "--max_steps", "2", "--grad_accum", "2",
                          "--lora_r", "4", "--lora_alpha", "8", "--lora_dropout", "0.05", "--lora_target", "auto",
                          "--lr_lora", "1e-2", "--lr_ups", "1e-3", "--lambda_ups", "1.0", "--r_incorrect", "0.1",
-                         "--save_lora_dir", str(lora_dir), "--save_ups_head", str(ups)))
+                         "--save_lora_dir", str(lora_dir), "--save_ups_head", str(ups), "--pad_to", "batch",
+                         "--incorrect_source", "vocab"))
     assert (lora_dir / "adapter_config.json").is_file() and (lora_dir / "adapter_model.safetensors").is_file()
     loaded = load_for_inference(str(tiny_model_dir), ups_head=str(ups), lora_path=str(lora_dir), device="cpu")
     plain = load_for_inference(str(tiny_model_dir), device="cpu")
