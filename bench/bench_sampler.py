@@ -1,6 +1,7 @@
 """Sampler speed: LLaDA's exact mode against the cached remask sampler, on random-weight LLaDA-8B in bf16.
 
     python bench/bench_sampler.py --out bench/results/sampler.json           # one GPU, ~8 min on an H100
+    python bench/bench_sampler.py --modes eager ...; ... --modes compile     # or in two shorter shots
     python bench/bench_sampler.py --config test-tiny --device cpu --prompt_len 16 --gen_length 64 \\
         --steps 64 --out /tmp/s.json                                         # smoke test of the code paths
 
@@ -179,7 +180,8 @@ def main(argv=None):
     ap.add_argument("--caches", default="none,prefix,dual")
     ap.add_argument("--modes", default="eager,compile", help="comma list of eager|compile")
     ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--max_minutes", type=float, default=8.0, help="skip the runs that would start after this")
+    ap.add_argument("--max_minutes", type=float, default=7.0,
+                    help="skip the runs that would start after this (a compiled run may take 2-3 min more)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
