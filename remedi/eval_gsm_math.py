@@ -62,11 +62,13 @@ class EvalArgs:
     max_samples: int = arg(300, "items to evaluate (-1: the whole split)")
     start: int = arg(0, "index of the first item")
     shuffle: bool = arg(False, "shuffle the split with --seed before --start/--max_samples")
-    infer_bs: int = arg(1, "prompts per generate call (results do not depend on it)")
+    infer_bs: int = arg(32, "prompts per generate call (float32 results do not depend on it; in bf16 batched "
+                        "kernels round differently, so keep it fixed when comparing runs)")
     output_dir: Optional[str] = arg(None, "default runs/eval-<dataset>-<timestamp>; rerun with the same folder "
                                     "to resume")
     rescore: Optional[str] = arg(None, "re-check the completions of an earlier results.jsonl; loads no model")
-    trajectory_out: Optional[str] = arg(None, "folder for a trajectory picture of the first item per source")
+    trajectory_out: Optional[str] = arg("auto", "folder for a trajectory picture (PNG + HTML) of the first item "
+                                        "per source; auto: <output_dir>/trajectories, none: no pictures")
     n_boot: int = arg(2000, "paired bootstrap resamples")
 
     def __post_init__(self):
@@ -274,8 +276,10 @@ def main(argv=None) -> dict:
                     bar.update(len(recs))
                     bar.set_postfix(source=src, steps=st)
         bar.close()
-        if e.trajectory_out and state.is_main_process:
-            _trajectories(loaded, plan, s, m.seed, Path(e.trajectory_out))
+        traj_dir = {"auto": out / "trajectories", "none": None, "": None}.get(
+            e.trajectory_out, Path(e.trajectory_out) if e.trajectory_out else None)
+        if traj_dir is not None and state.is_main_process:
+            _trajectories(loaded, plan, s, m.seed, traj_dir)
     state.wait_for_everyone()
     if state.num_processes > 1:  # no collectives follow; rank 0 writes the reports alone
         state.destroy_process_group()
@@ -293,7 +297,7 @@ def _trajectories(loaded, plan: Plan, s, seed: int, out: Path) -> None:
     try:
         from .trajectory import draw_trajectory
     except ImportError:
-        log.warning("--trajectory_out: remedi.trajectory.draw_trajectory is not available; no pictures drawn")
+        log.warning("trajectories: remedi.trajectory.draw_trajectory is not available; no pictures drawn")
         return
     it = plan.items[0]
     out.mkdir(parents=True, exist_ok=True)

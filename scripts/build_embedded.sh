@@ -7,7 +7,7 @@
 #   PRE_STEPS=8000 UPS_STEPS=3000 LORA_STEPS=3000 bash scripts/build_embedded.sh       (GPU, ~10 min)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-checkpoints/remedi-tiny-gsm}
+MODEL_OUT=${MODEL_OUT:-checkpoints/remedi-tiny-gsm}
 RUNS=${RUNS:-runs/embedded}
 DATA=${DATA:-data/arith}
 N_TRAIN=${N_TRAIN:-200000}
@@ -16,27 +16,36 @@ UPS_STEPS=${UPS_STEPS:-3000}
 LORA_STEPS=${LORA_STEPS:-3000}
 BS=${BS:-256}
 PY=${PY:-python3}
+STAGES=${STAGES:-"data pretrain pretrain_more ups lora assemble"}   # run a subset, e.g. STAGES="ups lora assemble"
 mkdir -p "$RUNS"
+stage() { [[ " $STAGES " == *" $1 "* ]]; }
 
 # 1. data (train/validation/test, disjoint) and a 1k BPE tokenizer with LLaDA's special tokens
-$PY scripts/make_arith_data.py --out_dir "$DATA" --tokenizer_dir "$RUNS/tokenizer" --n_train "$N_TRAIN" \
+stage data && $PY scripts/make_arith_data.py --out_dir "$DATA" --tokenizer_dir "$RUNS/tokenizer" --n_train "$N_TRAIN" \
     --n_val 1000 --n_test 3000 --seed 0
 
 # 2. pretrain the backbone as a masked diffusion model on the task (LLaDA SFT objective, no UPS)
-$PY remedi/train_remask_sft.py --init_config remedi-tiny --tokenizer "$RUNS/tokenizer" \
+stage pretrain && $PY remedi/train_remask_sft.py --init_config remedi-tiny --tokenizer "$RUNS/tokenizer" \
     --dataset "$DATA/train.jsonl" --prompt_field question --answer_field answer --prompt_format plain --seq_len 192 --pad_to batch \
     --train_backbone full --ups_arch none --lambda_ups 0 --r_incorrect 0 --mask_schedule llada \
     --batch_size "$BS" --max_steps "$PRE_STEPS" --lr 1e-3 --warmup_steps 200 --weight_decay 0.01 \
     --output_dir "$RUNS/pretrain" --save_model_dir "$RUNS/model" --seed 0
 
+# 2b. optional: continue pretraining the saved backbone (a second, time-boxed GPU call in the shipped build)
+stage pretrain_more && $PY remedi/train_remask_sft.py --model_name "$RUNS/model" \
+    --dataset "$DATA/train.jsonl" --prompt_field question --answer_field answer --prompt_format plain \
+    --seq_len 192 --pad_to batch --train_backbone full --ups_arch none --lambda_ups 0 --r_incorrect 0 \
+    --mask_schedule llada --batch_size "$BS" --max_steps "${PRE2_STEPS:-4000}" --lr 5e-4 --warmup_steps 100 \
+    --weight_decay 0.01 --output_dir "$RUNS/pretrain_more" --save_model_dir "$RUNS/model" --seed 3
+
 # 3. Remask SFT: UPS head (MLP, width 128) on the frozen backbone
-$PY remedi/train_remask_sft.py --model_name "$RUNS/model" --dataset "$DATA/train.jsonl" --prompt_field question --answer_field answer --prompt_format plain \
+stage ups && $PY remedi/train_remask_sft.py --model_name "$RUNS/model" --dataset "$DATA/train.jsonl" --prompt_field question --answer_field answer --prompt_format plain \
     --seq_len 192 --pad_to batch --ups_arch head --ups_width 128 --lambda_ups 1.0 --r_incorrect 0.1 \
     --batch_size "$BS" --max_steps "$UPS_STEPS" --lr 1e-3 --warmup_steps 100 \
     --output_dir "$RUNS/ups_head" --save_path "$RUNS/ups_head.pt" --seed 1
 
 # 4. LoRA joint: TPS (LoRA on the backbone) + UPS head together
-$PY remedi/train_remask_lora.py --model_name "$RUNS/model" --dataset "$DATA/train.jsonl" --prompt_field question --answer_field answer --prompt_format plain \
+stage lora && $PY remedi/train_remask_lora.py --model_name "$RUNS/model" --dataset "$DATA/train.jsonl" --prompt_field question --answer_field answer --prompt_format plain \
     --seq_len 192 --pad_to batch --ups_width 128 --lambda_ups 1.0 --r_incorrect 0.1 \
     --lora_r 16 --lora_alpha 32 --lora_dropout 0.0 --lora_target auto --lr_lora 5e-4 --lr_ups 1e-3 \
     --train_mode joint --batch_size "$BS" --max_steps "$LORA_STEPS" --warmup_steps 100 \
@@ -44,4 +53,5 @@ $PY remedi/train_remask_lora.py --model_name "$RUNS/model" --dataset "$DATA/trai
     --save_ups_head "$RUNS/ups_head_lora.pt" --seed 2
 
 # 5. assemble the shipped folder: bf16 weights (keeps it under 20 MB), tokenizer, UPS files, held-out data
-$PY scripts/assemble_embedded.py --runs "$RUNS" --data "$DATA" --out "$OUT"
+stage assemble && $PY scripts/assemble_embedded.py --runs "$RUNS" --data "$DATA" --out "$MODEL_OUT"
+true

@@ -42,7 +42,9 @@ def count_generated(monkeypatch):
 
 
 def _argv(model_dir, data, out, *extra):
-    return ["--model_name", str(model_dir), "--dataset", str(data), "--output_dir", str(out), *SAMPLING, *extra]
+    # no trajectory pictures unless a test asks for them (they cost extra decodes); a later flag wins
+    return ["--model_name", str(model_dir), "--dataset", str(data), "--output_dir", str(out), *SAMPLING,
+            "--trajectory_out", "none", *extra]
 
 
 def _records(out: Path) -> dict:
@@ -52,9 +54,12 @@ def _records(out: Path) -> dict:
 def test_end_to_end_reports(tiny_model_dir, data_file, tmp_path, capsys):
     out = tmp_path / "run"
     summary = script.main(_argv(tiny_model_dir, data_file, out, "--max_samples", "3", "--infer_bs", "2",
-                                "--sources", "llada_low_confidence,tps_prob,random", "--temperature", "0.5"))
+                                "--sources", "llada_low_confidence,tps_prob,random", "--temperature", "0.5",
+                                "--trajectory_out", "auto"))
     for name in ("results.jsonl", "summary.json", "summary.md", "accuracy.png", "config.json"):
         assert (out / name).is_file(), name
+    pictures = sorted(p.name for p in (out / "trajectories").glob("*.png"))
+    assert len(pictures) == 3 and all(p.startswith("trajectory-") for p in pictures)
     assert not (out / "accuracy_vs_nfe.png").exists()
     recs = ge.read_results(out / "results.jsonl")
     assert len(recs) == 9 and {r["source"] for r in recs} == {"llada_low_confidence", "tps_prob", "random"}
