@@ -91,8 +91,9 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
         return Path(snapshot_download(name, allow_patterns=_HUB_FILES))
     except Exception as e:  # network, auth, missing repo: say what was tried
         raise FileNotFoundError(
-            f"could not fetch {name!r} from the Hugging Face hub ({type(e).__name__}: {e}); "
-            "download it elsewhere and pass the local directory to --model_name"
+            f"{name!r} is not a local directory (looked in {Path.cwd()}) and could not be fetched from the "
+            f"Hugging Face hub ({type(e).__name__}: {str(e).splitlines()[0][:200]}); check the path, or download "
+            "the model elsewhere and pass its local directory to --model_name"
         ) from e
 
 

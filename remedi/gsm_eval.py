@@ -31,6 +31,8 @@ import torch
 
 from .answer_check import FORMATS, check, extract_boxed, gold_gsm8k
 from .loading import EMBEDDED_MODEL, encode_prompt
+from .sampling_args import (MODEL_DEFAULTS_FILE, apply_model_defaults, explicit_flags,  # noqa: F401
+                            model_sampling_defaults)
 from .stats import mcnemar_exact, paired_bootstrap, wilson_interval
 
 log = logging.getLogger(__name__)
@@ -38,7 +40,6 @@ log = logging.getLogger(__name__)
 ARITH = "arith"
 ARITH_DATA_DIR = EMBEDDED_MODEL / "data"
 EMBEDDED_UPS = EMBEDDED_MODEL / "ups_head.pt"
-MODEL_DEFAULTS_FILE = "defaults.json"
 HUB_SUBSETS = {"openai/gsm8k": "main"}
 
 INSTRUCTIONS = {
@@ -423,43 +424,6 @@ def append_records(path: str | os.PathLike, records: Iterable[dict]) -> None:
 # --------------------------------------------------------------------------------------------------
 # Run configuration: model-folder defaults and resume checks
 # --------------------------------------------------------------------------------------------------
-
-
-def model_sampling_defaults(model_dir: str | os.PathLike, field_names: Iterable[str]) -> dict:
-    """Sampling defaults shipped with a model (``defaults.json`` in its folder), restricted to known keys."""
-    path = Path(model_dir) / MODEL_DEFAULTS_FILE
-    if not path.is_file():
-        return {}
-    raw = json.loads(path.read_text())
-    names = set(field_names)
-    unknown = sorted(set(raw) - names)
-    if unknown:
-        log.warning("%s: ignoring keys that are not sampling flags: %s", path, unknown)
-    return {k: v for k, v in raw.items() if k in names}
-
-
-def apply_model_defaults(sampling, model_dir, explicit: Iterable[str]) -> dict:
-    """Overwrite the fields of ``sampling`` not given on the command line with the model's defaults."""
-    names = [f.name for f in dataclasses.fields(sampling)]
-    given = set(explicit)
-    applied = {k: v for k, v in model_sampling_defaults(model_dir, names).items() if k not in given}
-    for k, v in applied.items():
-        setattr(sampling, k, v)
-    if applied:
-        log.info("sampling defaults from %s: %s", Path(model_dir) / MODEL_DEFAULTS_FILE, applied)
-    return applied
-
-
-def explicit_flags(argv: Sequence[str], names: Iterable[str]) -> set[str]:
-    """Which of ``names`` appear on the command line (``--x``, ``--x=v``, ``--no_x``, or an argparse
-    abbreviation such as ``--gen_len``)."""
-    given = set()
-    for a in argv:
-        if a.startswith("--") and len(a) > 2:
-            flag = a[2:].split("=", 1)[0]
-            for f in {flag, flag[3:] if flag.startswith("no_") else flag}:
-                given |= {n for n in names if n == f or (f and n.startswith(f))}
-    return given
 
 
 def check_resume(old: dict, new: dict) -> None:

@@ -15,8 +15,10 @@ if __package__ in (None, ""):  # run as a file: make the repo root importable
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
     __package__ = "remedi"
 
+import dataclasses
 import json
 import logging
+import sys
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +31,7 @@ from .cli import ModelArgs, arg, parse_args, setup_logging
 from .loading import (EMBEDDED_MODEL, default_chat, encode_prompt, load_for_inference, load_tokenizer, preflight,
                       resolve_special_ids)
 from .sampler import STRATEGIES, generate
-from .sampling_args import SamplingArgs
+from .sampling_args import SamplingArgs, apply_model_defaults, explicit_flags
 
 log = logging.getLogger("infer_compare")
 
@@ -114,6 +116,8 @@ def main(argv=None) -> list[dict]:
     if not texts:
         raise ValueError("no prompt: give --prompt TEXT (repeatable) or --prompts_file FILE")
     model_dir, cfg, _ = preflight(m.model_name, ups_head, c.lora_path)
+    apply_model_defaults(s, model_dir, explicit_flags(sys.argv[1:] if argv is None else argv,
+                                                      [f.name for f in dataclasses.fields(SamplingArgs)]))
     has_ups = bool(ups_head) or bool(cfg.ups_taps)
     sources = parse_sources(c.sources, has_ups)
     tokenizer = load_tokenizer(model_dir)

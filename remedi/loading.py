@@ -68,12 +68,19 @@ def resolve_special_ids(tokenizer, cfg: LLaDAConfig, mask_id: Optional[int] = No
 
 def load_tokenizer(model_dir: str | os.PathLike):
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    # AutoTokenizer reads config.json, meets model_type "llada" (which transformers has no class for) and
+    # warns that the types differ; the tokenizer itself is standard, so that warning is noise here.
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
     try:
         return AutoTokenizer.from_pretrained(str(model_dir))
     except Exception as e:
         raise FileNotFoundError(f"no usable tokenizer in {model_dir} ({type(e).__name__}: {e}); the model folder "
                                 "needs tokenizer.json/tokenizer_config.json as on the hub") from e
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def default_chat(model_name: str) -> bool:

@@ -6,13 +6,21 @@ its own list of sources and calls :meth:`SamplingArgs.to_sampler_config` once pe
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
+import os
 from dataclasses import dataclass
-from typing import Optional
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
 
 from .cli import arg
 from .sampler import CACHE_MODES, STRATEGIES, SamplerConfig
 
 _D = SamplerConfig  # class attributes hold the dataclass defaults
+log = logging.getLogger(__name__)
+
+MODEL_DEFAULTS_FILE = "defaults.json"
+"""Sampling defaults a model folder may ship (the embedded model does); flags given on the command line win."""
 
 
 @dataclass
@@ -47,3 +55,41 @@ class SamplingArgs:
 
     def to_sampler_config(self, strategy: str, **overrides) -> SamplerConfig:
         return SamplerConfig(strategy=strategy, **{**dataclasses.asdict(self), **overrides})
+
+
+# ------------------------------------------------------------------------------- model-shipped defaults
+def model_sampling_defaults(model_dir: str | os.PathLike, field_names: Iterable[str]) -> dict:
+    """Sampling defaults shipped with a model (``defaults.json`` in its folder), restricted to known keys."""
+    path = Path(model_dir) / MODEL_DEFAULTS_FILE
+    if not path.is_file():
+        return {}
+    raw = json.loads(path.read_text())
+    names = set(field_names)
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        log.warning("%s: ignoring keys that are not sampling flags: %s", path, unknown)
+    return {k: v for k, v in raw.items() if k in names}
+
+
+def apply_model_defaults(sampling, model_dir, explicit: Iterable[str]) -> dict:
+    """Overwrite the fields of ``sampling`` not given on the command line with the model's defaults."""
+    names = [f.name for f in dataclasses.fields(sampling)]
+    given = set(explicit)
+    applied = {k: v for k, v in model_sampling_defaults(model_dir, names).items() if k not in given}
+    for k, v in applied.items():
+        setattr(sampling, k, v)
+    if applied:
+        log.info("sampling defaults from %s: %s", Path(model_dir) / MODEL_DEFAULTS_FILE, applied)
+    return applied
+
+
+def explicit_flags(argv: Sequence[str], names: Iterable[str]) -> set[str]:
+    """Which of ``names`` appear on the command line (``--x``, ``--x=v``, ``--no_x``, or an argparse
+    abbreviation such as ``--gen_len``)."""
+    given = set()
+    for a in argv:
+        if a.startswith("--") and len(a) > 2:
+            flag = a[2:].split("=", 1)[0]
+            for f in {flag, flag[3:] if flag.startswith("no_") else flag}:
+                given |= {n for n in names if n == f or (f and n.startswith(f))}
+    return given
