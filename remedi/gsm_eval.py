@@ -31,6 +31,7 @@ import torch
 
 from .answer_check import FORMATS, check, extract_boxed, gold_gsm8k
 from .loading import EMBEDDED_MODEL, encode_prompt
+from .sft_data import hub_records
 from .sampling_args import (MODEL_DEFAULTS_FILE, apply_model_defaults, explicit_flags,  # noqa: F401
                             model_sampling_defaults)
 from .stats import mcnemar_exact, paired_bootstrap, wilson_interval
@@ -165,19 +166,6 @@ def read_rows(path: str | os.PathLike) -> list[dict]:
     return rows
 
 
-def _hub_rows(name: str, subset: Optional[str], split: str) -> list[dict]:
-    try:
-        import datasets  # lazy: not installed on the GPU image
-    except ImportError as e:
-        raise ImportError(f"loading {name} from the hub needs the `datasets` package (pip install datasets); "
-                          "or download the split as .jsonl and pass its path to --dataset") from e
-    try:
-        ds = datasets.load_dataset(name, subset, split=split)
-    except ValueError as e:  # unknown split / config: datasets lists the valid ones
-        raise ValueError(f"--dataset {name} --subset {subset} --split {split}: {e}") from e
-    return [dict(r) for r in ds]
-
-
 def rows_to_items(rows: Sequence[dict], fmt: str, split: str, source: str) -> list[Item]:
     """Map raw rows to Items for ``fmt``; raises naming the fields found when the needed ones are absent."""
     if not rows:
@@ -207,7 +195,7 @@ def rows_to_items(rows: Sequence[dict], fmt: str, split: str, source: str) -> li
 
 def load_items(spec: DatasetSpec) -> list[Item]:
     if spec.kind == "hub":
-        rows, src = _hub_rows(spec.name, spec.subset, spec.split), f"{spec.name} ({spec.subset}, {spec.split})"
+        rows, src = hub_records(spec.name, spec.subset, spec.split), f"{spec.name} ({spec.subset}, {spec.split})"
     else:
         rows, src = read_rows(spec.name), spec.name
     return rows_to_items(rows, spec.fmt, spec.split, src)

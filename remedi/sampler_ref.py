@@ -17,6 +17,22 @@ from .loading import SpecialIds
 from .sampler import RANDOM_STRATEGIES, REMASK_STRATEGIES, Generation, SamplerConfig
 
 
+
+def score_one(strategy: str, row: torch.Tensor, token: int, ups_logit, rand: float) -> float:
+    """One position's score, written out plainly: ``row`` is its prepared logit vector (mask and, if asked,
+    EOS set to -inf), ``token`` the candidate (masked position) or the current token (unmasked)."""
+    if strategy in RANDOM_STRATEGIES:
+        return rand
+    if strategy == "ups":
+        return 1.0 / (1.0 + math.exp(-float(ups_logit)))
+    probs = torch.softmax(row.double(), -1)
+    if strategy in ("tps_prob", "llada_low_confidence"):
+        return float(probs[token])
+    if strategy == "margin":
+        top = sorted(probs.tolist(), reverse=True)
+        return top[0] - top[1]
+    return sum(p * math.log(p) for p in probs.tolist() if p > 0)  # entropy: minus the entropy
+
 def llada_counts(m: int, steps: int) -> list[int]:
     """LLaDA: m // steps tokens per step, plus one for each of the first m % steps steps."""
     return [m // steps + (1 if n < m % steps else 0) for n in range(steps)]
@@ -91,18 +107,8 @@ def _generate_row(model, prompt: list[int], cfg: SamplerConfig, ids: SpecialIds,
                 if cfg.strategy not in REMASK_STRATEGIES and not was_masked:
                     continue  # LLaDA ranks only the masked positions
                 token = x0 if was_masked else seq[i]
-                probs = torch.softmax(row.double(), -1)
-                if cfg.strategy in RANDOM_STRATEGIES:
-                    sc = rand_conf[j]
-                elif cfg.strategy == "ups":
-                    sc = 1.0 / (1.0 + math.exp(-float(ups[i])))
-                elif cfg.strategy in ("tps_prob", "llada_low_confidence"):
-                    sc = float(probs[token])
-                elif cfg.strategy == "margin":
-                    top = sorted(probs.tolist(), reverse=True)
-                    sc = top[0] - top[1]
-                else:  # entropy
-                    sc = sum(p * math.log(p) for p in probs.tolist() if p > 0)
+                sc = score_one(cfg.strategy, row, token, None if ups is None else ups[i],
+                              rand_conf[j] if rand_conf is not None else None)
                 if cfg.confidence_eos_eot_inf and was_masked and x0 in stops:
                     sc = -math.inf
                 score[i] = sc

@@ -129,7 +129,8 @@ def _arith_records(split: str, n: int, seed: int) -> list[dict]:
     return arith_task.make_splits(sizes["train"], sizes["validation"], sizes["test"], seed=seed)[split]
 
 
-def _hub_records(name: str, subset: Optional[str], split: str) -> list[dict]:
+def hub_records(name: str, subset: Optional[str], split: str) -> list[dict]:
+    """Rows of a hub dataset split; a missing split is an error listing the ones that exist."""
     try:
         import datasets
     except ImportError as e:
@@ -167,7 +168,7 @@ def load_records(dataset: str, split: Optional[str] = None, subset: Optional[str
             raise ValueError(f"--subset {','.join(bad)} is not a subset of {dataset}; known: {list(spec.subsets)}")
     rows: list[dict] = []
     for s in subsets:
-        rows += _hub_records(dataset, s, split)
+        rows += hub_records(dataset, s, split)
     return rows, f"{dataset}{'/' + ','.join(subsets) if subsets != [None] else ''}[{split}]"
 
 

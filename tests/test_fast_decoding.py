@@ -21,7 +21,7 @@ from remedi.loading import SpecialIds
 from remedi.modeling import KVCache, ModelOutput
 from remedi.sampler import (LLADA_STRATEGIES, RANDOM_STRATEGIES, REMASK_STRATEGIES, STRATEGIES, SamplerConfig,
                             compile_model, generate, layout_batch)
-from remedi.sampler_ref import _row_logits
+from remedi.sampler_ref import _row_logits, score_one
 
 from .test_sampler import CFG, GRID, IDS, PROMPTS, _gens, _model, _scfg
 
@@ -250,18 +250,8 @@ def _ref_scores(cfg, logits, ups, seq, block, mask_id, rand_conf, cand):
         row[mask_id] = -math.inf
         if cfg.logits_eos_inf:
             row[IDS.eos] = -math.inf
-        probs = torch.softmax(row.double(), -1)
-        if cfg.strategy in RANDOM_STRATEGIES:
-            sc = rand_conf[j]
-        elif cfg.strategy == "ups":
-            sc = 1.0 / (1.0 + math.exp(-float(ups[i])))
-        elif cfg.strategy in ("tps_prob", "llada_low_confidence"):
-            sc = float(probs[token])
-        elif cfg.strategy == "margin":
-            top = sorted(probs.tolist(), reverse=True)
-            sc = top[0] - top[1]
-        else:
-            sc = sum(p * math.log(p) for p in probs.tolist() if p > 0)
+        sc = score_one(cfg.strategy, row, token, None if ups is None else ups[i],
+                       rand_conf[j] if rand_conf is not None else None)
         if cfg.confidence_eos_eot_inf and was_masked and cand[i] in stops:
             sc = -math.inf
         score[i] = sc

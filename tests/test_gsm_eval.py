@@ -229,3 +229,32 @@ def test_rescore_records_rechecks_and_requires_fields():
     assert r["correct"] is True and r["extracted"] == "18" and r["source"] == "model"
     with pytest.raises(ValueError, match=r"lacks \['completion'\]"):
         ge.rescore_records([{"id": "1", "gold": "1"}], "gsm8k")
+
+
+def test_hub_datasets_load_through_datasets_by_name(monkeypatch):
+    """openai/gsm8k and HuggingFaceH4/MATH-500 go through datasets.load_dataset with subset and split."""
+    import sys
+    import types
+
+    calls = []
+    tables = {
+        ("openai/gsm8k", "main", "test"): [{"question": "Tom has 2 pens and buys 3. How many?",
+                                            "answer": "2 + 3 = 5\n#### 5"}],
+        ("HuggingFaceH4/MATH-500", None, "test"): [{"problem": "What is $1+1$?", "solution": "$\\boxed{2}$",
+                                                     "answer": "2", "unique_id": "test/x/1.json"}],
+    }
+
+    def load_dataset(name, subset=None, split=None):
+        calls.append((name, subset, split))
+        return tables[(name, subset, split)]
+
+    fake = types.SimpleNamespace(load_dataset=load_dataset,
+                                 get_dataset_split_names=lambda name, subset=None: ["train", "test"])
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    gsm = ge.load_items(ge.resolve_dataset("openai/gsm8k", None, "test", None))
+    assert calls[-1] == ("openai/gsm8k", "main", "test")  # the subset defaults to main
+    assert gsm[0].gold == "5" and gsm[0].question.startswith("Tom")
+    math = ge.load_items(ge.resolve_dataset("HuggingFaceH4/MATH-500", None, "test", None))
+    assert math[0].gold == "2" and "1+1" in math[0].question
+    with pytest.raises(ValueError, match="available"):
+        ge.load_items(ge.resolve_dataset("openai/gsm8k", None, "validation", None))
