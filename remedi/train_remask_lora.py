@@ -16,7 +16,8 @@ if __package__ in (None, ""):  # run as a file: make the repo root importable
 import sys
 
 from .cli import ModelArgs, parse_args
-from .training import DataArgs, LoraArgs, TrainArgs, run
+from .train_args import DataArgs, LoraArgs, TrainArgs
+from .training import run
 
 
 def main(argv=None) -> dict:

@@ -14,7 +14,8 @@ import dataclasses
 import sys
 
 from .cli import ModelArgs, parse_args
-from .training import DataArgs, LoraArgs, SftArgs, TrainArgs, run
+from .train_args import DataArgs, LoraArgs, SftArgs, TrainArgs
+from .training import run
 
 LORA_FLAGS = {f"--{f.name}" for f in dataclasses.fields(LoraArgs)} - {f"--{f.name}" for f in
                                                                       dataclasses.fields(SftArgs)}
