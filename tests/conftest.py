@@ -72,6 +72,16 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return build_model_dir(tmp_path_factory.mktemp("tiny") / "tiny-llada")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module's tests on one torch thread: many tiny ops, where thread hand-offs cost more than they
+    give (opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def gen() -> torch.Generator:
     return torch.Generator().manual_seed(1234)

@@ -23,15 +23,10 @@ from remedi.sampler import (LLADA_STRATEGIES, RANDOM_STRATEGIES, REMASK_STRATEGI
                             compile_model, generate, layout_batch)
 from remedi.sampler_ref import _row_logits, score_one
 
-from .test_sampler import CFG, GRID, IDS, PROMPTS, _gens, _model, _scfg
+from .test_sampler import CFG, GRID, IDS, PROMPTS, Spy, _gens, _model, _scfg
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -90,19 +85,11 @@ def test_partial_forward_through_cache_matches_full(model, stream_model, arch, m
     torch.testing.assert_close(part.ups_logits, full.ups_logits, rtol=1e-5, atol=1e-5)
 
 
-class KwSpy(torch.nn.Module):
-    """Records (input shape, start, out_slice) of every forward."""
+class KwSpy(Spy):
+    """Records (input shape, start, out_slice, whether a cache was passed) of every forward."""
 
-    def __init__(self, inner):
-        super().__init__()
-        self.inner, self.calls = inner, []
-
-    config = property(lambda self: self.inner.config)
-    ups_arch = property(lambda self: self.inner.ups_arch)
-
-    def forward(self, input_ids, attention_mask=None, **kw):
-        self.calls.append((tuple(input_ids.shape), kw.get("start", 0), kw.get("out_slice"), "cache" in kw))
-        return self.inner(input_ids, attention_mask, **kw)
+    def record(self, input_ids, attention_mask, kw):
+        return tuple(input_ids.shape), kw.get("start", 0), kw.get("out_slice"), "cache" in kw
 
 
 @pytest.mark.parametrize("mode,refresh", [("none", 0), ("prefix", 0), ("prefix", 2), ("dual", 0), ("dual", 2)])

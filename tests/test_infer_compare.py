@@ -20,12 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 SMALL = ["--steps", "8", "--gen_length", "16", "--block_length", "8"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -28,13 +28,7 @@ GRID = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls are far faster on one thread (and immune to other processes on the machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(seed=0, eos_boost=3.0) -> RemeDiLM:
@@ -160,8 +154,11 @@ class Spy(torch.nn.Module):
     config = property(lambda self: self.inner.config)
     ups_arch = property(lambda self: self.inner.ups_arch)
 
+    def record(self, input_ids, attention_mask, kw):
+        return input_ids.clone(), None if attention_mask is None else attention_mask.clone()
+
     def forward(self, input_ids, attention_mask=None, **kw):
-        self.calls.append((input_ids.clone(), None if attention_mask is None else attention_mask.clone()))
+        self.calls.append(self.record(input_ids, attention_mask, kw))
         return self.inner(input_ids, attention_mask, **kw)
 
 
