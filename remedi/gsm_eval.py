@@ -31,7 +31,7 @@ import torch
 
 from .answer_check import FORMATS, check, extract_boxed, gold_gsm8k
 from .loading import EMBEDDED_MODEL, encode_prompt
-from .sft_data import hub_records
+from .sft_data import hub_records, read_records
 from .sampling_args import (MODEL_DEFAULTS_FILE, apply_model_defaults, explicit_flags,  # noqa: F401
                             model_sampling_defaults)
 from .stats import mcnemar_exact, paired_bootstrap, wilson_interval
@@ -147,23 +147,8 @@ def resolve_dataset(dataset: Optional[str], subset: Optional[str] = None, split:
 
 
 def read_rows(path: str | os.PathLike) -> list[dict]:
-    """Rows of a local .jsonl (one object a line) or .json (a list, or {"data": [...]}) file."""
-    path = Path(path)
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json":
-        obj = json.loads(text)
-        rows = obj.get("data", obj.get("rows")) if isinstance(obj, dict) else obj
-        if not isinstance(rows, list):
-            raise ValueError(f"{path}: expected a JSON list of objects (or {{'data': [...]}})")
-        return rows
-    rows = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n} is not valid JSON ({e})") from e
-    return rows
+    """Rows of a local .jsonl / .json / .parquet file (the training data reader, one implementation)."""
+    return read_records(Path(path))
 
 
 def rows_to_items(rows: Sequence[dict], fmt: str, split: str, source: str) -> list[Item]:

@@ -72,7 +72,8 @@ class TokenizedData:
 
 
 # ---------------------------------------------------------------------------------------- raw records
-def _read_local(path: Path) -> list[dict]:
+def read_records(path: Path) -> list[dict]:
+    """Rows of a local .jsonl, .json (a list, or an object holding one list) or .parquet file."""
     if path.suffix == ".jsonl":
         rows = []
         with path.open(encoding="utf-8") as f:
@@ -157,7 +158,7 @@ def load_records(dataset: str, split: Optional[str] = None, subset: Optional[str
     p = Path(dataset).expanduser()
     if p.exists():
         f, s = _local_split(p, split)
-        return _read_local(f), f"{f}"
+        return read_records(f), f"{f}"
     if p.suffix in LOCAL_SUFFIXES:
         raise FileNotFoundError(f"--dataset {dataset}: no such file")
     split = split or (spec.split if spec else "train")
