@@ -5,7 +5,7 @@
     python bench/bench_sampler.py --config test-tiny --device cpu --prompt_len 16 --gen_length 64 \\
         --steps 64 --out /tmp/s.json                                         # smoke test of the code paths
 
-Times ``remedi.sampler.generate`` for prompt 200, gen 256, block 32, steps 256 at batch 1 and 8:
+Times ``remedi.decoding.sampler.generate`` for prompt 200, gen 256, block 32, steps 256 at batch 1 and 8:
 
 * ``exact``: the project's exact LLaDA mode (llada_low_confidence, no cache), the in-run baseline;
 * ``ups/head`` and ``ups/stream``: the remask sampler ranked by the head UPS and by the stream UPS,
@@ -41,8 +41,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, matmul_tflops, print_table, random_model, write_record  # noqa: E402
 
-from remedi.loading import SpecialIds  # noqa: E402
-from remedi.sampler import SamplerConfig, generate  # noqa: E402
+from remedi.model.loading import SpecialIds  # noqa: E402
+from remedi.decoding.sampler import SamplerConfig, generate  # noqa: E402
 
 REFERENCE_TOK_S = {1: 52.0, 8: 66.0}  # LLaDA's generate.py, H200, random-weight 8B bf16 (LLADA.md)
 GOALS = {"exact": {1: 1.5, 8: 1.5}, "cached": {1: 4.0, 8: 10.0}}  # x over REFERENCE_TOK_S (issue 7)

@@ -11,7 +11,7 @@ sources). Each point is (mean NFE per item, accuracy with a 95% Wilson interval,
 least as accurate, divided by the threshold point's NFE (None when no schedule point is as accurate).
 
 Writes ``accuracy_vs_nfe.png`` and ``threshold.json`` into ``--out`` and prints a table. Items, prompts
-and answer checks are remedi.gsm_eval's (the arithmetic task by default, per-item seeds), so the numbers
+and answer checks are remedi.evaluation.runner's (the arithmetic task by default, per-item seeds), so the numbers
 line up with eval_gsm_math.py runs at the same settings.
 """
 from __future__ import annotations
@@ -26,13 +26,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from remedi import gsm_eval as ge  # noqa: E402
-from remedi.answer_check import check  # noqa: E402
-from remedi.checkpoint import atomic_path, versions, write_json_atomic  # noqa: E402
-from remedi.loading import EMBEDDED_MODEL, load_for_inference  # noqa: E402
-from remedi.sampler import generate  # noqa: E402
-from remedi.sampling_args import SamplingArgs  # noqa: E402
-from remedi.stats import wilson_interval  # noqa: E402
+from remedi.evaluation import runner as ge  # noqa: E402
+from remedi.evaluation.answer_check import check  # noqa: E402
+from remedi.model.checkpoint import atomic_path, versions, write_json_atomic  # noqa: E402
+from remedi.model.loading import EMBEDDED_MODEL, load_for_inference  # noqa: E402
+from remedi.decoding.sampler import generate  # noqa: E402
+from remedi.decoding.args import SamplingArgs  # noqa: E402
+from remedi.evaluation.stats import wilson_interval  # noqa: E402
 
 
 def _csv(s: str, typ):

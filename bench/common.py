@@ -18,8 +18,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from remedi.llada_config import get_config  # noqa: E402
-from remedi.modeling import RemeDiLM, UPSHead  # noqa: E402
+from remedi.model.config import get_config  # noqa: E402
+from remedi.model.llada import RemeDiLM, UPSHead  # noqa: E402
 
 
 def random_model(name: str = "llada-8b", ups: str | None = None, device: str = "cuda",

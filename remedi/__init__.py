@@ -1,6 +1,6 @@
 """LLaDA-RemeDi: self-correcting (re-masking) masked diffusion language models on LLaDA."""
-from .llada_config import CONFIGS, LLaDAConfig, get_config
-from .modeling import KVCache, LLaDAModel, ModelOutput, RemeDiLM, UPSHead, init_weights
+from remedi.model.config import CONFIGS, LLaDAConfig, get_config
+from remedi.model.llada import KVCache, LLaDAModel, ModelOutput, RemeDiLM, UPSHead, init_weights
 
 __all__ = ["CONFIGS", "LLaDAConfig", "get_config", "KVCache", "LLaDAModel", "ModelOutput", "RemeDiLM", "UPSHead",
            "init_weights"]

@@ -10,12 +10,8 @@ Every source runs on the same items with the same per-item seeds; results.jsonl 
 finished item (a rerun with the same --output_dir skips finished items), summary.json/summary.md hold
 accuracy with 95% Wilson intervals and paired tests between sources. Library: remedi/gsm_eval.py.
 """
-if __package__ in (None, ""):  # run as a file: make the repo root importable
-    import pathlib
-    import sys
-
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-    __package__ = "remedi"
+if __package__ in (None, ""):  # run as a file: import the package from the repo root, never from remedi/ itself
+    import sys, pathlib; sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])  # noqa: E401,E702
 
 import dataclasses
 import json
@@ -27,14 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from . import gsm_eval as ge
-from .answer_check import FORMATS
-from .checkpoint import atomic_path, versions, write_json_atomic
-from .cli import ModelArgs, arg, parse_args, setup_logging
-from .loading import (EMBEDDED_MODEL, default_chat, load_for_inference, load_tokenizer, preflight,
+from remedi.evaluation import runner as ge
+from remedi.evaluation.answer_check import FORMATS
+from remedi.model.checkpoint import atomic_path, versions, write_json_atomic
+from remedi.arguments import ModelArgs, arg, parse_args, setup_logging
+from remedi.model.loading import (EMBEDDED_MODEL, default_chat, load_for_inference, load_tokenizer, preflight,
                       resolve_special_ids)
-from .sampler import STRATEGIES
-from .sampling_args import SamplingArgs
+from remedi.decoding.sampler import STRATEGIES
+from remedi.decoding.args import SamplingArgs
 
 log = logging.getLogger("eval_gsm_math")
 
@@ -171,7 +167,7 @@ def _open_output(out: Path, fixed: dict) -> set:
 
 
 def write_reports(out: Path, records: list, title: str, n_boot: int, seed: int, extra: dict) -> dict:
-    from .eval_plots import has_steps_sweep, plot_accuracy, plot_accuracy_vs_nfe
+    from remedi.evaluation.plots import has_steps_sweep, plot_accuracy, plot_accuracy_vs_nfe
 
     summary = ge.summarize(records, n_boot=n_boot, seed=seed)
     files = {"results": str(extra.pop("results")), "summary.json": str(out / "summary.json"), "summary.md": str(out / "summary.md"),
@@ -293,11 +289,11 @@ def main(argv=None) -> dict:
 
 
 def _trajectories(loaded, plan: Plan, s, seed: int, out: Path) -> None:
-    """Picture of the first item's decoding per source (needs remedi.trajectory.draw_trajectory)."""
+    """Picture of the first item's decoding per source (needs remedi.decoding.trajectory.draw_trajectory)."""
     try:
-        from .trajectory import draw_trajectory
+        from remedi.decoding.trajectory import draw_trajectory
     except ImportError:
-        log.warning("trajectories: remedi.trajectory.draw_trajectory is not available; no pictures drawn")
+        log.warning("trajectories: remedi.decoding.trajectory.draw_trajectory is not available; no pictures drawn")
         return
     it = plan.items[0]
     out.mkdir(parents=True, exist_ok=True)

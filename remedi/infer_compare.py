@@ -8,12 +8,8 @@ Sources (``--sources``, comma list) are the sampler's strategies: ups, tps_prob,
 (RemeDi remasking) and llada_low_confidence, llada_random (LLaDA, no remasking). Default: ups,tps_prob,random
 with a UPS, else the training-free ones. Every bad flag is reported before the model's weights load.
 """
-if __package__ in (None, ""):  # run as a file: make the repo root importable
-    import pathlib
-    import sys
-
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-    __package__ = "remedi"
+if __package__ in (None, ""):  # run as a file: import the package from the repo root, never from remedi/ itself
+    import sys, pathlib; sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])  # noqa: E401,E702
 
 import dataclasses
 import json
@@ -26,12 +22,12 @@ from typing import Optional
 
 import torch
 
-from .checkpoint import atomic_path
-from .cli import ModelArgs, arg, parse_args, setup_logging
-from .loading import (EMBEDDED_MODEL, default_chat, encode_prompt, load_for_inference, load_tokenizer, preflight,
+from remedi.model.checkpoint import atomic_path
+from remedi.arguments import ModelArgs, arg, parse_args, setup_logging
+from remedi.model.loading import (EMBEDDED_MODEL, default_chat, encode_prompt, load_for_inference, load_tokenizer, preflight,
                       resolve_special_ids)
-from .sampler import STRATEGIES, generate
-from .sampling_args import SamplingArgs, apply_model_defaults, explicit_flags
+from remedi.decoding.sampler import STRATEGIES, generate
+from remedi.decoding.args import SamplingArgs, apply_model_defaults, explicit_flags
 
 log = logging.getLogger("infer_compare")
 
@@ -158,7 +154,7 @@ def main(argv=None) -> list[dict]:
             Path(tmp).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
         log.info("wrote %d lines to %s", len(records), c.output_jsonl)
     if c.trajectory_out:
-        from .trajectory import draw_trajectory
+        from remedi.decoding.trajectory import draw_trajectory
 
         out = Path(c.trajectory_out)
         out.mkdir(parents=True, exist_ok=True)

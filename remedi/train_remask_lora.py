@@ -10,14 +10,14 @@ joint: one optimiser step on L_TPS + lambda_ups * L_UPS (the head reads a detach
 BCE never reaches the backbone); alternating: --alt_ratio LoRA steps on L_TPS per UPS step on L_UPS.
 Adapters are written in peft format (adapter_config.json + adapter_model.safetensors).
 """
-if __package__ in (None, ""):  # run as a file: make the repo root importable
-    import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1])); __package__ = "remedi"  # noqa: E401,E702
+if __package__ in (None, ""):  # run as a file: import the package from the repo root, never from remedi/ itself
+    import sys, pathlib; sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])  # noqa: E401,E702
 
 import sys
 
-from .cli import ModelArgs, parse_args
-from .train_args import DataArgs, LoraArgs, TrainArgs
-from .training import run
+from remedi.arguments import ModelArgs, parse_args
+from remedi.training.args import DataArgs, LoraArgs, TrainArgs
+from remedi.training.trainer import run
 
 
 def main(argv=None) -> dict:

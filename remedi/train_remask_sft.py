@@ -5,17 +5,17 @@
         --mask_id 126336 --save_path checkpoints/ups_head_s1k.pt
     accelerate launch --config_file configs/accelerate_ddp.yaml remedi/train_remask_sft.py ...
 
-LoRA on the backbone is train_remask_lora.py; both scripts share remedi.training.run.
+LoRA on the backbone is train_remask_lora.py; both scripts share remedi.training.trainer.run.
 """
-if __package__ in (None, ""):  # run as a file: make the repo root importable
-    import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1])); __package__ = "remedi"  # noqa: E401,E702
+if __package__ in (None, ""):  # run as a file: import the package from the repo root, never from remedi/ itself
+    import sys, pathlib; sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])  # noqa: E401,E702
 
 import dataclasses
 import sys
 
-from .cli import ModelArgs, parse_args
-from .train_args import DataArgs, LoraArgs, SftArgs, TrainArgs
-from .training import run
+from remedi.arguments import ModelArgs, parse_args
+from remedi.training.args import DataArgs, LoraArgs, SftArgs, TrainArgs
+from remedi.training.trainer import run
 
 LORA_FLAGS = {f"--{f.name}" for f in dataclasses.fields(LoraArgs)} - {f"--{f.name}" for f in
                                                                       dataclasses.fields(SftArgs)}

@@ -22,7 +22,7 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 from collections import Counter  # noqa: E402
 
-from remedi.arith_task import item_text, make_splits, save_tokenizer, train_tokenizer  # noqa: E402
+from remedi.tasks.arith import item_text, make_splits, save_tokenizer, train_tokenizer  # noqa: E402
 
 
 def _write_jsonl_atomic(path: Path, items: list[dict]) -> None:

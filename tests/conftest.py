@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from remedi.checkpoint import save_pretrained
-from remedi.llada_config import get_config
-from remedi.modeling import RemeDiLM, init_weights
+from remedi.model.checkpoint import save_pretrained
+from remedi.model.config import get_config
+from remedi.model.llada import RemeDiLM, init_weights
 
 SPECIALS = ["<|mdm_mask|>", "<|endoftext|>", "<|startoftext|>", "<|start_header_id|>", "<|end_header_id|>",
             "<|eot_id|>"]

@@ -18,7 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from remedi import arith_task as at  # noqa: E402
+from remedi.tasks import arith as at  # noqa: E402
 
 N_CHECK = 3000
 

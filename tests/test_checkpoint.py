@@ -5,10 +5,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from remedi import checkpoint as C
-from remedi.llada_config import get_config
-from remedi.loading import load_for_inference, preflight
-from remedi.modeling import RemeDiLM, UPSHead, init_weights
+from remedi.model import checkpoint as C
+from remedi.model.config import get_config
+from remedi.model.loading import load_for_inference, preflight
+from remedi.model.llada import RemeDiLM, UPSHead, init_weights
 from tests.conftest import build_model_dir
 
 

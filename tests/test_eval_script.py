@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from remedi import eval_gsm_math as script
-from remedi import gsm_eval as ge
+from remedi.evaluation import runner as ge
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLING = ["--steps", "8", "--gen_length", "8", "--block_length", "4"]
@@ -201,8 +201,8 @@ USER_COMMAND = ["--model_name", "GSAI-ML/LLaDA-8B-Base", "--ups_head", "X.pt", "
 
 
 def test_user_command_parses():
-    from remedi.cli import ModelArgs, parse_args
-    from remedi.sampling_args import SamplingArgs
+    from remedi.arguments import ModelArgs, parse_args
+    from remedi.decoding.args import SamplingArgs
 
     m, s, e = parse_args([ModelArgs, SamplingArgs, script.EvalArgs], USER_COMMAND)
     assert (m.model_name, m.mask_id, e.ups_head, e.lora_path) == ("GSAI-ML/LLaDA-8B-Base", 126336, "X.pt", "DIR")
@@ -226,8 +226,8 @@ def test_embedded_defaults_arith_task_and_ups(tmp_path, monkeypatch):
     """No dataset/sampling flags: the embedded model's arith test split, defaults.json and ups_head.pt."""
     import torch
 
-    from remedi.checkpoint import load_pretrained, save_ups
-    from remedi.modeling import UPSHead
+    from remedi.model.checkpoint import load_pretrained, save_ups
+    from remedi.model.llada import UPSHead
     from tests.conftest import build_model_dir
 
     emb = build_model_dir(tmp_path / "remedi-tiny-gsm")

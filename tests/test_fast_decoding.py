@@ -16,12 +16,12 @@ import math
 import pytest
 import torch
 
-from remedi.checkpoint import add_stream
-from remedi.loading import SpecialIds
-from remedi.modeling import KVCache, ModelOutput
-from remedi.sampler import (LLADA_STRATEGIES, RANDOM_STRATEGIES, REMASK_STRATEGIES, STRATEGIES, SamplerConfig,
+from remedi.model.checkpoint import add_stream
+from remedi.model.loading import SpecialIds
+from remedi.model.llada import KVCache, ModelOutput
+from remedi.decoding.sampler import (LLADA_STRATEGIES, RANDOM_STRATEGIES, REMASK_STRATEGIES, STRATEGIES, SamplerConfig,
                             compile_model, generate, layout_batch)
-from remedi.sampler_ref import _row_logits, score_one
+from remedi.decoding.reference import _row_logits, score_one
 
 from .test_sampler import CFG, GRID, IDS, PROMPTS, Spy, _gens, _model, _scfg
 
@@ -160,9 +160,9 @@ def test_cached_modes_agree_with_uncached_random_model(model, mode, strategy):
 
 
 def _embedded():
-    from remedi import gsm_eval as ge
-    from remedi.loading import EMBEDDED_MODEL, load_for_inference
-    from remedi.sampling_args import SamplingArgs
+    from remedi.evaluation import runner as ge
+    from remedi.model.loading import EMBEDDED_MODEL, load_for_inference
+    from remedi.decoding.args import SamplingArgs
 
     if not (EMBEDDED_MODEL / "config.json").is_file() or not (ge.ARITH_DATA_DIR / "test.jsonl").is_file():
         pytest.skip(f"the embedded model {EMBEDDED_MODEL} (with its arith data) is not built")
@@ -222,7 +222,7 @@ def test_compile_flag_traces_few_graphs_and_changes_nothing():
 
 # ------------------------------------------------------------------------------------- threshold mode
 def _ref_scores(cfg, logits, ups, seq, block, mask_id, rand_conf, cand):
-    """{position: score} as remedi.sampler_ref ranks them (python, float64)."""
+    """{position: score} as remedi.decoding.reference ranks them (python, float64)."""
     stops = (IDS.eos, IDS.eot)
     score = {}
     for j, i in enumerate(block):

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from remedi import gsm_eval as ge
-from remedi.stats import wilson_interval
+from remedi.evaluation import runner as ge
+from remedi.evaluation.stats import wilson_interval
 from tests.conftest import make_tokenizer, shared_data_dir
 
 DATA = shared_data_dir()

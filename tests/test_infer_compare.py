@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from remedi import infer_compare
-from remedi.checkpoint import load_pretrained, save_ups
-from remedi.llada_config import get_config
-from remedi.modeling import RemeDiLM, UPSHead, init_weights
-from remedi.sampling_args import SamplingArgs
+from remedi.model.checkpoint import load_pretrained, save_ups
+from remedi.model.config import get_config
+from remedi.model.llada import RemeDiLM, UPSHead, init_weights
+from remedi.decoding.args import SamplingArgs
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["--steps", "8", "--gen_length", "16", "--block_length", "8"]
@@ -139,9 +139,9 @@ def test_sampling_args_roundtrip():
 
 
 def test_trajectory_facts_and_files(tmp_path):
-    from remedi.loading import SpecialIds
-    from remedi.sampler import SamplerConfig, generate
-    from remedi.trajectory import analyse, draw_trajectory
+    from remedi.model.loading import SpecialIds
+    from remedi.decoding.sampler import SamplerConfig, generate
+    from remedi.decoding.trajectory import analyse, draw_trajectory
 
     from .test_sampler import FakeModel
 
@@ -163,8 +163,8 @@ def test_trajectory_facts_and_files(tmp_path):
 
 @pytest.mark.parametrize("strategy", ["tps_prob", "llada_low_confidence"])
 def test_trajectory_of_a_gated_generation(tmp_path, strategy):
-    from remedi.sampler import SamplerConfig, generate
-    from remedi.trajectory import analyse, draw_trajectory
+    from remedi.decoding.sampler import SamplerConfig, generate
+    from remedi.decoding.trajectory import analyse, draw_trajectory
 
     from .test_sampler import IDS, PROMPTS, _model
 

@@ -3,9 +3,9 @@ import re
 import torch
 from peft import LoraConfig, get_peft_model
 
-from remedi.llada_config import get_config
-from remedi.loading import LORA_AUTO_TARGET
-from remedi.modeling import RemeDiLM, UPSHead, init_weights
+from remedi.model.config import get_config
+from remedi.model.loading import LORA_AUTO_TARGET
+from remedi.model.llada import RemeDiLM, UPSHead, init_weights
 
 
 def test_lora_auto_targets_block_linears_only():

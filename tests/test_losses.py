@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from remedi.losses import (UPSMetrics, auroc, auroc_reference, tps_loss, true_token_logprob, ups_labels,
+from remedi.training.losses import (UPSMetrics, auroc, auroc_reference, tps_loss, true_token_logprob, ups_labels,
                            ups_loss)
 
 

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from remedi.llada_config import LLaDAConfig, get_config
-from remedi.modeling import KVCache, RemeDiLM, UPSHead, init_weights
+from remedi.model.config import LLaDAConfig, get_config
+from remedi.model.llada import KVCache, RemeDiLM, UPSHead, init_weights
 from tests import reference_llada
 
 

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from remedi.noise import (R_INCORRECT_MAX, answer_block_index, check_r_incorrect, inject_noise, ordinary_ids,
+from remedi.training.noise import (R_INCORRECT_MAX, answer_block_index, check_r_incorrect, inject_noise, ordinary_ids,
                           rho_incorrect, rho_mask, total_noise)
 
 SPECIAL = [0, 1, 2, 3, 4, 5]

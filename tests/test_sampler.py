@@ -6,13 +6,13 @@ import random
 import pytest
 import torch
 
-from remedi.checkpoint import add_stream
-from remedi.llada_config import get_config
-from remedi.loading import SpecialIds
-from remedi.modeling import ModelOutput, RemeDiLM, UPSHead, init_weights
-from remedi.sampler import (LLADA_STRATEGIES, REMASK_STRATEGIES, STRATEGIES, SamplerConfig, generate, select_top_k,
+from remedi.model.checkpoint import add_stream
+from remedi.model.config import get_config
+from remedi.model.loading import SpecialIds
+from remedi.model.llada import ModelOutput, RemeDiLM, UPSHead, init_weights
+from remedi.decoding.sampler import (LLADA_STRATEGIES, REMASK_STRATEGIES, STRATEGIES, SamplerConfig, generate, select_top_k,
                             transfer_counts, unmask_schedule)
-from remedi.sampler_ref import generate_ref
+from remedi.decoding.reference import generate_ref
 
 from .llada_generate_ref import llada_generate
 

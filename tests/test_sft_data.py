@@ -5,8 +5,8 @@ import types
 
 import pytest
 
-from remedi import sft_data as D
-from remedi.loading import encode_prompt
+from remedi.training import data as D
+from remedi.model.loading import encode_prompt
 from tests.conftest import make_tokenizer, shared_data_dir
 
 GSM = [{"question": f"Tom has {i} apples and buys {i + 2} more. How many?",

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from remedi.stats import mcnemar_exact, paired_bootstrap, wilson_interval
+from remedi.evaluation.stats import mcnemar_exact, paired_bootstrap, wilson_interval
 
 
 def test_wilson_36_of_50_by_hand():

@@ -10,12 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from remedi import training as T
-from remedi.checkpoint import read_ups, save_ups
-from remedi.cli import ModelArgs, parse_args
-from remedi.llada_config import get_config
-from remedi.loading import load_for_inference
-from remedi.modeling import RemeDiLM, UPSHead
+from remedi.training import trainer as T
+from remedi.model.checkpoint import read_ups, save_ups
+from remedi.arguments import ModelArgs, parse_args
+from remedi.model.config import get_config
+from remedi.model.loading import load_for_inference
+from remedi.model.llada import RemeDiLM, UPSHead
 from remedi.train_remask_lora import main as lora_main
 from remedi.train_remask_sft import main as sft_main
 from tests.conftest import shared_data_dir
@@ -209,7 +209,7 @@ def test_sft_script_end_to_end_and_metrics(tiny_model_dir, data, tmp_path):
                          str(ups_path), "--save_path", str(tmp_path / "cont.pt")))
     assert read_ups(tmp_path / "cont.pt")[1]["ups_width"] == 16 and res2["step"] == 2
     # the curve plot
-    from remedi.train_plots import main as plot_main
+    from remedi.training.plots import main as plot_main
 
     plot_main([str(out / "metrics.jsonl"), "--out", str(tmp_path / "curves.png")])
     assert (tmp_path / "curves.png").stat().st_size > 1000

@@ -1,6 +1,6 @@
 """The sampling flags shared by infer_compare.py and eval_gsm_math.py (one source for their defaults).
 
-Defaults are :class:`remedi.sampler.SamplerConfig`'s. The strategy is not a field: each script picks
+Defaults are :class:`remedi.decoding.sampler.SamplerConfig`'s. The strategy is not a field: each script picks
 its own list of sources and calls :meth:`SamplingArgs.to_sampler_config` once per source.
 """
 from __future__ import annotations
@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
-from .cli import arg
-from .sampler import CACHE_MODES, STRATEGIES, SamplerConfig
+from remedi.arguments import arg
+from remedi.decoding.sampler import CACHE_MODES, STRATEGIES, SamplerConfig
 
 _D = SamplerConfig  # class attributes hold the dataclass defaults
 log = logging.getLogger(__name__)

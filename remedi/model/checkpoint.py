@@ -24,8 +24,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .llada_config import LLaDAConfig
-from .modeling import RemeDiLM, UPSHead
+from remedi.model.config import LLaDAConfig
+from remedi.model.llada import RemeDiLM, UPSHead
 
 FORMAT_VERSION = 1
 _HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer*", "special_tokens_map.json",
@@ -306,7 +306,7 @@ def _load_exact(module: torch.nn.Module, state: dict[str, torch.Tensor], path) -
 
 def add_stream(model: RemeDiLM, taps: tuple[int, ...]) -> None:
     """Give a plain backbone a freshly initialised stream UPS (zero bridges) at ``taps``."""
-    from .modeling import init_weights
+    from remedi.model.llada import init_weights
 
     if model.ups_head is not None or model.model.has_stream:
         raise ValueError("model already has a UPS")

@@ -5,7 +5,7 @@ Known datasets carry explicit field maps (REMEDI.md / the seed's README); any ot
 ``--answer_field``. A missing split or field is an error listing what exists: never a silent fallback.
 
 Sequence layout (LLaDA SFT): ``prompt | answer | end-of-answer | EOS padding``. The prompt is encoded
-exactly as at inference (:func:`remedi.loading.encode_prompt`: chat template with the generation header
+exactly as at inference (:func:`remedi.model.loading.encode_prompt`: chat template with the generation header
 for Instruct models, plain text for Base); the answer ends with <|eot_id|> in chat format, then EOS, and
 rows are padded with EOS, which is part of the answer and trained. Over-long rows keep the prompt and
 lose the answer's tail; rows whose prompt leaves no room for a single answer token are skipped; both
@@ -47,7 +47,7 @@ KNOWN: dict[str, DatasetSpec] = {
     "openai/gsm8k": DatasetSpec("question", ("answer",), subsets=("main",)),
     "OpenCoder-LLM/opc-sft-stage2": DatasetSpec(
         "instruction", ("output",), subsets=("educational_instruct", "evol_instruct", "mceval_instruct")),
-    ARITH: DatasetSpec("question", ("answer",)),  # generated in memory by remedi.arith_task
+    ARITH: DatasetSpec("question", ("answer",)),  # generated in memory by remedi.tasks.arith
 }
 
 
@@ -120,14 +120,11 @@ def _local_split(path: Path, split: Optional[str]) -> tuple[Path, str]:
 
 
 def _arith_records(split: str, n: int, seed: int) -> list[dict]:
-    try:
-        from . import arith_task
-    except ImportError as e:  # pragma: no cover - the module ships with the package
-        raise ValueError("--dataset arith needs remedi/arith_task.py") from e
+    from remedi.tasks import arith
     if split not in ("train", "validation", "test"):
         raise ValueError(f"--split {split!r} not found for --dataset arith; splits: train, validation, test")
     sizes = {"train": n, "validation": min(n, 500), "test": min(n, 500)}
-    return arith_task.make_splits(sizes["train"], sizes["validation"], sizes["test"], seed=seed)[split]
+    return arith.make_splits(sizes["train"], sizes["validation"], sizes["test"], seed=seed)[split]
 
 
 def hub_records(name: str, subset: Optional[str], split: str) -> list[dict]:
@@ -199,7 +196,7 @@ def tokenize_records(rows: Sequence[dict], tokenizer, *, prompt_field: str, answ
                      answer_join: str, seq_len: int, chat: bool, eos_id: int, eot_id: Optional[int],
                      source: str = "") -> TokenizedData:
     """Encode every record as prompt ids + answer ids (with the end-of-answer tokens), fitted to seq_len."""
-    from .loading import encode_prompt
+    from remedi.model.loading import encode_prompt
 
     out = TokenizedData(examples=[], n_records=len(rows), source=source)
     end = ([eot_id] if chat and eot_id is not None else []) + [eos_id]

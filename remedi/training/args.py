@@ -8,11 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from .cli import arg
-from .llada_config import CONFIGS
-from .loading import LORA_AUTO_TARGET
-from .noise import INCORRECT_SOURCES, SCHEDULES, check_r_incorrect
-from .sft_data import KNOWN
+from remedi.arguments import arg
+from remedi.model.config import CONFIGS
+from remedi.model.loading import LORA_AUTO_TARGET
+from remedi.training.noise import INCORRECT_SOURCES, SCHEDULES, check_r_incorrect
+from remedi.training.data import KNOWN
 
 
 @dataclass

@@ -1,12 +1,10 @@
 """Training curves from a run's metrics.jsonl.
 
-    python -m remedi.train_plots runs/train_remask_sft-.../metrics.jsonl --out curves.png
+    python -m remedi.training.plots runs/train_remask_sft-.../metrics.jsonl --out curves.png
 
 Panels: TPS / UPS loss, UPS accuracy by set (clean, incorrect, masked), AUROC (clean vs incorrect among
 unmasked tokens; TPS-argmax right vs wrong among masked ones), learning rates, tokens/s, gradient norm.
 """
-if __package__ in (None, ""):  # run as a file: make the repo root importable
-    import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1])); __package__ = "remedi"  # noqa: E401,E702
 
 import argparse
 import json

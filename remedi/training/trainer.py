@@ -38,19 +38,19 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-from .checkpoint import (add_stream, atomic_path, check_ups_compatible, load_pretrained, load_ups, read_ups,
+from remedi.model.checkpoint import (add_stream, atomic_path, check_ups_compatible, load_pretrained, load_ups, read_ups,
                          save_pretrained, save_ups, versions, write_json_atomic)
-from .cli import ModelArgs
-from .llada_config import get_config
-from .loading import (MASK_TOKEN, SpecialIds, default_chat, load_tokenizer, preflight,
+from remedi.arguments import ModelArgs
+from remedi.model.config import get_config
+from remedi.model.loading import (MASK_TOKEN, SpecialIds, default_chat, load_tokenizer, preflight,
                       resolve_special_ids)
-from .losses import UPSMetrics, tps_loss, true_token_logprob, ups_labels, ups_loss
-from .modeling import RemeDiLM, UPSHead, init_weights
-from .noise import inject_noise
-from .sft_data import (collate, load_records, micro_batches, resolve_fields, check_fields,
+from remedi.training.losses import UPSMetrics, tps_loss, true_token_logprob, ups_labels, ups_loss
+from remedi.model.llada import RemeDiLM, UPSHead, init_weights
+from remedi.training.noise import inject_noise
+from remedi.training.data import (collate, load_records, micro_batches, resolve_fields, check_fields,
                        tokenize_records)
 
-from .train_args import (DataArgs, LoraArgs, Plan, SftArgs, TrainArgs, default_taps,  # noqa: F401
+from remedi.training.args import (DataArgs, LoraArgs, Plan, SftArgs, TrainArgs, default_taps,  # noqa: F401
                          lora_target_modules, plan_from)
 
 log = logging.getLogger(__name__)
@@ -203,7 +203,7 @@ class Trainer:
         self.main = acc.is_main_process
         # multi-CPU runs report "cpu:<rank>", which safetensors and some kernels reject
         self.device = torch.device("cpu") if acc.device.type == "cpu" else acc.device
-        from .cli import setup_logging
+        from remedi.arguments import setup_logging
 
         setup_logging(self.main)
         # output folder (same name on every process)
@@ -311,7 +311,7 @@ class Trainer:
     def _build_model(self) -> None:
         t, m, p = self.targs, self.margs, self.plan
         dev = self.device
-        from .loading import pick_dtype
+        from remedi.model.loading import pick_dtype
 
         frozen_dtype = pick_dtype(m.dtype, dev)
         # FSDP flattens each wrapped unit into one tensor of one dtype: keep everything float32 there

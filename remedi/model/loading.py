@@ -13,13 +13,13 @@ from typing import Optional
 
 import torch
 
-from .checkpoint import check_ups_compatible, load_pretrained, load_ups, read_ups, resolve_model_dir
-from .llada_config import LLaDAConfig
-from .modeling import RemeDiLM
+from remedi.model.checkpoint import check_ups_compatible, load_pretrained, load_ups, read_ups, resolve_model_dir
+from remedi.model.config import LLaDAConfig
+from remedi.model.llada import RemeDiLM
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 # The embedded default model shipped in checkpoints/ (see Local_RUN.md); every script falls back to it.
 EMBEDDED_MODEL = REPO_ROOT / "checkpoints" / "remedi-tiny-gsm"
 

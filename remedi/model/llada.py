@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .llada_config import LLaDAConfig
+from remedi.model.config import LLaDAConfig
 
 
 class RMSNorm(nn.Module):

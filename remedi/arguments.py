@@ -11,7 +11,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from .loading import EMBEDDED_MODEL
+from remedi.model.loading import EMBEDDED_MODEL
 
 
 def arg(default=None, help: str = "", **kw):

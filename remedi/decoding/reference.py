@@ -1,4 +1,4 @@
-"""Slow, obviously-correct reference for :func:`remedi.sampler.generate` (same conventions, same results).
+"""Slow, obviously-correct reference for :func:`remedi.decoding.sampler.generate` (same conventions, same results).
 
 One row at a time, no padding, a full forward over the whole sequence each step (no ``out_slice``),
 Python loops over the positions of the block and Python ``sorted`` for every ranking. Tests check that
@@ -13,8 +13,8 @@ from typing import Optional
 
 import torch
 
-from .loading import SpecialIds
-from .sampler import RANDOM_STRATEGIES, REMASK_STRATEGIES, Generation, SamplerConfig
+from remedi.model.loading import SpecialIds
+from remedi.decoding.sampler import RANDOM_STRATEGIES, REMASK_STRATEGIES, Generation, SamplerConfig
 
 
 

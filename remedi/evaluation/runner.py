@@ -29,12 +29,12 @@ from typing import Any, Iterable, Optional, Sequence
 
 import torch
 
-from .answer_check import FORMATS, check, extract_boxed, gold_gsm8k
-from .loading import EMBEDDED_MODEL, encode_prompt
-from .sft_data import hub_records, read_records
-from .sampling_args import (MODEL_DEFAULTS_FILE, apply_model_defaults, explicit_flags,  # noqa: F401
+from remedi.evaluation.answer_check import FORMATS, check, extract_boxed, gold_gsm8k
+from remedi.model.loading import EMBEDDED_MODEL, encode_prompt
+from remedi.training.data import hub_records, read_records
+from remedi.decoding.args import (MODEL_DEFAULTS_FILE, apply_model_defaults, explicit_flags,  # noqa: F401
                             model_sampling_defaults)
-from .stats import mcnemar_exact, paired_bootstrap, wilson_interval
+from remedi.evaluation.stats import mcnemar_exact, paired_bootstrap, wilson_interval
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +237,7 @@ def select_items(items: Sequence[Item], start: int = 0, max_samples: Optional[in
 def arith_prompt(question: str) -> str:
     """The prompt the embedded arithmetic model is trained on: the bare question.
 
-    Training (remedi.sft_data, plain format) encodes the question and the answer separately and
+    Training (remedi.training.data, plain format) encodes the question and the answer separately and
     concatenates the ids, so the answer's first token follows the question's last one directly.
     """
     return question
@@ -297,7 +297,7 @@ def sampler_config(sampling, strategy: str, steps: int):
 
 
 def _generate(model, prompts, cfg, ids, generators):
-    from .sampler import generate  # lazy: tests swap this function for a fake
+    from remedi.decoding.sampler import generate  # lazy: tests swap this function for a fake
 
     return generate(model, prompts, cfg, ids, generators=generators)
 

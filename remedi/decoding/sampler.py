@@ -20,7 +20,7 @@ Scores (all computed in float64 from the float32 logits):
   ups        sigmoid(UPS logit) (from the conditional pass when cfg_scale > 0)
   random     uniform(0, 1) from the row's generator
 
-Conventions shared with :mod:`remedi.sampler_ref` and tests/llada_generate_ref.py (all three agree
+Conventions shared with :mod:`remedi.decoding.reference` and tests/llada_generate_ref.py (all three agree
 token for token):
 
 * The mask token is never a prediction (its logit is set to -inf). A trained model never predicts it; an
@@ -48,7 +48,7 @@ token for token):
 
 Fast decoding (issue 7; every part has a flag that turns it off, and the defaults are the exact sampler):
 
-* ``cache="prefix"`` / ``"dual"`` (Fast-dLLM's two block caches; one :class:`~remedi.modeling.KVCache`
+* ``cache="prefix"`` / ``"dual"`` (Fast-dLLM's two block caches; one :class:`~remedi.model.llada.KVCache`
   holds the backbone's and the UPS stream's keys/values, and the 2B rows of CFG). A block's first step
   is a full forward into a fresh cache (so it equals the uncached step, and eos_gating's shrinking batch
   needs no cache surgery). Later steps compute only ``x[:, lo:]`` (prefix: block + masked suffix) or
@@ -78,8 +78,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from .loading import SpecialIds
-from .modeling import KVCache
+from remedi.model.loading import SpecialIds
+from remedi.model.llada import KVCache
 
 STRATEGIES = ("llada_low_confidence", "llada_random", "ups", "tps_prob", "margin", "entropy", "random")
 LLADA_STRATEGIES = ("llada_low_confidence", "llada_random")

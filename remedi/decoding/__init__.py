@@ -1,0 +1,1 @@
+"""Decoding: the block sampler with dynamic remasking, its slow reference, flags and trajectory pictures."""

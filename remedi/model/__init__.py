@@ -1,0 +1,1 @@
+"""The model: LLaDA config and backbone, the UPS (head and stream), checkpoints, and the one loader."""

@@ -1,0 +1,1 @@
+"""Remask SFT: noise, losses, data, arguments, and the training loop (build, state and resume, steps)."""
