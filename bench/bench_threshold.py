@@ -26,8 +26,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from remedi.evaluation import runner as ge  # noqa: E402
-from remedi.evaluation.answer_check import check  # noqa: E402
+from remedi.evaluation import data as ge  # noqa: E402
+from remedi.session import default_ups_head, item_generator  # noqa: E402
+from remedi.tasks.answer_check import check  # noqa: E402
 from remedi.model.checkpoint import atomic_path, versions, write_json_atomic  # noqa: E402
 from remedi.model.loading import EMBEDDED_MODEL, load_for_inference  # noqa: E402
 from remedi.decoding.sampler import generate  # noqa: E402
@@ -44,7 +45,7 @@ def evaluate(loaded, items, prompts, scfg, fmt: str, seed: int, batch_size: int,
     correct, nfe, secs = [], [], 0.0
     for lo in range(0, len(items), batch_size):
         its = items[lo:lo + batch_size]
-        gens = [ge.item_generator(seed, it.id, device) for it in its]
+        gens = [item_generator(seed, it.id, device) for it in its]
         if str(device).startswith("cuda"):
             torch.cuda.synchronize()
         t = time.perf_counter()
@@ -137,10 +138,9 @@ def main(argv=None) -> dict:
 
     ups_head = args.ups_head
     embedded = Path(args.model_name).resolve() == EMBEDDED_MODEL.resolve()
-    if ups_head is None and embedded and ge.EMBEDDED_UPS.is_file():
-        ups_head = str(ge.EMBEDDED_UPS)
-    s = SamplingArgs()
-    ge.apply_model_defaults(s, args.model_name, ())
+    if ups_head is None and embedded:
+        ups_head = default_ups_head(args.model_name)
+    s = SamplingArgs().resolve(args.model_name)
     for k in ("gen_length", "block_length", "cache"):
         if getattr(args, k) is not None:
             setattr(s, k, getattr(args, k))

@@ -1,24 +1,39 @@
 """Command-line arguments as typed dataclasses shared by the scripts (one source for every default).
 
 ``parse_args`` builds the parser with transformers' ``HfArgumentParser`` (argparse underneath), so the
-four scripts that share model and sampling knobs cannot drift apart. Each dataclass validates itself in
-``__post_init__`` and raises ``ValueError`` naming the flag and the allowed values.
+scripts that share model and sampling knobs cannot drift apart. Each dataclass validates what it can
+alone in ``__post_init__`` and raises ``ValueError`` naming the flag and the allowed values.
+
+A field whose value a model folder may supply (``defaults.json``) defaults to ``None``: the flag was not
+given. :func:`fill_defaults` later fills such fields from the model folder, then from the library
+default, and logs where each value came from; validation that depends on those values runs after it.
+No script re-reads ``sys.argv`` to learn what the user typed.
 """
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import logging
 import sys
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
 
 from remedi.model.loading import EMBEDDED_MODEL
 
+log = logging.getLogger(__name__)
 
 def arg(default=None, help: str = "", **kw):
     """A dataclass field with argparse help text."""
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
+
+
+def model_arg(library_default, help: str, **kw):
+    """A field a model folder's defaults.json may set: None on the command line means "not given"."""
+    shown = f"{help} (default: the model folder's defaults.json, else {library_default})"
+    return field(default=None, metadata={"help": shown, **kw})
 
 
 @dataclass
@@ -28,15 +43,49 @@ class ModelArgs:
     mask_id: Optional[int] = arg(None, "mask token id; read from the tokenizer, the flag only double-checks it")
     dtype: str = arg("auto", "auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or fp32")
     device: Optional[str] = arg(None, "cuda, cuda:1, cpu; default: cuda if available")
-    seed: int = arg(0, "random seed (per-item seeds derive from it)")
+    seed: int = arg(0, "random seed (per-item seeds derive from it and the item id)")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the example commands of a script's docstring as written; shows a default once, when it says
+    something (never "(default: None)"); fields filled from a model folder say so in their help."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, argparse.SUPPRESS, False) or action.option_strings == []:
+            return text
+        return f"{text} (default: {action.default})"
 
 
 def parse_args(dataclass_types: Sequence[type], argv: Optional[Sequence[str]] = None, description: str = ""):
     """Parse argv into one instance per dataclass type (unknown flags are an error)."""
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser(list(dataclass_types), description=description)
+    parser = HfArgumentParser(list(dataclass_types), description=description, formatter_class=HelpFormatter)
     return parser.parse_args_into_dataclasses(args=list(argv) if argv is not None else sys.argv[1:])
+
+
+def fill_defaults(obj: Any, model_values: Mapping[str, Any], source: str | Path,
+                  library: Mapping[str, Any]) -> dict[str, str]:
+    """Fill the ``None`` fields of ``obj`` named in ``library``: from ``model_values`` (a model folder's
+    defaults.json) first, else the library default. Returns {field: where its value came from} and logs
+    the values taken from the model folder."""
+    origin, taken = {}, {}
+    for f in dataclasses.fields(obj):
+        if f.name not in library:
+            continue
+        if getattr(obj, f.name) is not None:
+            origin[f.name] = "command line"
+        elif f.name in model_values:
+            setattr(obj, f.name, model_values[f.name])
+            origin[f.name] = str(source)
+            taken[f.name] = model_values[f.name]
+        else:
+            setattr(obj, f.name, library[f.name])
+            origin[f.name] = "library default"
+    if taken:
+        log.info("from %s: %s", source, ", ".join(f"{k} {v}" for k, v in taken.items()))
+    return origin
 
 
 def setup_logging(main_process: bool = True) -> None:

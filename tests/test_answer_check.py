@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from remedi.evaluation import answer_check as ac
-from remedi.evaluation.answer_check import Verdict, check, extract_boxed, extract_gsm8k, extract_math, gold_gsm8k
+from remedi.tasks import answer_check as ac
+from remedi.tasks.answer_check import Verdict, check, extract_boxed, extract_gsm8k, extract_math, gold_gsm8k
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -311,5 +311,5 @@ def test_runaway_box_skips_math_verify():
 
 
 def test_import_does_not_load_math_verify():
-    code = "import sys, remedi.evaluation.answer_check; assert 'math_verify' not in sys.modules"
+    code = "import sys, remedi.tasks.answer_check; assert 'math_verify' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)

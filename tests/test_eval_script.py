@@ -12,7 +12,11 @@ from pathlib import Path
 import pytest
 
 from remedi import eval_gsm_math as script
+from remedi import session
 from remedi.evaluation import runner as ge
+from remedi.tasks import arith
+from remedi.evaluation import data as D
+from remedi.evaluation import results as R
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLING = ["--steps", "8", "--gen_length", "8", "--block_length", "4"]
@@ -31,13 +35,13 @@ def data_file(tmp_path) -> Path:
 def count_generated(monkeypatch):
     """Wrap the real sampler call and count the prompts it decodes."""
     calls = []
-    real = ge._generate
+    real = session.generate
 
     def counting(model, prompts, cfg, ids, generators):
         calls.append((cfg.strategy, cfg.steps, len(prompts)))
         return real(model, prompts, cfg, ids, generators)
 
-    monkeypatch.setattr(ge, "_generate", counting)
+    monkeypatch.setattr(session, "generate", counting)
     return calls
 
 
@@ -48,7 +52,7 @@ def _argv(model_dir, data, out, *extra):
 
 
 def _records(out: Path) -> dict:
-    return {ge.record_key(r): r for r in ge.read_results(out / "results.jsonl")}
+    return {R.record_key(r): r for r in R.read_results(out / "results.jsonl")}
 
 
 def test_end_to_end_reports(tiny_model_dir, data_file, tmp_path, capsys):
@@ -61,7 +65,7 @@ def test_end_to_end_reports(tiny_model_dir, data_file, tmp_path, capsys):
     pictures = sorted(p.name for p in (out / "trajectories").glob("*.png"))
     assert len(pictures) == 3 and all(p.startswith("trajectory-") for p in pictures)
     assert not (out / "accuracy_vs_nfe.png").exists()
-    recs = ge.read_results(out / "results.jsonl")
+    recs = R.read_results(out / "results.jsonl")
     assert len(recs) == 9 and {r["source"] for r in recs} == {"llada_low_confidence", "tps_prob", "random"}
     r = recs[0]
     assert set(r) >= {"id", "source", "steps", "prompt", "gold", "completion", "extracted", "correct",
@@ -119,14 +123,14 @@ def test_steps_sweep_plots_accuracy_vs_nfe(tiny_model_dir, data_file, tmp_path):
 def test_rescore_loads_no_model(tiny_model_dir, data_file, tmp_path, monkeypatch):
     out = tmp_path / "run"
     script.main(_argv(tiny_model_dir, data_file, out, "--max_samples", "2"))
-    lines = ge.read_results(out / "results.jsonl")
+    lines = R.read_results(out / "results.jsonl")
     lines[0]["completion"] = "4 apples. #### 4"  # as if the model had been right
     (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
 
     def boom(*a, **k):
         raise AssertionError("--rescore must not load a model")
 
-    monkeypatch.setattr(script, "load_for_inference", boom)
+    monkeypatch.setattr(session, "load_model", boom)
     summary = script.main(["--rescore", str(out / "results.jsonl")])
     assert summary["format"] == "gsm8k" and summary["verdicts_changed"] == 1
     assert summary["groups"][0]["correct"] == 1 and (out / "rescored.jsonl").is_file()
@@ -150,13 +154,13 @@ def test_rescore_loads_no_model(tiny_model_dir, data_file, tmp_path, monkeypatch
     (["--mask_id", "126336"], "--mask_id 126336 disagrees"),
 ])
 def test_bad_input_fails_before_the_model_loads(tiny_model_dir, data_file, tmp_path, monkeypatch, extra, match):
-    monkeypatch.setattr(script, "load_for_inference", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr(session, "load_model", lambda *a, **k: pytest.fail("model loaded"))
     with pytest.raises((ValueError, FileNotFoundError, SystemExit), match=match):
         script.main(_argv(tiny_model_dir, data_file, tmp_path / "o", *extra))
 
 
 def test_dataset_without_fields_lists_them(tiny_model_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(script, "load_for_inference", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr(session, "load_model", lambda *a, **k: pytest.fail("model loaded"))
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "x", "target": "1"}) + "\n")
     with pytest.raises(ValueError, match=r"fields found: \['prompt', 'target'\]"):
@@ -209,17 +213,17 @@ def test_user_command_parses():
     assert (s.steps, s.gen_length, s.block_length, s.eos_gating, s.temperature) == (128, 128, 16, True, 0.0)
     assert (e.dataset, e.subset, e.split, e.format, e.max_samples, e.infer_bs) == \
         ("openai/gsm8k", "main", "test", "gsm8k", 50, 1)
-    assert script._default_sources(True, False) == ["llada_low_confidence", "ups", "tps_prob", "random"]
-    assert script._default_sources(False, False) == ["llada_low_confidence"]
+    assert ge._default_sources(True, False) == ["llada_low_confidence", "ups", "tps_prob", "random"]
+    assert ge._default_sources(False, False) == ["llada_low_confidence"]
 
 
 def test_hub_datasets_resolve_without_downloading():
-    gsm = ge.resolve_dataset("openai/gsm8k")
+    gsm = D.resolve_dataset("openai/gsm8k")
     assert (gsm.kind, gsm.fmt, gsm.subset, gsm.split) == ("hub", "gsm8k", "main", "test")
-    assert ge.fewshot_source(gsm, None).split == "train"
-    assert ge.resolve_dataset("HuggingFaceH4/MATH-500").fmt == "math"
+    assert D.fewshot_source(gsm, None).split == "train"
+    assert D.resolve_dataset("HuggingFaceH4/MATH-500").fmt == "math"
     with pytest.raises(ValueError, match="pass --format"):
-        ge.resolve_dataset("someone/riddles")
+        D.resolve_dataset("someone/riddles")
 
 
 def test_embedded_defaults_arith_task_and_ups(tmp_path, monkeypatch):
@@ -239,9 +243,8 @@ def test_embedded_defaults_arith_task_and_ups(tmp_path, monkeypatch):
     model = load_pretrained(emb, dtype=torch.float32, device="cpu")
     model.attach_head(UPSHead(model.config.d_model))
     save_ups(emb / "ups_head.pt", model)
-    monkeypatch.setattr(script, "EMBEDDED_MODEL", emb)
-    monkeypatch.setattr(ge, "EMBEDDED_UPS", emb / "ups_head.pt")
-    monkeypatch.setattr(ge, "ARITH_DATA_DIR", emb / "data")
+    monkeypatch.setattr(session, "EMBEDDED_MODEL", emb)
+    monkeypatch.setattr(D, "ARITH_DATA_DIR", emb / "data")
     out = tmp_path / "run"
     # --model_name stands for ModelArgs' default (the real embedded path); explicit --steps beats defaults.json
     summary = script.main(["--model_name", str(emb), "--output_dir", str(out), "--steps", "8"])
@@ -250,8 +253,8 @@ def test_embedded_defaults_arith_task_and_ups(tmp_path, monkeypatch):
     assert (cfg["dataset"], cfg["prompt_style"], cfg["gen_length"], cfg["block_length"]) == \
         (str(emb / "data" / "test.jsonl"), "arith", 8, 4)
     assert summary["steps"] == [8] and cfg["ups_head"] == str(emb / "ups_head.pt")
-    recs = ge.read_results(out / "results.jsonl")
-    assert len(recs) == 15 and recs[0]["prompt"] == ge.arith_prompt(rows[0]["question"])
+    recs = R.read_results(out / "results.jsonl")
+    assert len(recs) == 15 and recs[0]["prompt"] == arith.prompt(rows[0]["question"])
     assert recs[0]["meta"] == {"n_ops": 1}
 
 
@@ -266,7 +269,7 @@ def test_fewshot_math_and_trajectories(tiny_model_dir, tmp_path):
     summary = script.main(_argv(tiny_model_dir, d, out, "--fewshot", "1", "--sources", "tps_prob",
                                 "--trajectory_out", str(tmp_path / "traj")))
     assert summary["config"]["format"] == "math" and summary["config"]["fewshot_ids"] == ["train-00000"]
-    rec = ge.read_results(out / "results.jsonl")[0]
+    rec = R.read_results(out / "results.jsonl")[0]
     assert rec["prompt"] == ("Question: What is 2 + 2?\nAnswer: It is $\\boxed{4}$.\n\n"
                              "Question: What is 0 + 0?\nAnswer:")
     assert rec["gold"] == "0"

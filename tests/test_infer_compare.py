@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from remedi import infer_compare
+from remedi import infer_compare, session
+from remedi.evaluation import compare
 from remedi.model.checkpoint import load_pretrained, save_ups
 from remedi.model.config import get_config
 from remedi.model.llada import RemeDiLM, UPSHead, init_weights
@@ -37,7 +38,7 @@ def no_load(monkeypatch):
     """Make any weight load fail loudly: errors must come before it."""
     def boom(*a, **k):
         raise AssertionError("the model was loaded before the bad input was reported")
-    monkeypatch.setattr(infer_compare, "load_for_inference", boom)
+    monkeypatch.setattr(session, "load_model", boom)
 
 
 def test_end_to_end_with_ups(tiny_model_dir, ups_path, tmp_path, capsys):
@@ -79,7 +80,7 @@ def test_default_sources_and_prompts_file(tiny_model_dir, tmp_path):
                                       + json.dumps({"prompt": "Give a brief plan"}) + "\n")
     recs = infer_compare.main(["--model_name", str(tiny_model_dir), "--prompts_file", str(tmp_path / "p.txt"),
                                *SMALL, "--chat"])
-    assert [r["source"] for r in recs[:5]] == list(infer_compare.TRAINING_FREE_SOURCES)
+    assert [r["source"] for r in recs[:5]] == list(compare.TRAINING_FREE_SOURCES)
     assert len(recs) == 2 * 5 and recs[0]["chat"] is True
     recs = infer_compare.main(["--model_name", str(tiny_model_dir), "--prompts_file", str(tmp_path / "p.jsonl"),
                                "--prompt", "first", *SMALL, "--sources", "margin", "--no_chat"])
@@ -130,12 +131,14 @@ def test_bad_ups_and_missing_prompt(tiny_model_dir, no_load, tmp_path):
 
 
 def test_sampling_args_roundtrip():
-    s = SamplingArgs(steps=8, gen_length=16, block_length=8, temperature=0.5)
+    s = SamplingArgs(steps=8, gen_length=16, block_length=8, temperature=0.5).resolve(None)
     c = s.to_sampler_config("tps_prob", record_trajectory=True)
     assert (c.strategy, c.steps, c.temperature, c.record_trajectory) == ("tps_prob", 8, 0.5, True)
-    assert SamplingArgs().steps == c.__class__().steps  # one source for the defaults
+    assert SamplingArgs().resolve(None).steps == c.__class__().steps  # one source for the defaults
     with pytest.raises(ValueError, match="--block_length"):
-        SamplingArgs(gen_length=10, block_length=4)
+        SamplingArgs(gen_length=10, block_length=4).resolve(None)
+    with pytest.raises(RuntimeError, match="resolve"):
+        SamplingArgs().to_sampler_config("tps_prob")
 
 
 def test_trajectory_facts_and_files(tmp_path):

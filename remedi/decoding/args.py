@@ -1,7 +1,11 @@
 """The sampling flags shared by infer_compare.py and eval_gsm_math.py (one source for their defaults).
 
-Defaults are :class:`remedi.decoding.sampler.SamplerConfig`'s. The strategy is not a field: each script picks
-its own list of sources and calls :meth:`SamplingArgs.to_sampler_config` once per source.
+Library defaults are :class:`remedi.decoding.sampler.SamplerConfig`'s. Every field starts as ``None`` (not
+given on the command line); :meth:`SamplingArgs.resolve` fills the rest from the model folder's
+``defaults.json``, then from the library, and only then validates, so a value that is valid for the model
+(``--steps 45`` with the embedded model's gen 96 / block 32) is never refused against the library's
+gen 64. The strategy is not a field: each script picks its sources and calls
+:meth:`SamplingArgs.to_sampler_config` once per source.
 """
 from __future__ import annotations
 
@@ -11,10 +15,10 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Optional
 
-from remedi.arguments import arg
-from remedi.decoding.sampler import CACHE_MODES, STRATEGIES, SamplerConfig
+from remedi.arguments import fill_defaults, model_arg
+from remedi.decoding.sampler import STRATEGIES, SamplerConfig
 
 _D = SamplerConfig  # class attributes hold the dataclass defaults
 log = logging.getLogger(__name__)
@@ -25,71 +29,80 @@ MODEL_DEFAULTS_FILE = "defaults.json"
 
 @dataclass
 class SamplingArgs:
-    steps: int = arg(_D.steps, "denoising steps over the whole generation (divisible by the number of blocks)")
-    gen_length: int = arg(_D.gen_length, "tokens to generate")
-    block_length: int = arg(_D.block_length, "semi-autoregressive block length (divides --gen_length)")
-    temperature: float = arg(_D.temperature, "Gumbel-max temperature for the token candidates; 0 = argmax")
-    cfg_scale: float = arg(_D.cfg_scale, "classifier-free guidance scale (0 = off; > 0 doubles the forwards)")
-    logits_eos_inf: bool = arg(_D.logits_eos_inf, "never predict EOS (its logit is set to -inf)")
-    confidence_eos_eot_inf: bool = arg(_D.confidence_eos_eot_inf,
-                                       "EOS/EOT candidates get the lowest confidence (unmasked last)")
-    eos_gating: bool = arg(_D.eos_gating, "stop after a block that holds EOS (the rest is not computed)")
-    cache: str = arg(_D.cache, "KV cache: none (a full forward every step, exact) | prefix (the prompt's and "
-                     "finished blocks' keys/values are computed at a block's first step and reused; each step "
-                     "runs the block and the masked suffix) | dual (the suffix's are reused too; each step runs "
-                     "only the block). prefix/dual are approximate (Fast-dLLM)")
-    cache_refresh: int = arg(_D.cache_refresh, "with --cache prefix|dual: 0 = full forward only at a block's first "
-                             "step; n = also every n-th step (1 = every step: equals --cache none exactly)")
-    threshold: Optional[float] = arg(_D.threshold, "parallel threshold decoding: each step commits every masked "
-                                     "position of the block whose confidence (the source's score; exp(-entropy) "
-                                     "for entropy; a uniform draw for the random sources) is >= this, at least "
-                                     "one; blocks end when unmasked, --steps is not used, NFE reports the steps")
-    remask_threshold: Optional[float] = arg(_D.remask_threshold, "with --threshold, remask sources only: also "
-                                            "remask tokens of the block scored below this (at most one fewer than "
-                                            "the step commits, so every step progresses); unset = no remasking")
-    compile: bool = arg(_D.compile, "torch.compile the transformer blocks before sampling (GPU speed-up; the "
-                        "first call compiles)")
+    steps: Optional[int] = model_arg(_D.steps, "denoising steps over the whole generation (divisible by the "
+                                     "number of blocks)")
+    gen_length: Optional[int] = model_arg(_D.gen_length, "tokens to generate")
+    block_length: Optional[int] = model_arg(_D.block_length, "semi-autoregressive block length (divides "
+                                            "--gen_length)")
+    temperature: Optional[float] = model_arg(_D.temperature, "Gumbel-max temperature for the token candidates; "
+                                             "0 = argmax")
+    cfg_scale: Optional[float] = model_arg(_D.cfg_scale, "classifier-free guidance scale (0 = off; > 0 doubles "
+                                           "the forwards)")
+    logits_eos_inf: Optional[bool] = model_arg(_D.logits_eos_inf, "never predict EOS (its logit is set to -inf)",
+                                               nargs="?", const=True)
+    confidence_eos_eot_inf: Optional[bool] = model_arg(_D.confidence_eos_eot_inf, "EOS/EOT candidates get the "
+                                                       "lowest confidence (unmasked last)", nargs="?", const=True)
+    eos_gating: Optional[bool] = model_arg(_D.eos_gating, "stop after a block that holds EOS (the rest is not "
+                                           "computed)", nargs="?", const=True)
+    cache: Optional[str] = model_arg(_D.cache, "KV cache: none (a full forward every step, exact) | prefix (the "
+                                     "prompt's and finished blocks' keys/values are computed at a block's first "
+                                     "step and reused; each step runs the block and the masked suffix) | dual "
+                                     "(the suffix's are reused too; each step runs only the block). prefix/dual "
+                                     "are approximate (Fast-dLLM)")
+    cache_refresh: Optional[int] = model_arg(_D.cache_refresh, "with --cache prefix|dual: 0 = full forward only at "
+                                             "a block's first step; n = also every n-th step (1 = every step: "
+                                             "equals --cache none exactly)")
+    threshold: Optional[float] = model_arg(_D.threshold, "parallel threshold decoding: each step commits every "
+                                           "masked position of the block whose confidence (the source's score; "
+                                           "exp(-entropy) for entropy; a uniform draw for the random sources) is "
+                                           ">= this, at least one; blocks end when unmasked, --steps is not used, "
+                                           "NFE reports the steps")
+    remask_threshold: Optional[float] = model_arg(_D.remask_threshold, "with --threshold, remask sources only: "
+                                                  "also remask tokens of the block scored below this (at most one "
+                                                  "fewer than the step commits, so every step progresses); unset = "
+                                                  "no remasking")
+    compile: Optional[bool] = model_arg(_D.compile, "torch.compile the transformer blocks before sampling (GPU "
+                                        "speed-up; the first call compiles)", nargs="?", const=True)
 
     def __post_init__(self) -> None:
-        self.to_sampler_config(STRATEGIES[0]).validate()  # lengths, steps, temperature: fail at parse time
+        self.origin: dict[str, str] = {}
+
+    @staticmethod
+    def library_defaults() -> dict:
+        return {f.name: getattr(SamplerConfig, f.name) for f in dataclasses.fields(SamplingArgs)}
+
+    @property
+    def resolved(self) -> bool:
+        return all(getattr(self, k) is not None or v is None for k, v in self.library_defaults().items())
+
+    def resolve(self, model_dir: str | os.PathLike | None) -> "SamplingArgs":
+        """Fill unset fields from ``model_dir/defaults.json`` then the library, and validate (in place)."""
+        path = Path(model_dir) / MODEL_DEFAULTS_FILE if model_dir is not None else None
+        self.origin = fill_defaults(self, model_sampling_defaults(model_dir) if path else {}, path or "",
+                                    self.library_defaults())
+        self.to_sampler_config(STRATEGIES[0]).validate()  # lengths, steps, temperature
+        return self
 
     def to_sampler_config(self, strategy: str, **overrides) -> SamplerConfig:
+        if not self.resolved:
+            raise RuntimeError("SamplingArgs.resolve(model_dir) must run before the sampler config is built")
         return SamplerConfig(strategy=strategy, **{**dataclasses.asdict(self), **overrides})
 
 
 # ------------------------------------------------------------------------------- model-shipped defaults
-def model_sampling_defaults(model_dir: str | os.PathLike, field_names: Iterable[str]) -> dict:
+def model_sampling_defaults(model_dir: str | os.PathLike) -> dict:
     """Sampling defaults shipped with a model (``defaults.json`` in its folder), restricted to known keys."""
     path = Path(model_dir) / MODEL_DEFAULTS_FILE
     if not path.is_file():
         return {}
-    raw = json.loads(path.read_text())
-    names = set(field_names)
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); fix or delete it") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} must hold a JSON object of sampling flags, e.g. {{\"steps\": 48}}")
+    names = {f.name for f in dataclasses.fields(SamplingArgs)}
     unknown = sorted(set(raw) - names)
     if unknown:
         log.warning("%s: ignoring keys that are not sampling flags: %s", path, unknown)
     return {k: v for k, v in raw.items() if k in names}
-
-
-def apply_model_defaults(sampling, model_dir, explicit: Iterable[str]) -> dict:
-    """Overwrite the fields of ``sampling`` not given on the command line with the model's defaults."""
-    names = [f.name for f in dataclasses.fields(sampling)]
-    given = set(explicit)
-    applied = {k: v for k, v in model_sampling_defaults(model_dir, names).items() if k not in given}
-    for k, v in applied.items():
-        setattr(sampling, k, v)
-    if applied:
-        log.info("sampling defaults from %s: %s", Path(model_dir) / MODEL_DEFAULTS_FILE, applied)
-    return applied
-
-
-def explicit_flags(argv: Sequence[str], names: Iterable[str]) -> set[str]:
-    """Which of ``names`` appear on the command line (``--x``, ``--x=v``, ``--no_x``, or an argparse
-    abbreviation such as ``--gen_len``)."""
-    given = set()
-    for a in argv:
-        if a.startswith("--") and len(a) > 2:
-            flag = a[2:].split("=", 1)[0]
-            for f in {flag, flag[3:] if flag.startswith("no_") else flag}:
-                given |= {n for n in names if n == f or (f and n.startswith(f))}
-    return given

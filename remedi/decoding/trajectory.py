@@ -69,8 +69,18 @@ def _panels(traj: list[dict], n_pos: int) -> list[tuple[int, int, int, int]]:
     return out
 
 
-def draw_trajectory(gen, tokenizer, out_png, out_html=None, title: str = "") -> dict:
-    """Write the PNG (and optionally the HTML page) for one ``Generation``; returns :func:`analyse`'s facts."""
+def _shorten(text: str, n: int = 110) -> str:
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= n else flat[: n - 1] + "\u2026"
+
+
+def draw_trajectory(gen, tokenizer, out_png, out_html=None, title: str = "", prompt: Optional[str] = None,
+                    gold: Optional[str] = None, correct: Optional[bool] = None) -> dict:
+    """Write the PNG (and optionally the HTML page) for one ``Generation``; returns :func:`analyse`'s facts.
+
+    ``prompt``, ``gold`` and ``correct`` (when known) are printed in the title, so the picture says what
+    was asked, what the right answer is and whether this decoding got it.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -118,7 +128,13 @@ def draw_trajectory(gen, tokenizer, out_png, out_html=None, title: str = "") -> 
             if n > s0:
                 ax.axhline(n - 0.5, color="white", linewidth=0.8)
     info = f"NFE {gen.nfe}, remasks {gen.remasks}, {len(gen.tokens)} tokens kept"
-    fig.suptitle(f"{title}\n{info}" if title else info, fontsize=10)
+    lines = [title] if title else []
+    if prompt:
+        lines.append(f"prompt: {_shorten(prompt)}")
+    if gold is not None or correct is not None:
+        verdict = "" if correct is None else ("answer correct" if correct else "answer wrong")
+        lines.append(", ".join(x for x in (f"gold answer {gold}" if gold is not None else "", verdict) if x))
+    fig.suptitle("\n".join(lines + [info]), fontsize=10)
     fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=axes[:, 0].tolist(), aspect=40,
                  pad=0.01, label="step at which the final token was unmasked")
     handles = [Patch(color=MASKED_RGB, label="masked"), Patch(color=DISCARDED_RGB, label="token later remasked"),

@@ -1,483 +1,305 @@
-"""GSM8K / MATH-500 / arithmetic evaluation as a library: data, prompts, per-item seeds, records, reports.
+"""An eval run: plan (every cheap check), decode item by item into results.jsonl, summarise.
 
-The script ``eval_gsm_math.py`` parses flags and drives the loop; everything it needs to be testable
-without a model lives here:
-
-* datasets: ``openai/gsm8k`` (subset ``main``), ``HuggingFaceH4/MATH-500``, a local ``.jsonl``/``.json``
-  (or a folder holding ``<split>.jsonl``), and ``arith``, the synthetic task of the embedded model;
-* prompts: zero-shot chat (Instruct), few-shot "Question:/Answer:" text (Base), ``arith_prompt``;
-* a per-item seed derived from (seed, item id), so results do not depend on batch size or GPU count;
-* the per-item JSONL (appended line by line with fsync, a torn last line is cut off on resume);
-* the summary: accuracy with a 95% Wilson interval, coverage, NFE, remasks per block, tokens/s, and
-  paired tests (exact McNemar + paired bootstrap) between sources on the same items.
-
-``datasets`` is imported only for hub datasets (the GPU image does not ship it).
+:func:`plan_run` opens the inference session (model folder, defaults.json, UPS metadata, tokenizer) and
+reads the dataset and builds every prompt before a weight is read, so a bad flag fails in a second.
+:func:`run` splits the items over the processes accelerate started (each item's random stream depends
+only on (seed, item id), so the results do not depend on the number of GPUs), appends finished records
+line by line on rank 0 and writes the reports. :func:`rescore` re-checks stored completions, no model.
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
-import random
 import time
-from dataclasses import dataclass, field
-from itertools import combinations
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Optional
 
-import torch
+from remedi.arguments import ModelArgs, arg, setup_logging
+from remedi.decoding.args import SamplingArgs
+from remedi.decoding.sampler import STRATEGIES
+from remedi.evaluation import data as D
+from remedi.evaluation import results as R
+from remedi.evaluation.report import render_markdown, summarize
+from remedi.files import check_writable
+from remedi.model.checkpoint import atomic_path, versions, write_json_atomic
+from remedi.session import Session, fixed_settings, open_session, parse_sources
+from remedi.tasks.answer_check import FORMATS
 
-from remedi.evaluation.answer_check import FORMATS, check, extract_boxed, gold_gsm8k
-from remedi.model.loading import EMBEDDED_MODEL, encode_prompt
-from remedi.training.data import hub_records, read_records
-from remedi.decoding.args import (MODEL_DEFAULTS_FILE, apply_model_defaults, explicit_flags,  # noqa: F401
-                            model_sampling_defaults)
-from remedi.evaluation.stats import mcnemar_exact, paired_bootstrap, wilson_interval
-
-log = logging.getLogger(__name__)
-
-ARITH = "arith"
-ARITH_DATA_DIR = EMBEDDED_MODEL / "data"
-EMBEDDED_UPS = EMBEDDED_MODEL / "ups_head.pt"
-HUB_SUBSETS = {"openai/gsm8k": "main"}
-
-INSTRUCTIONS = {
-    "gsm8k": "Solve the problem step by step. At the end, write the final answer as a number after '####', "
-             "for example '#### 42'.",
-    "math": "Please reason step by step, and put your final answer within \\boxed{}.",
-}
+log = logging.getLogger("eval_gsm_math")
 
 
-# --------------------------------------------------------------------------------------------------
-# Datasets
-# --------------------------------------------------------------------------------------------------
+@dataclass
+class EvalArgs:
+    ups_head: Optional[str] = arg(None, "UPS checkpoint (.pt/.safetensors); default for the embedded model: its "
+                                  "ups_head.pt if present")
+    lora_path: Optional[str] = arg(None, "peft LoRA folder merged into the backbone before sampling")
+    dataset: Optional[str] = arg(None, "openai/gsm8k, HuggingFaceH4/MATH-500, a local .jsonl/.json (or a folder "
+                                 "with <split>.jsonl), or 'arith'; default: the embedded model's arithmetic test split")
+    subset: Optional[str] = arg(None, "hub dataset config (openai/gsm8k: main)")
+    split: str = arg("test", "dataset split")
+    format: Optional[str] = arg(None, f"answer format: {' | '.join(FORMATS)}; default guessed from the dataset")
+    sources: Optional[str] = arg(None, "comma list of strategies (" + ", ".join(STRATEGIES) + "); default "
+                                 "llada_low_confidence, plus ups,tps_prob,random when a UPS is given")
+    steps_list: Optional[str] = arg(None, "comma list of step counts to sweep (accuracy vs NFE); default: --steps")
+    fewshot: int = arg(0, "few-shot exemplars from the train split (Base models)")
+    fewshot_file: Optional[str] = arg(None, "where few-shot exemplars come from (default: the dataset's train split)")
+    chat: bool = arg(False, "use the chat template (without --chat/--no_chat: on for *Instruct* models only)")
+    no_chat: bool = arg(False, "plain-text prompts even for an Instruct model")
+    max_samples: int = arg(300, "items to evaluate (-1: the whole split)")
+    start: int = arg(0, "index of the first item")
+    shuffle: bool = arg(False, "shuffle the split with --seed before --start/--max_samples")
+    infer_bs: int = arg(32, "prompts per generate call (float32 results do not depend on it; in bf16 batched "
+                        "kernels round differently, so keep it fixed when comparing runs)")
+    output_dir: Optional[str] = arg(None, "default runs/eval-<dataset>-<timestamp>; rerun with the same folder "
+                                    "to resume")
+    rescore: Optional[str] = arg(None, "re-check the completions of an earlier results.jsonl; loads no model")
+    trajectory_out: Optional[str] = arg("auto", "folder for a trajectory picture (PNG + HTML) of the first item "
+                                        "per source; auto: <output_dir>/trajectories, none: no pictures")
+    n_boot: int = arg(2000, "paired bootstrap resamples")
+
+    def __post_init__(self):
+        if self.chat and self.no_chat:
+            raise ValueError("--chat and --no_chat contradict each other; pass one")
+        if self.format is not None and self.format not in FORMATS:
+            raise ValueError(f"--format {self.format!r}: choose one of {', '.join(FORMATS)}")
+        if self.infer_bs < 1:
+            raise ValueError(f"--infer_bs must be >= 1, got {self.infer_bs}")
+        if self.fewshot < 0:
+            raise ValueError(f"--fewshot must be >= 0, got {self.fewshot}")
+        if self.max_samples == 0 or self.max_samples < -1:
+            raise ValueError(f"--max_samples must be a positive count or -1 (all), got {self.max_samples}")
 
 
-@dataclass(frozen=True)
-class Item:
-    """One eval problem. ``gold`` is the final answer only; ``solution`` the worked answer (few-shot)."""
-
-    id: str
-    question: str
-    gold: str
-    solution: Optional[str] = None
-    extra: dict = field(default_factory=dict, compare=False)
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    kind: str  # "hub" | "file" | "arith"
-    name: str  # hub id, or the file path
-    fmt: str
-    subset: Optional[str] = None
-    split: str = "test"
+@dataclass
+class Plan:
+    session: Session
+    spec: D.DatasetSpec
+    items: list
+    prompts: dict  # item id -> (prompt ids, prompt text)
+    sources: list[str]
+    steps: list[int]
+    fixed: dict  # settings every line of results.jsonl shares (checked on resume)
+    note: str = ""
 
 
-def _infer_format(name: str) -> Optional[str]:
-    low = name.lower()
-    if "gsm" in low or ARITH in low:
-        return "gsm8k"
-    if "math" in low:
-        return "math"
-    return None
+def _csv(s: Optional[str]) -> list[str]:
+    return [x.strip() for x in (s or "").split(",") if x.strip()]
 
 
-def _local_file(path: Path, split: str) -> Optional[Path]:
-    if path.is_file():
-        return path
-    if path.is_dir():
-        for ext in (".jsonl", ".json"):
-            if (path / f"{split}{ext}").is_file():
-                return path / f"{split}{ext}"
-        raise FileNotFoundError(f"--dataset {path} is a folder without {split}.jsonl or {split}.json "
-                                f"(--split {split}); found {sorted(p.name for p in path.iterdir())[:10]}")
-    return None
+def _default_sources(has_ups: bool, embedded: bool) -> list[str]:
+    if has_ups and embedded:
+        return ["llada_low_confidence", "tps_prob", "margin", "random", "ups"]
+    return ["llada_low_confidence"] + (["ups", "tps_prob", "random"] if has_ups else [])
 
 
-def _first_row(path: Path) -> dict:
-    """The first record of a .jsonl (one line read); {} for .json files or unreadable lines."""
-    if path.suffix == ".json":
-        return {}
-    with open(path, encoding="utf-8") as f:
-        first = f.readline()
+def plan_run(m: ModelArgs, s: SamplingArgs, e: EvalArgs) -> Plan:
+    """Every cheap check (paths, UPS fit, dataset fields, sources, lengths) before a weight is read."""
+    if e.output_dir:
+        check_writable(e.output_dir, "--output_dir", is_dir=True)
+    chat = True if e.chat else (False if e.no_chat else None)
+    session = open_session(m.model_name, s, ups_head=e.ups_head, lora_path=e.lora_path, chat=chat, seed=m.seed,
+                           mask_id=m.mask_id)
+    sources = parse_sources(e.sources, session.has_ups, _default_sources(session.has_ups, session.embedded))
     try:
-        row = json.loads(first)
-    except json.JSONDecodeError:
-        return {}
-    return row if isinstance(row, dict) else {}
+        steps = [int(x) for x in _csv(e.steps_list)] or [s.steps]
+    except ValueError:
+        raise ValueError(f"--steps_list must be comma-separated integers, got {e.steps_list!r}") from None
+    spec = D.resolve_dataset(e.dataset, e.subset, e.split, e.format)
+    items, note = D.select_items(D.load_items(spec), e.start, e.max_samples, e.shuffle, m.seed)
+    if note:
+        log.warning(note)
+    exemplars = []
+    if e.fewshot:
+        exemplars = D.fewshot_exemplars(D.load_items(D.fewshot_source(spec, e.fewshot_file)), e.fewshot,
+                                        exclude_ids=[it.id for it in items] if not e.fewshot_file else ())
+    style = D.prompt_style(spec, session.chat)
+    prompts = {it.id: D.encode(session.tokenizer, D.build_prompt(it.question, spec.fmt, style, exemplars), style)
+               for it in items}
+    session.check_prompts(sources, [len(p[0]) for p in prompts.values()], steps)
+    fixed = {**fixed_settings(session), "dtype": m.dtype, "dataset": spec.name, "subset": spec.subset,
+             "split": spec.split, "format": spec.fmt, "prompt_style": style, "fewshot": e.fewshot,
+             "fewshot_ids": [x.id for x in exemplars]}
+    return Plan(session, spec, items, prompts, sources, steps, fixed, note)
 
 
-def _format_from_fields(row: dict) -> Optional[str]:
-    if "problem" in row:
-        return "math"
-    if "question" in row and "answer" in row:
-        return "gsm8k"
-    return None
+def _default_output_dir(spec: D.DatasetSpec) -> Path:
+    name = D.ARITH if spec.kind == D.ARITH else (spec.name.replace("/", "_") if spec.kind == "hub"
+                                                 else Path(spec.name).stem)
+    return Path("runs") / f"eval-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def resolve_dataset(dataset: Optional[str], subset: Optional[str] = None, split: str = "test",
-                    fmt: Optional[str] = None) -> DatasetSpec:
-    """Decide where items come from and which answer format applies (cheap: reads at most one line)."""
-    if fmt is not None and fmt not in FORMATS:
-        raise ValueError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
-    if dataset in (None, "", ARITH):
-        path = ARITH_DATA_DIR / f"{split}.jsonl"
-        if not path.is_file():
-            raise FileNotFoundError(f"the arithmetic task's {split} split {path} does not exist (the embedded model "
-                                    "is not built yet?); pass --dataset openai/gsm8k or a local .jsonl")
-        return DatasetSpec(ARITH, str(path), fmt or "gsm8k", None, split)
-    local = _local_file(Path(dataset).expanduser(), split)
-    if local is not None:
-        row = _first_row(local)
-        arith = local.resolve().parent == ARITH_DATA_DIR.resolve() or str(row.get("id", "")).startswith("arith-")
-        kind = ARITH if arith else "file"
-        guessed = fmt or _format_from_fields(row) or _infer_format(str(local))
-        if guessed is None:
-            raise ValueError(f"cannot tell the answer format of {local}: pass --format gsm8k or --format math")
-        return DatasetSpec(kind, str(local), guessed, None, split)
-    if dataset.count("/") != 1 or dataset.startswith((".", "/")) or dataset.endswith((".json", ".jsonl")):
-        raise FileNotFoundError(f"--dataset {dataset!r} is neither an existing file/folder nor a hub id "
-                                "like openai/gsm8k or HuggingFaceH4/MATH-500")
-    guessed = fmt or _infer_format(dataset)
-    if guessed is None:
-        raise ValueError(f"cannot tell the answer format of {dataset}: pass --format gsm8k or --format math")
-    return DatasetSpec("hub", dataset, guessed, subset or HUB_SUBSETS.get(dataset), split)
+def _open_output(out: Path, fixed: dict) -> set:
+    """Create or resume ``out``: checks config.json, repairs a torn last line; returns finished keys."""
+    cfg_path = out / "config.json"
+    if cfg_path.is_file():
+        try:
+            old = json.loads(cfg_path.read_text())["fixed"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ValueError(f"--output_dir {out} holds a config.json that is not an eval run's (a training run's "
+                             "folder?); choose a new --output_dir") from None
+        R.check_resume(old, fixed)
+    elif out.is_dir() and any(out.iterdir()):
+        raise ValueError(f"--output_dir {out} is not empty and holds no eval run (a training run's folder?); "
+                         "choose a new or empty --output_dir")
+    out.mkdir(parents=True, exist_ok=True)
+    return {R.record_key(r) for r in R.read_results(out / "results.jsonl", repair=True)}
 
 
-def read_rows(path: str | os.PathLike) -> list[dict]:
-    """Rows of a local .jsonl / .json / .parquet file (the training data reader, one implementation)."""
-    return read_records(Path(path))
+def write_reports(out: Path, records: list, title: str, n_boot: int, seed: int, extra: dict) -> dict:
+    from remedi.evaluation.plots import has_steps_sweep, plot_accuracy, plot_accuracy_vs_nfe
+
+    summary = summarize(records, n_boot=n_boot, seed=seed)
+    files = {"results": str(extra.pop("results")), "summary.json": str(out / "summary.json"),
+             "summary.md": str(out / "summary.md"),
+             "accuracy.png": str(plot_accuracy(summary, out / "accuracy.png", title))}
+    if has_steps_sweep(summary):
+        files["accuracy_vs_nfe.png"] = str(plot_accuracy_vs_nfe(summary, out / "accuracy_vs_nfe.png", title))
+    summary = {**summary, **extra, "files": files}
+    write_json_atomic(out / "summary.json", summary)
+    md = render_markdown(summary, title)
+    with atomic_path(out / "summary.md") as tmp:
+        tmp.write_text(md)
+    print(md + "\n" + "\n".join(f"{k}: {v}" for k, v in files.items()))
+    return summary
 
 
-def rows_to_items(rows: Sequence[dict], fmt: str, split: str, source: str) -> list[Item]:
-    """Map raw rows to Items for ``fmt``; raises naming the fields found when the needed ones are absent."""
-    if not rows:
-        raise ValueError(f"{source} has no rows")
-    found = sorted(rows[0].keys())
-    qkey = next((k for k in (("question", "problem") if fmt == "gsm8k" else ("problem", "question"))
-                 if k in rows[0]), None)
-    akey = "answer" if "answer" in rows[0] else ("solution" if fmt == "math" and "solution" in rows[0] else None)
-    if qkey is None or akey is None:
-        need = "question + answer" if fmt == "gsm8k" else "problem + answer (or solution)"
-        raise ValueError(f"{source} lacks the fields --format {fmt} needs ({need}); fields found: {found}")
-    items, seen = [], set()
-    for i, r in enumerate(rows):
-        iid = str(r.get("id", r.get("unique_id", f"{split}-{i:05d}")))
-        if iid in seen:
-            raise ValueError(f"{source}: duplicate item id {iid!r} (row {i}); ids must be unique")
-        seen.add(iid)
-        if fmt == "gsm8k":
-            gold, solution = gold_gsm8k(str(r[akey])), str(r[akey])
-        else:
-            solution = r.get("solution")
-            gold = str(r["answer"]) if "answer" in r else (extract_boxed(str(solution)) or str(solution))
-        extra = {k: v for k, v in r.items() if k in ("n_ops", "level", "subject", "type")}
-        items.append(Item(iid, str(r[qkey]), gold, solution, extra))
-    return items
-
-
-def load_items(spec: DatasetSpec) -> list[Item]:
+def dataset_title(spec: D.DatasetSpec) -> str:
+    """A reader's name for the data (never a machine path)."""
+    if spec.kind == D.ARITH:
+        return f"arithmetic task ({spec.split} split)"
     if spec.kind == "hub":
-        rows, src = hub_records(spec.name, spec.subset, spec.split), f"{spec.name} ({spec.subset}, {spec.split})"
-    else:
-        rows, src = read_rows(spec.name), spec.name
-    return rows_to_items(rows, spec.fmt, spec.split, src)
+        return f"{spec.name} ({spec.split})"
+    return f"{Path(spec.name).name} ({spec.fmt} format)"
 
 
-def fewshot_source(spec: DatasetSpec, fewshot_file: Optional[str]) -> DatasetSpec:
-    """Where few-shot exemplars come from: --fewshot_file, else the train split of the same dataset."""
-    if fewshot_file:
-        return resolve_dataset(fewshot_file, split="train", fmt=spec.fmt)
-    if spec.kind == "hub":
-        return DatasetSpec("hub", spec.name, spec.fmt, spec.subset, "train")
-    sibling = Path(spec.name).with_name("train.jsonl")
-    if sibling.is_file() and sibling.resolve() != Path(spec.name).resolve():
-        return DatasetSpec(spec.kind, str(sibling), spec.fmt, None, "train")
-    raise ValueError(f"--fewshot needs exemplars: {spec.name} has no train.jsonl beside it; pass --fewshot_file")
+def rescore(e: EvalArgs, seed: int) -> dict:
+    path = Path(e.rescore)
+    if not path.is_file():
+        raise FileNotFoundError(f"--rescore {path} does not exist; give the results.jsonl of an earlier eval run")
+    old = R.read_results(path)
+    if not old:
+        raise ValueError(f"--rescore {path}: no records found")
+    cfg_path = path.parent / "config.json"
+    fmt = e.format or (json.loads(cfg_path.read_text())["fixed"]["format"] if cfg_path.is_file() else None)
+    if fmt is None:
+        raise ValueError(f"--rescore: no config.json beside {path} to read the answer format from; pass --format")
+    records = R.rescore_records(old, fmt)
+    out = Path(e.output_dir) if e.output_dir else path.parent
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "rescored.jsonl") as tmp:
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    changed = sum(a.get("correct") != b["correct"] for a, b in zip(old, records))
+    log.info("rescored %d records from %s (%d verdicts changed)", len(records), path, changed)
+    return write_reports(out, records, f"rescored results ({fmt} format)", e.n_boot, seed,
+                         {"results": out / "rescored.jsonl", "rescored_from": str(path), "format": fmt,
+                          "verdicts_changed": changed})
 
 
-def fewshot_exemplars(items: Sequence[Item], n: int, exclude_ids: Iterable[str] = ()) -> list[Item]:
-    """The first ``n`` items with a worked solution (fixed for every question, as in lm-eval)."""
-    skip = set(exclude_ids)
-    out = [it for it in items if it.solution and it.id not in skip][:n]
-    if len(out) < n:
-        raise ValueError(f"--fewshot {n}: only {len(out)} exemplars with a worked solution are available")
-    return out
-
-
-def select_items(items: Sequence[Item], start: int = 0, max_samples: Optional[int] = None,
-                 shuffle: bool = False, seed: int = 0) -> tuple[list[Item], str]:
-    """Deterministic selection: (optionally seed-shuffled) split order, then ``[start, start+max_samples)``.
-
-    Returns the items and a note (empty unless ``max_samples`` overshoots the split).
-    """
-    if start < 0:
-        raise ValueError(f"--start {start} must be >= 0")
-    order = list(items)
-    if shuffle:
-        random.Random(f"eval-order:{seed}").shuffle(order)
-    if start >= len(order):
-        raise ValueError(f"--start {start} is past the end of the split ({len(order)} items)")
-    end = len(order) if max_samples is None or max_samples < 0 else start + max_samples
-    note = ""
-    if end > len(order):
-        note = (f"--max_samples {max_samples} from --start {start} exceeds the split ({len(order)} items); "
-                f"running the {len(order) - start} that exist")
-        end = len(order)
-    return order[start:end], note
-
-
-# --------------------------------------------------------------------------------------------------
-# Prompts
-# --------------------------------------------------------------------------------------------------
-
-
-def arith_prompt(question: str) -> str:
-    """The prompt the embedded arithmetic model is trained on: the bare question.
-
-    Training (remedi.training.data, plain format) encodes the question and the answer separately and
-    concatenates the ids, so the answer's first token follows the question's last one directly.
-    """
-    return question
-
-
-def prompt_style(spec: DatasetSpec, chat: bool) -> str:
-    """plain | chat for real datasets; arith | arith_chat (the bare question as the user message) for arith."""
-    if spec.kind == ARITH:
-        return "arith_chat" if chat else ARITH
-    return "chat" if chat else "plain"
-
-
-def build_prompt(question: str, fmt: str, style: str, exemplars: Sequence[Item] = ()) -> str:
-    """The text given to the tokenizer (for chat: the user message, before the chat template)."""
-    shots = "".join(f"Question: {ex.question}\nAnswer: {ex.solution}\n\n" for ex in exemplars)
-    if style == ARITH:
-        return "".join(arith_prompt(ex.question) + f"{ex.solution}\n\n" for ex in exemplars) + arith_prompt(question)
-    if style == "arith_chat":
-        return "".join(arith_prompt(ex.question) + f"{ex.solution}\n\n" for ex in exemplars) + question
-    if style == "chat":
-        return f"{shots}{question}\n{INSTRUCTIONS[fmt]}"
-    if style == "plain":
-        return f"{shots}Question: {question}\nAnswer:"
-    raise ValueError(f"unknown prompt style {style!r}")
-
-
-def encode(tokenizer, text: str, style: str) -> tuple[list[int], str]:
-    """Token ids and the exact text the model sees (chat template applied when style is chat)."""
-    chat = style.endswith("chat")
-    ids = encode_prompt(tokenizer, text, chat=chat)
-    shown = text
-    if chat:
-        shown = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                              tokenize=False)
-    return ids, shown
-
-
-# --------------------------------------------------------------------------------------------------
-# Seeds and generation
-# --------------------------------------------------------------------------------------------------
-
-
-def item_seed(seed: int, item_id: str) -> int:
-    """A 63-bit seed from (run seed, item id): stable across processes, batch sizes and GPU counts."""
-    digest = hashlib.sha256(f"{int(seed)}\x00{item_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def item_generator(seed: int, item_id: str, device: torch.device | str = "cpu") -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(item_seed(seed, item_id))
-
-
-def sampler_config(sampling, strategy: str, steps: int):
-    """The sampler's config for one (strategy, steps) from the shared SamplingArgs."""
-    cfg = sampling.to_sampler_config(strategy)
-    return dataclasses.replace(cfg, steps=int(steps))
-
-
-def _generate(model, prompts, cfg, ids, generators):
-    from remedi.decoding.sampler import generate  # lazy: tests swap this function for a fake
-
-    return generate(model, prompts, cfg, ids, generators=generators)
-
-
-def run_batch(model, tokenizer, ids, items: Sequence[Item], prompt_ids: Sequence[list[int]],
-              prompt_texts: Sequence[str], source: str, steps: int, sampling, fmt: str, seed: int,
-              device) -> list[dict]:
-    """Generate for one batch of items with one source and step count; returns finished records."""
-    cfg = sampler_config(sampling, source, steps)
-    gens = [item_generator(seed, it.id, device) for it in items]
+def run_batch(session: Session, plan: Plan, batch: list, source: str, steps: int) -> list[dict]:
+    """Generate one batch of items with one source and step count; returns finished records."""
     t0 = time.perf_counter()
-    with torch.no_grad():
-        outs = _generate(model, [list(p) for p in prompt_ids], cfg, ids, gens)
+    outs = session.generate([plan.prompts[it.id][0] for it in batch], source, [it.id for it in batch], steps)
     wall = time.perf_counter() - t0
     records = []
-    for it, text, out in zip(items, prompt_texts, outs):
-        completion = tokenizer.decode(out.tokens, skip_special_tokens=True)
-        records.append(make_record(it, source, steps, text, completion, fmt, nfe=out.nfe, remasks=out.remasks,
-                                   remasks_per_block=list(out.remasks_per_block), seconds=wall / len(items),
-                                   gen_tokens=len(out.tokens)))
+    for it, out in zip(batch, outs):
+        completion = session.tokenizer.decode(out.tokens, skip_special_tokens=True)
+        records.append(R.make_record(it, source, steps, plan.prompts[it.id][1], completion, plan.spec.fmt,
+                                     nfe=out.nfe, remasks=out.remasks, remasks_per_block=list(out.remasks_per_block),
+                                     seconds=wall / len(batch), gen_tokens=len(out.tokens)))
     return records
 
 
-def make_record(item: Item, source: str, steps: Optional[int], prompt: str, completion: str, fmt: str,
-                **stats: Any) -> dict:
-    v = check(completion, item.gold, fmt)
-    return {"id": item.id, "source": source, "steps": steps, "prompt": prompt, "gold": item.gold,
-            "completion": completion, "extracted": v.extracted, "correct": bool(v.correct),
-            "string_match": v.string_match, "note": v.note, **stats, **({"meta": item.extra} if item.extra else {})}
+def run(m: ModelArgs, s: SamplingArgs, e: EvalArgs, argv: list[str]) -> dict:
+    """The whole eval (see the module docstring); returns the summary on rank 0, {} elsewhere."""
+    if e.rescore:
+        setup_logging(True)
+        return rescore(e, m.seed)
+
+    import torch
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    # No GPU (or --device cpu): processes started by torchrun talk over gloo on the CPU.
+    cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or not torch.cuda.is_available() \
+        or str(m.device or "").startswith("cpu")
+    state = PartialState(cpu=cpu)
+    setup_logging(state.is_main_process)
+    with state.main_process_first():  # rank 0 fills the hub caches (model, dataset) before the others read them
+        plan = plan_run(m, s, e)
+    # Rank 0 opens (or resumes) the output folder; everyone learns the folder and the finished keys.
+    msg = [None, None, None]
+    if state.is_main_process:
+        out = Path(e.output_dir) if e.output_dir else _default_output_dir(plan.spec)
+        try:
+            msg = [str(out), sorted(_open_output(out, plan.fixed), key=str), None]
+            write_json_atomic(out / "config.json", {"fixed": plan.fixed, "last_run": {
+                "argv": argv, "sources": plan.sources, "steps": plan.steps, "n_items": len(plan.items),
+                "start": e.start, "max_samples": e.max_samples, "world_size": state.num_processes,
+                "sampling_origin": plan.session.sampling.origin, "versions": versions()}})
+        except ValueError as err:
+            msg = [None, None, str(err)]
+    if state.num_processes > 1:
+        broadcast_object_list(msg)
+    if msg[2]:
+        raise ValueError(msg[2])
+    out, done = Path(msg[0]), {tuple(k) for k in msg[1]}
+
+    todo = {(st, src): [it for it in plan.items if (it.id, src, st) not in done]
+            for st in plan.steps for src in plan.sources}
+    total = sum(len(v) for v in todo.values())
+    log.info("%d items x %d sources x %d step counts: %d to run, %d already in %s", len(plan.items),
+             len(plan.sources), len(plan.steps), total, len(plan.items) * len(plan.sources) * len(plan.steps) - total,
+             out / "results.jsonl")
+    session = plan.session
+    if total:
+        device = state.device if state.num_processes > 1 or not m.device else torch.device(m.device)
+        session.load("cpu" if device.type == "cpu" else str(device), m.dtype)  # safetensors rejects "cpu:0"
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc="eval", disable=not state.is_main_process, dynamic_ncols=True)
+        world, rank, bs = state.num_processes, state.process_index, e.infer_bs
+        for (st, src), items in todo.items():
+            mine = items[rank::world]
+            rounds = -(-len(items[0::world]) // bs) if items else 0  # equal on every rank
+            for r in range(rounds):
+                batch = mine[r * bs:(r + 1) * bs]
+                recs = run_batch(session, plan, batch, src, st) if batch else []
+                recs = gather_object(recs) if world > 1 else recs
+                if state.is_main_process:
+                    R.append_records(out / "results.jsonl", recs)
+                    bar.update(len(recs))
+                    bar.set_postfix(source=src, steps=st)
+        bar.close()
+        traj_dir = {"auto": out / "trajectories", "none": None, "": None}.get(
+            e.trajectory_out, Path(e.trajectory_out) if e.trajectory_out else None)
+        if traj_dir is not None and state.is_main_process:
+            _trajectories(plan, traj_dir)
+    state.wait_for_everyone()
+    if state.num_processes > 1:  # no collectives follow; rank 0 writes the reports alone
+        state.destroy_process_group()
+    if not state.is_main_process:
+        return {}
+    wanted = {(it.id, src, st) for it in plan.items for src in plan.sources for st in plan.steps}
+    records = [r for r in R.read_results(out / "results.jsonl") if R.record_key(r) in wanted]
+    return write_reports(out, records, dataset_title(plan.spec), e.n_boot, m.seed,
+                         {"results": out / "results.jsonl", "config": plan.fixed, "sources": plan.sources,
+                          "steps": plan.steps, "note": plan.note, "output_dir": str(out)})
 
 
-def rescore_records(records: Sequence[dict], fmt: str) -> list[dict]:
-    """Re-check stored completions with the current checker (no model): new extracted/correct/note."""
-    out = []
-    for n, r in enumerate(records):
-        missing = [k for k in ("id", "gold", "completion") if k not in r]
-        if missing:
-            raise ValueError(f"record {n} lacks {missing} (has {sorted(r)}); --rescore needs id, gold, completion")
-        v = check(r["completion"] or "", str(r["gold"]), fmt)
-        out.append({**r, "source": r.get("source", "model"), "steps": r.get("steps"), "extracted": v.extracted,
-                    "correct": bool(v.correct), "string_match": v.string_match, "note": v.note})
-    return out
+def _trajectories(plan: Plan, out: Path) -> None:
+    """A picture of the first item's decoding per source, with its prompt, gold answer and verdict."""
+    from remedi.decoding.trajectory import draw_trajectory
 
-
-# --------------------------------------------------------------------------------------------------
-# The per-item results file
-# --------------------------------------------------------------------------------------------------
-
-
-def record_key(r: dict) -> tuple:
-    return (str(r["id"]), r.get("source", "model"), r.get("steps"))
-
-
-def read_results(path: str | os.PathLike, repair: bool = False) -> list[dict]:
-    """Records of a results JSONL. A torn last line (a run killed mid-write) is ignored, and cut off the
-    file when ``repair`` so appends start on a clean line; a bad line elsewhere is an error."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    data = path.read_bytes()
-    lines = data.split(b"\n")
-    records, keep = [], 0  # keep: bytes of the file that hold complete, valid lines
-    for n, line in enumerate(lines):
-        last = n == len(lines) - 1
-        if line.strip():
-            try:
-                rec = json.loads(line)
-                if not isinstance(rec, dict):
-                    raise json.JSONDecodeError("not an object", line.decode(errors="replace"), 0)
-                records.append(rec)
-            except json.JSONDecodeError:
-                if not last:
-                    raise ValueError(f"{path}: line {n + 1} is not valid JSON; fix or remove it "
-                                     "(only a torn last line is repaired automatically)") from None
-                log.warning("%s: ignoring a torn last line (%d bytes) left by an interrupted run", path, len(line))
-                break
-        keep += len(line) + (0 if last else 1)
-    if repair and data and (keep != len(data) or not data.endswith(b"\n")):
-        with open(path, "r+b") as f:
-            f.truncate(keep)
-            if keep and not data[:keep].endswith(b"\n"):
-                f.seek(keep)
-                f.write(b"\n")
-            os.fsync(f.fileno())
-    return records
-
-
-def append_records(path: str | os.PathLike, records: Iterable[dict]) -> None:
-    """Append complete lines and fsync, so a kill loses at most the line being written."""
-    with open(path, "a", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-# --------------------------------------------------------------------------------------------------
-# Run configuration: model-folder defaults and resume checks
-# --------------------------------------------------------------------------------------------------
-
-
-def check_resume(old: dict, new: dict) -> None:
-    """Refuse to mix results made with different settings into one results file."""
-    diffs = [f"{k}: {old.get(k)!r} in the earlier run, {new.get(k)!r} now"
-             for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-    if diffs:
-        raise ValueError("--output_dir holds results made with other settings; use a new --output_dir or the "
-                         "same flags. Differences:\n  " + "\n  ".join(diffs))
-
-
-# --------------------------------------------------------------------------------------------------
-# Summary
-# --------------------------------------------------------------------------------------------------
-
-
-def _mean(xs: Sequence[float]) -> Optional[float]:
-    xs = [x for x in xs if x is not None]
-    return sum(xs) / len(xs) if xs else None
-
-
-def summarize(records: Sequence[dict], n_boot: int = 2000, seed: int = 0) -> dict:
-    """Per (source, steps): accuracy + Wilson 95% CI, coverage, NFE, remasks/block, tokens/s; and for every
-    pair of sources at the same steps, McNemar exact + paired bootstrap on the items both have."""
-    groups: dict[tuple, dict[str, dict]] = {}
-    for r in records:
-        groups.setdefault((r.get("source", "model"), r.get("steps")), {})[str(r["id"])] = r
-    many_steps = len({k[1] for k in groups}) > 1
-    rows = []
-    for (src, steps), by_id in groups.items():
-        recs = list(by_id.values())
-        n, k = len(recs), sum(bool(r["correct"]) for r in recs)
-        lo, hi = wilson_interval(k, n)
-        blocks = sum(len(r.get("remasks_per_block") or []) for r in recs)
-        secs = sum(r.get("seconds") or 0.0 for r in recs)
-        toks = sum(r.get("gen_tokens") or 0 for r in recs)
-        rows.append({
-            "label": f"{src}@{steps}" if many_steps else src, "source": src, "steps": steps, "n": n,
-            "correct": k, "accuracy": k / n, "ci_lo": lo, "ci_hi": hi,
-            "coverage": sum(r.get("extracted") is not None for r in recs) / n,
-            "mean_nfe": _mean([r.get("nfe") for r in recs]),
-            "remasks_per_block": (sum(r.get("remasks") or 0 for r in recs) / blocks) if blocks else None,
-            "tokens_per_s": toks / secs if secs > 0 else None,
-            "mean_gen_tokens": _mean([r.get("gen_tokens") for r in recs]),
-        })
-    rows.sort(key=lambda g: (g["steps"] is None, g["steps"] or 0))  # stable: sources keep their run order
-    pairs = []
-    for a, b in combinations(rows, 2):
-        if a["steps"] != b["steps"]:
-            continue
-        ra, rb = groups[(a["source"], a["steps"])], groups[(b["source"], b["steps"])]
-        common = sorted(set(ra) & set(rb))
-        if not common:
-            continue
-        ca = [bool(ra[i]["correct"]) for i in common]
-        cb = [bool(rb[i]["correct"]) for i in common]
-        mc, bs = mcnemar_exact(ca, cb), paired_bootstrap(ca, cb, n_boot=n_boot, seed=seed)
-        pairs.append({"a": a["label"], "b": b["label"], "steps": a["steps"], "n": len(common),
-                      "acc_a": sum(ca) / len(common), "acc_b": sum(cb) / len(common), "diff": bs["diff"],
-                      "diff_lo": bs["lo"], "diff_hi": bs["hi"], **mc})
-    return {"groups": rows, "pairs": pairs, "n_records": len(records)}
-
-
-def _f(x, fmt: str = ".3f") -> str:
-    return "–" if x is None else format(x, fmt)
-
-
-def render_markdown(summary: dict, title: str = "") -> str:
-    lines = [f"## {title}", ""] if title else []
-    lines += ["| source | n | accuracy | 95% CI | coverage | mean NFE | remasks/block | tok/s |",
-              "|---|---:|---:|---|---:|---:|---:|---:|"]
-    for g in summary["groups"]:
-        lines.append(f"| {g['label']} | {g['n']} | {g['accuracy']:.3f} | [{g['ci_lo']:.3f}, {g['ci_hi']:.3f}] | "
-                     f"{g['coverage']:.3f} | {_f(g['mean_nfe'], '.1f')} | {_f(g['remasks_per_block'], '.2f')} | "
-                     f"{_f(g['tokens_per_s'], '.1f')} |")
-    if summary["pairs"]:
-        lines += ["", "Paired comparisons on the same items (a - b; McNemar exact test, paired bootstrap 95% CI):",
-                  "", "| a | b | n | acc a | acc b | diff | bootstrap 95% CI | a only | b only | McNemar p |",
-                  "|---|---|---:|---:|---:|---:|---|---:|---:|---:|"]
-        for p in summary["pairs"]:
-            lines.append(f"| {p['a']} | {p['b']} | {p['n']} | {p['acc_a']:.3f} | {p['acc_b']:.3f} | "
-                         f"{p['diff']:+.3f} | [{p['diff_lo']:+.3f}, {p['diff_hi']:+.3f}] | {p['b10']} | {p['b01']} | "
-                         f"{p['p_value']:.3g} |")
-    return "\n".join(lines) + "\n"
+    session, it = plan.session, plan.items[0]
+    out.mkdir(parents=True, exist_ok=True)
+    for src in plan.sources:
+        gen = session.generate([plan.prompts[it.id][0]], src, [it.id], plan.steps[0], record_trajectory=True)[0]
+        completion = session.tokenizer.decode(gen.tokens, skip_special_tokens=True)
+        verdict = R.make_record(it, src, plan.steps[0], "", completion, plan.spec.fmt)
+        path = out / f"trajectory-{src}-{it.id}.png"
+        draw_trajectory(gen, session.tokenizer, path, title=f"{src}, item {it.id}",
+                        prompt=it.question, gold=it.gold, correct=verdict["correct"])
+        log.info("trajectory of %s with %s: %s", it.id, src, path)

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from remedi.model.checkpoint import check_ups_compatible, load_pretrained, load_ups, read_ups, resolve_model_dir
+from remedi.model.checkpoint import check_ups_compatible, load_pretrained, load_ups, read_ups_meta, resolve_model_dir
 from remedi.model.config import LLaDAConfig
 from remedi.model.llada import RemeDiLM
 
@@ -128,12 +128,15 @@ class Loaded:
 
 
 def preflight(model_name: str, ups_head: Optional[str] = None, lora_path: Optional[str] = None):
-    """Cheap checks before any weights load: returns (model_dir, config, ups_meta)."""
+    """Cheap checks before any weights load: returns (model_dir, config, ups_meta).
+
+    Reads config.json, the UPS file's metadata (never its tensors) and the LoRA folder's adapter_config.
+    """
     model_dir = resolve_model_dir(model_name)
     cfg = LLaDAConfig.from_json_file(model_dir / "config.json")
     meta = None
     if ups_head:
-        _, meta = read_ups(ups_head)
+        meta = read_ups_meta(ups_head)
         check_ups_compatible(meta, cfg, str(ups_head))
     if lora_path and not (Path(lora_path) / "adapter_config.json").is_file():
         raise FileNotFoundError(f"--lora_path {lora_path} has no adapter_config.json (expected a peft LoRA folder "
@@ -141,19 +144,27 @@ def preflight(model_name: str, ups_head: Optional[str] = None, lora_path: Option
     return model_dir, cfg, meta
 
 
-def load_for_inference(model_name: str, ups_head: Optional[str] = None, lora_path: Optional[str] = None,
-                       device: Optional[str] = None, dtype: Optional[str] = None,
-                       mask_id: Optional[int] = None) -> Loaded:
-    """Load backbone, tokenizer, then merge LoRA (if any) and attach the UPS (if any); eval mode."""
-    model_dir, cfg, _ = preflight(model_name, ups_head, lora_path)
-    tokenizer = load_tokenizer(model_dir)
-    ids = resolve_special_ids(tokenizer, cfg, mask_id)
+def load_model(model_dir: Path, cfg: LLaDAConfig, ups_head: Optional[str] = None, lora_path: Optional[str] = None,
+               device: Optional[str] = None, dtype: Optional[str] = None) -> RemeDiLM:
+    """Backbone from ``model_dir``, LoRA merged (if any), UPS attached (if any), eval mode; after preflight."""
     dev = pick_device(device)
     model = load_pretrained(model_dir, dtype=pick_dtype(dtype, dev), device=dev)
-    model.name_or_path = str(model_name)
     if lora_path:
         from peft import PeftModel
 
         model.model = PeftModel.from_pretrained(model.model, str(lora_path)).merge_and_unload()
-    meta = load_ups(ups_head, model) if ups_head else None
-    return Loaded(model=model.eval(), tokenizer=tokenizer, ids=ids, model_dir=model_dir, ups_meta=meta)
+    if ups_head:
+        load_ups(ups_head, model)
+    return model.eval()
+
+
+def load_for_inference(model_name: str, ups_head: Optional[str] = None, lora_path: Optional[str] = None,
+                       device: Optional[str] = None, dtype: Optional[str] = None,
+                       mask_id: Optional[int] = None) -> Loaded:
+    """Preflight, tokenizer and :func:`load_model` in one call (benchmarks, tests; scripts use a Session)."""
+    model_dir, cfg, meta = preflight(model_name, ups_head, lora_path)
+    tokenizer = load_tokenizer(model_dir)
+    ids = resolve_special_ids(tokenizer, cfg, mask_id)
+    model = load_model(model_dir, cfg, ups_head, lora_path, device, dtype)
+    model.name_or_path = str(model_name)
+    return Loaded(model=model, tokenizer=tokenizer, ids=ids, model_dir=model_dir, ups_meta=meta)

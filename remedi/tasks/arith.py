@@ -737,3 +737,12 @@ def save_tokenizer(tokenizer, out_dir: str | os.PathLike) -> list[str]:
             os.replace(Path(tmp) / name, out / name)
             written.append(str(out / name))
     return written
+
+
+def prompt(question: str) -> str:
+    """The prompt the embedded arithmetic model is trained on: the bare question.
+
+    Training (remedi.training.data, plain format) encodes the question and the answer separately and
+    concatenates the ids, so the answer's first token follows the question's last one directly.
+    """
+    return question

@@ -1,0 +1,240 @@
+"""Where eval items come from: GSM8K, MATH-500, a local file, or the embedded model's arithmetic task.
+
+* datasets: ``openai/gsm8k`` (subset ``main``), ``HuggingFaceH4/MATH-500``, a local ``.jsonl``/``.json``
+  (or a folder holding ``<split>.jsonl``), and ``arith``, the synthetic task of the embedded model;
+  the answer format decides which task module (:mod:`remedi.tasks.gsm8k`, :mod:`remedi.tasks.math500`)
+  reads a row;
+* deterministic selection (``--start``/``--max_samples``/``--shuffle``) and few-shot exemplars;
+* prompts: zero-shot chat (Instruct), few-shot "Question:/Answer:" text (Base), the bare question (arith).
+
+``datasets`` is imported only for hub datasets (the GPU image does not ship it).
+"""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+from remedi.model.loading import EMBEDDED_MODEL, encode_prompt
+from remedi.tasks import arith, gsm8k, math500
+from remedi.tasks.answer_check import FORMATS
+from remedi.training.data import hub_records, read_records
+
+ARITH = "arith"
+ARITH_DATA_DIR = EMBEDDED_MODEL / "data"
+TASKS = {gsm8k.FORMAT: gsm8k, math500.FORMAT: math500}
+HUB_SUBSETS = {gsm8k.HUB_ID: gsm8k.HUB_SUBSET}
+
+
+@dataclass(frozen=True)
+class Item:
+    """One eval problem. ``gold`` is the final answer only; ``solution`` the worked answer (few-shot)."""
+
+    id: str
+    question: str
+    gold: str
+    solution: Optional[str] = None
+    extra: dict = field(default_factory=dict, compare=False)
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    kind: str  # "hub" | "file" | "arith"
+    name: str  # hub id, or the file path
+    fmt: str
+    subset: Optional[str] = None
+    split: str = "test"
+
+
+def _infer_format(name: str) -> Optional[str]:
+    low = name.lower()
+    if "gsm" in low or ARITH in low:
+        return "gsm8k"
+    if "math" in low:
+        return "math"
+    return None
+
+
+def _local_file(path: Path, split: str) -> Optional[Path]:
+    if path.is_file():
+        return path
+    if path.is_dir():
+        for ext in (".jsonl", ".json"):
+            if (path / f"{split}{ext}").is_file():
+                return path / f"{split}{ext}"
+        raise FileNotFoundError(f"--dataset {path} is a folder without {split}.jsonl or {split}.json "
+                                f"(--split {split}); found {sorted(p.name for p in path.iterdir())[:10]}")
+    return None
+
+
+def _first_row(path: Path) -> dict:
+    """The first record of a .jsonl (one line read); {} for .json files. Empty or malformed: an error."""
+    if path.suffix == ".json":
+        return {}
+    with open(path, encoding="utf-8") as f:
+        first = f.readline()
+    if not first.strip():
+        raise ValueError(f"--dataset {path} is empty (or starts with a blank line); expected one JSON object per "
+                         "line with question/answer (gsm8k) or problem/answer (math) fields")
+    try:
+        row = json.loads(first)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--dataset {path}: line 1 is not valid JSON ({e.msg}); expected one JSON object per "
+                         "line") from None
+    if not isinstance(row, dict):
+        raise ValueError(f"--dataset {path}: line 1 is a JSON {type(row).__name__}, not an object")
+    return row
+
+
+def _format_from_fields(row: dict) -> Optional[str]:
+    if "problem" in row:
+        return "math"
+    if "question" in row and "answer" in row:
+        return "gsm8k"
+    return None
+
+
+def resolve_dataset(dataset: Optional[str], subset: Optional[str] = None, split: str = "test",
+                    fmt: Optional[str] = None) -> DatasetSpec:
+    """Decide where items come from and which answer format applies (cheap: reads at most one line)."""
+    if fmt is not None and fmt not in FORMATS:
+        raise ValueError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    if dataset in (None, "", ARITH):
+        path = ARITH_DATA_DIR / f"{split}.jsonl"
+        if not path.is_file():
+            raise FileNotFoundError(f"the arithmetic task's {split} split {path} does not exist (the embedded model "
+                                    "is not built yet?); pass --dataset openai/gsm8k or a local .jsonl")
+        return DatasetSpec(ARITH, str(path), fmt or "gsm8k", None, split)
+    local = _local_file(Path(dataset).expanduser(), split)
+    if local is not None:
+        row = _first_row(local)
+        arith = local.resolve().parent == ARITH_DATA_DIR.resolve() or str(row.get("id", "")).startswith("arith-")
+        kind = ARITH if arith else "file"
+        guessed = fmt or _format_from_fields(row) or _infer_format(str(local))
+        if guessed is None:
+            raise ValueError(f"cannot tell the answer format of {local}: pass --format gsm8k or --format math")
+        return DatasetSpec(kind, str(local), guessed, None, split)
+    if dataset.count("/") != 1 or dataset.startswith((".", "/")) or dataset.endswith((".json", ".jsonl")):
+        raise FileNotFoundError(f"--dataset {dataset!r} is neither an existing file/folder nor a hub id "
+                                "like openai/gsm8k or HuggingFaceH4/MATH-500")
+    guessed = fmt or _infer_format(dataset)
+    if guessed is None:
+        raise ValueError(f"cannot tell the answer format of {dataset}: pass --format gsm8k or --format math")
+    return DatasetSpec("hub", dataset, guessed, subset or HUB_SUBSETS.get(dataset), split)
+
+
+def rows_to_items(rows: Sequence[dict], fmt: str, split: str, source: str) -> list[Item]:
+    """Map raw rows to Items for ``fmt``; raises naming the fields found when the needed ones are absent."""
+    if not rows:
+        raise ValueError(f"{source} has no rows")
+    found = sorted(rows[0].keys())
+    task = TASKS[fmt]
+    qkey = next((k for k in task.QUESTION_FIELDS if k in rows[0]), None)
+    akey = task.answer_field(rows[0])
+    if qkey is None or akey is None:
+        need = "question + answer" if fmt == "gsm8k" else "problem + answer (or solution)"
+        raise ValueError(f"{source} lacks the fields --format {fmt} needs ({need}); fields found: {found}")
+    items, seen = [], set()
+    for i, r in enumerate(rows):
+        iid = str(r.get("id", r.get("unique_id", f"{split}-{i:05d}")))
+        if iid in seen:
+            raise ValueError(f"{source}: duplicate item id {iid!r} (row {i}); ids must be unique")
+        seen.add(iid)
+        missing = [k for k in (qkey, akey) if k not in r]
+        if missing:
+            raise ValueError(f"{source}: row {i + 1} lacks the field(s) {missing}; every row needs {qkey!r} and "
+                             f"{akey!r}")
+        if r[akey] is None or not str(r[qkey]).strip():
+            raise ValueError(f"{source}: row {i + 1} has an empty {qkey if not str(r[qkey]).strip() else akey!r}; "
+                             "fix or remove that row")
+        gold, solution = task.gold_and_solution(r, akey)
+        extra = {k: v for k, v in r.items() if k in ("n_ops", "level", "subject", "type")}
+        items.append(Item(iid, str(r[qkey]), gold, solution, extra))
+    return items
+
+
+def load_items(spec: DatasetSpec) -> list[Item]:
+    if spec.kind == "hub":
+        rows, src = hub_records(spec.name, spec.subset, spec.split), f"{spec.name} ({spec.subset}, {spec.split})"
+    else:
+        rows, src = read_records(Path(spec.name)), spec.name
+    return rows_to_items(rows, spec.fmt, spec.split, src)
+
+
+def fewshot_source(spec: DatasetSpec, fewshot_file: Optional[str]) -> DatasetSpec:
+    """Where few-shot exemplars come from: --fewshot_file, else the train split of the same dataset."""
+    if fewshot_file:
+        return resolve_dataset(fewshot_file, split="train", fmt=spec.fmt)
+    if spec.kind == "hub":
+        return DatasetSpec("hub", spec.name, spec.fmt, spec.subset, "train")
+    sibling = Path(spec.name).with_name("train.jsonl")
+    if sibling.is_file() and sibling.resolve() != Path(spec.name).resolve():
+        return DatasetSpec(spec.kind, str(sibling), spec.fmt, None, "train")
+    raise ValueError(f"--fewshot needs exemplars: {spec.name} has no train.jsonl beside it; pass --fewshot_file")
+
+
+def fewshot_exemplars(items: Sequence[Item], n: int, exclude_ids: Iterable[str] = ()) -> list[Item]:
+    """The first ``n`` items with a worked solution (fixed for every question, as in lm-eval)."""
+    skip = set(exclude_ids)
+    out = [it for it in items if it.solution and it.id not in skip][:n]
+    if len(out) < n:
+        raise ValueError(f"--fewshot {n}: only {len(out)} exemplars with a worked solution are available")
+    return out
+
+
+def select_items(items: Sequence[Item], start: int = 0, max_samples: Optional[int] = None,
+                 shuffle: bool = False, seed: int = 0) -> tuple[list[Item], str]:
+    """Deterministic selection: (optionally seed-shuffled) split order, then ``[start, start+max_samples)``.
+
+    Returns the items and a note (empty unless ``max_samples`` overshoots the split).
+    """
+    if start < 0:
+        raise ValueError(f"--start {start} must be >= 0")
+    order = list(items)
+    if shuffle:
+        random.Random(f"eval-order:{seed}").shuffle(order)
+    if start >= len(order):
+        raise ValueError(f"--start {start} is past the end of the split ({len(order)} items)")
+    end = len(order) if max_samples is None or max_samples < 0 else start + max_samples
+    note = ""
+    if end > len(order):
+        note = (f"--max_samples {max_samples} from --start {start} exceeds the split ({len(order)} items); "
+                f"running the {len(order) - start} that exist")
+        end = len(order)
+    return order[start:end], note
+
+
+
+def prompt_style(spec: DatasetSpec, chat: bool) -> str:
+    """plain | chat for real datasets; arith | arith_chat (the bare question as the user message) for arith."""
+    if spec.kind == ARITH:
+        return "arith_chat" if chat else ARITH
+    return "chat" if chat else "plain"
+
+
+def build_prompt(question: str, fmt: str, style: str, exemplars: Sequence[Item] = ()) -> str:
+    """The text given to the tokenizer (for chat: the user message, before the chat template)."""
+    shots = "".join(f"Question: {ex.question}\nAnswer: {ex.solution}\n\n" for ex in exemplars)
+    if style == ARITH:
+        return "".join(arith.prompt(ex.question) + f"{ex.solution}\n\n" for ex in exemplars) + arith.prompt(question)
+    if style == "arith_chat":
+        return "".join(arith.prompt(ex.question) + f"{ex.solution}\n\n" for ex in exemplars) + question
+    if style == "chat":
+        return f"{shots}{question}\n{TASKS[fmt].INSTRUCTION}"
+    if style == "plain":
+        return f"{shots}Question: {question}\nAnswer:"
+    raise ValueError(f"unknown prompt style {style!r}")
+
+
+def encode(tokenizer, text: str, style: str) -> tuple[list[int], str]:
+    """Token ids and the exact text the model sees (chat template applied when style is chat)."""
+    chat = style.endswith("chat")
+    ids = encode_prompt(tokenizer, text, chat=chat)
+    shown = text
+    if chat:
+        shown = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                              tokenize=False)
+    return ids, shown
+

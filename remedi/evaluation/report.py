@@ -1,0 +1,78 @@
+"""Summaries of an eval run: accuracy with 95% Wilson intervals, NFE, remasks per block, tokens/s, and
+paired tests (exact McNemar, paired bootstrap) between every two sources on the items both ran."""
+from __future__ import annotations
+
+from itertools import combinations
+from typing import Optional, Sequence
+
+from remedi.evaluation.stats import mcnemar_exact, paired_bootstrap, wilson_interval
+
+
+def _mean(xs: Sequence[float]) -> Optional[float]:
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def summarize(records: Sequence[dict], n_boot: int = 2000, seed: int = 0) -> dict:
+    """Per (source, steps): accuracy + Wilson 95% CI, coverage, NFE, remasks/block, tokens/s; and for every
+    pair of sources at the same steps, McNemar exact + paired bootstrap on the items both have."""
+    groups: dict[tuple, dict[str, dict]] = {}
+    for r in records:
+        groups.setdefault((r.get("source", "model"), r.get("steps")), {})[str(r["id"])] = r
+    many_steps = len({k[1] for k in groups}) > 1
+    rows = []
+    for (src, steps), by_id in groups.items():
+        recs = list(by_id.values())
+        n, k = len(recs), sum(bool(r["correct"]) for r in recs)
+        lo, hi = wilson_interval(k, n)
+        blocks = sum(len(r.get("remasks_per_block") or []) for r in recs)
+        secs = sum(r.get("seconds") or 0.0 for r in recs)
+        toks = sum(r.get("gen_tokens") or 0 for r in recs)
+        rows.append({
+            "label": f"{src}@{steps}" if many_steps else src, "source": src, "steps": steps, "n": n,
+            "correct": k, "accuracy": k / n, "ci_lo": lo, "ci_hi": hi,
+            "coverage": sum(r.get("extracted") is not None for r in recs) / n,
+            "mean_nfe": _mean([r.get("nfe") for r in recs]),
+            "remasks_per_block": (sum(r.get("remasks") or 0 for r in recs) / blocks) if blocks else None,
+            "tokens_per_s": toks / secs if secs > 0 else None,
+            "mean_gen_tokens": _mean([r.get("gen_tokens") for r in recs]),
+        })
+    rows.sort(key=lambda g: (g["steps"] is None, g["steps"] or 0))  # stable: sources keep their run order
+    pairs = []
+    for a, b in combinations(rows, 2):
+        if a["steps"] != b["steps"]:
+            continue
+        ra, rb = groups[(a["source"], a["steps"])], groups[(b["source"], b["steps"])]
+        common = sorted(set(ra) & set(rb))
+        if not common:
+            continue
+        ca = [bool(ra[i]["correct"]) for i in common]
+        cb = [bool(rb[i]["correct"]) for i in common]
+        mc, bs = mcnemar_exact(ca, cb), paired_bootstrap(ca, cb, n_boot=n_boot, seed=seed)
+        pairs.append({"a": a["label"], "b": b["label"], "steps": a["steps"], "n": len(common),
+                      "acc_a": sum(ca) / len(common), "acc_b": sum(cb) / len(common), "diff": bs["diff"],
+                      "diff_lo": bs["lo"], "diff_hi": bs["hi"], **mc})
+    return {"groups": rows, "pairs": pairs, "n_records": len(records)}
+
+
+def _f(x, fmt: str = ".3f") -> str:
+    return "–" if x is None else format(x, fmt)
+
+
+def render_markdown(summary: dict, title: str = "") -> str:
+    lines = [f"## {title}", ""] if title else []
+    lines += ["| source | n | accuracy | 95% CI | coverage | mean NFE | remasks/block | tok/s |",
+              "|---|---:|---:|---|---:|---:|---:|---:|"]
+    for g in summary["groups"]:
+        lines.append(f"| {g['label']} | {g['n']} | {g['accuracy']:.3f} | [{g['ci_lo']:.3f}, {g['ci_hi']:.3f}] | "
+                     f"{g['coverage']:.3f} | {_f(g['mean_nfe'], '.1f')} | {_f(g['remasks_per_block'], '.2f')} | "
+                     f"{_f(g['tokens_per_s'], '.1f')} |")
+    if summary["pairs"]:
+        lines += ["", "Paired comparisons on the same items (a - b; McNemar exact test, paired bootstrap 95% CI):",
+                  "", "| a | b | n | acc a | acc b | diff | bootstrap 95% CI | a only | b only | McNemar p |",
+                  "|---|---|---:|---:|---:|---:|---|---:|---:|---:|"]
+        for p in summary["pairs"]:
+            lines.append(f"| {p['a']} | {p['b']} | {p['n']} | {p['acc_a']:.3f} | {p['acc_b']:.3f} | "
+                         f"{p['diff']:+.3f} | [{p['diff_lo']:+.3f}, {p['diff_hi']:+.3f}] | {p['b10']} | {p['b01']} | "
+                         f"{p['p_value']:.3g} |")
+    return "\n".join(lines) + "\n"

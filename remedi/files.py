@@ -1,0 +1,84 @@
+"""Files every part of the toolkit writes or reads back: JSON lines that survive a kill.
+
+``append_jsonl`` writes complete lines and fsyncs, so a killed run loses at most the line being written;
+``read_jsonl`` reads such a file back, ignoring (and with ``repair`` cutting off) a torn last line, and
+names the file and line of anything else that is not a JSON object.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Iterable
+
+log = logging.getLogger(__name__)
+
+
+def read_jsonl(path: str | os.PathLike, repair: bool = False) -> list[dict]:
+    """The objects of a JSON-lines file ([] when it does not exist).
+
+    A torn last line (a run killed mid-write) is ignored with a warning, and cut off the file when
+    ``repair`` so that appends start on a clean line. A bad line elsewhere, or a line that is valid JSON
+    but not an object, is an error naming the file and the line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return []
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    records, keep = [], 0  # keep: bytes of the file that hold complete, valid lines
+    for n, line in enumerate(lines):
+        last = n == len(lines) - 1
+        if line.strip():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                if not last:
+                    raise ValueError(f"{path}: line {n + 1} is not valid JSON; fix or remove it "
+                                     "(only a torn last line is repaired automatically)") from None
+                log.warning("%s: ignoring a torn last line (%d bytes) left by an interrupted run", path, len(line))
+                break
+            if not isinstance(rec, dict):
+                raise ValueError(f"{path}: line {n + 1} is a JSON {type(rec).__name__}, not an object "
+                                 "({\"key\": value, ...}); fix or remove that line")
+            records.append(rec)
+        keep += len(line) + (0 if last else 1)
+    if repair and data and (keep != len(data) or not data.endswith(b"\n")):
+        with open(path, "r+b") as f:
+            f.truncate(keep)
+            if keep and not data[:keep].endswith(b"\n"):
+                f.seek(keep)
+                f.write(b"\n")
+            os.fsync(f.fileno())
+    return records
+
+
+def append_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> None:
+    """Append complete lines and fsync, so a kill loses at most the line being written."""
+    with open(path, "a", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def check_writable(path: str | os.PathLike, flag: str, is_dir: bool = False) -> Path:
+    """Fail now, before any expensive work, if ``path`` cannot be written later.
+
+    A file path must not be a folder and its nearest existing parent must be a writable folder; a folder
+    path must not be a file. Nothing is created.
+    """
+    p = Path(path).expanduser()
+    if is_dir and p.exists() and not p.is_dir():
+        raise ValueError(f"{flag} {path} is a file; give a folder path")
+    if not is_dir and p.is_dir():
+        raise ValueError(f"{flag} {path} is a folder; give a file path inside it, e.g. {p / 'out'}")
+    parent = p if is_dir and p.exists() else p.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{flag} {path}: {parent} is a file, so nothing can be written under it")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: {parent} is not writable; choose a path you can write to")
+    return p

@@ -1,0 +1,94 @@
+"""The inference session and the one argument path: defaults before validation, one seed scheme, one read."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from remedi import eval_gsm_math, infer_compare, session
+from remedi.arguments import parse_args
+from remedi.decoding.args import SamplingArgs
+from remedi.model import checkpoint
+from remedi.model.checkpoint import load_pretrained, save_ups
+from remedi.model.llada import UPSHead
+from remedi.model.loading import EMBEDDED_MODEL
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+needs_embedded = pytest.mark.skipif(not (EMBEDDED_MODEL / "defaults.json").is_file(),
+                                    reason="the embedded model is not in checkpoints/")
+
+
+class Loaded(Exception):
+    """Raised by the stand-in loader: every check before the weights passed."""
+
+
+@pytest.fixture
+def stop_at_load(monkeypatch):
+    def stop(*a, **k):
+        raise Loaded
+
+    monkeypatch.setattr(session, "load_model", stop)
+
+
+@needs_embedded
+@pytest.mark.parametrize("flags", [["--steps", "45"], ["--block_length", "48"]])
+def test_values_valid_for_the_model_folder_are_accepted(stop_at_load, flags, tmp_path):
+    """gen 96 comes from the embedded model's defaults.json before --steps/--block_length are validated
+    (against the library's gen 64 they were refused)."""
+    with pytest.raises(Loaded):
+        infer_compare.main(["--prompt", "Ann has 3 pens. How many pens?", *flags])
+    with pytest.raises(Loaded):
+        eval_gsm_math.main(["--max_samples", "2", "--trajectory_out", "none", "--output_dir", str(tmp_path / "e"),
+                            *flags])
+
+
+@needs_embedded
+def test_invalid_for_the_model_is_refused_with_the_models_numbers(stop_at_load):
+    with pytest.raises(ValueError, match=r"--steps 44 must be divisible by the number of blocks 3.*e.g. --steps 42"):
+        infer_compare.main(["--prompt", "x", "--steps", "44"])
+
+
+def test_cache_flag_does_not_hide_a_model_default(tmp_path):
+    """`--cache dual` used to count as giving --cache_refresh (argv prefix matching)."""
+    (tmp_path / "defaults.json").write_text(json.dumps({"cache_refresh": 3}))
+    (s,) = parse_args([SamplingArgs], ["--cache", "dual"])
+    assert s.resolve(tmp_path).cache_refresh == 3 and s.origin["cache"] == "command line"
+
+
+def test_help_says_where_defaults_come_from(capsys):
+    with pytest.raises(SystemExit):
+        eval_gsm_math.main(["--help"])
+    out = capsys.readouterr().out
+    assert "defaults.json, else 64" in out and "(default: None)" not in out
+    assert "python remedi/eval_gsm_math.py --model_name GSAI-ML/LLaDA-8B-Base" in out  # examples kept verbatim
+
+
+def test_same_seed_same_sample_in_both_scripts(tiny_model_dir, tmp_path):
+    """Item id "0" in eval and the first prompt of infer_compare draw from the same random stream."""
+    question = "Janet has 3 apples and buys 4 more. How many apples does she have?"
+    data = tmp_path / "one.jsonl"
+    data.write_text(json.dumps({"id": "0", "question": question, "answer": "3 + 4 = 7 #### 7"}) + "\n")
+    common = ["--model_name", str(tiny_model_dir), "--steps", "8", "--gen_length", "16", "--block_length", "8",
+              "--temperature", "1.0", "--seed", "5"]
+    eval_gsm_math.main([*common, "--dataset", str(data), "--sources", "tps_prob", "--output_dir",
+                        str(tmp_path / "eval"), "--trajectory_out", "none"])
+    (rec,) = [json.loads(x) for x in (tmp_path / "eval" / "results.jsonl").read_text().splitlines()]
+    (cmp,) = infer_compare.main([*common, "--prompt", rec["prompt"], "--sources", "tps_prob"])
+    assert cmp["text"] == rec["completion"] and cmp["text"].strip()
+    (other,) = infer_compare.main([*common[:-1], "6", "--prompt", rec["prompt"], "--sources", "tps_prob"])
+    assert other["text"] != cmp["text"]  # the seed matters at temperature 1
+
+
+def test_ups_checkpoint_is_read_once_per_run(tiny_model_dir, tmp_path, monkeypatch):
+    import torch
+
+    model = load_pretrained(tiny_model_dir, dtype=torch.float32, device="cpu")
+    model.attach_head(UPSHead(model.config.d_model))
+    ups = save_ups(tmp_path / "ups.pt", model)
+    reads = []
+    real = checkpoint.read_ups
+    monkeypatch.setattr(checkpoint, "read_ups", lambda *a, **k: reads.append(a[0]) or real(*a, **k))
+    infer_compare.main(["--model_name", str(tiny_model_dir), "--ups_head", str(ups), "--prompt", "Ann has 3 pens.",
+                        "--steps", "8", "--gen_length", "16", "--block_length", "8", "--sources", "ups"])
+    assert reads == [str(ups)] or [str(r) for r in reads] == [str(ups)]
