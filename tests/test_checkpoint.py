@@ -188,3 +188,114 @@ def test_hub_id_goes_through_snapshot_download(monkeypatch, tiny_model_dir):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", failing)
     with pytest.raises(FileNotFoundError, match="not a local directory.*pass its local directory"):
         C.load_pretrained("GSAI-ML/LLaDA-8B-Base")
+
+
+# ------------------------------------------------------------------------------ UPS metadata and checksums
+def _ups_model(arch, width=8):
+    cfg = get_config("test-tiny")
+    m = model(cfg)
+    if arch == "head":
+        m.attach_head(UPSHead(cfg.d_model, width))
+    else:
+        C.add_stream(m, (1, 3))
+        with torch.no_grad():
+            m.model.backprop_linears[0].weight.normal_(0, 0.02)
+    return m
+
+
+def data_offset(path, key=None):
+    """Byte offset of the first tensor's data (safetensors) or of ``data/0`` in a torch.save archive."""
+    path = str(path)
+    if path.endswith(".safetensors"):
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+        return 8 + n
+    import zipfile
+
+    with zipfile.ZipFile(path) as zf:
+        info = next(i for i in zf.infolist() if i.filename.endswith("/data/0"))
+    with open(path, "rb") as f:  # the local header's own name/extra lengths (they may differ from the directory's)
+        f.seek(info.header_offset + 26)
+        name_len, extra_len = (int.from_bytes(f.read(2), "little") for _ in range(2))
+    return info.header_offset + 30 + name_len + extra_len
+
+
+def flip_byte(path, offset):
+    data = bytearray(open(path, "rb").read())
+    data[offset] ^= 0x5A
+    open(path, "wb").write(bytes(data))
+
+
+def _bytes_read():
+    """Bytes this process has read through read() calls; a memory map does not count."""
+    with open("/proc/self/io") as f:
+        return int(next(line for line in f if line.startswith("rchar")).split()[1])
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_read_ups_meta_reads_no_tensor_data(tmp_path, suffix):
+    if not os.path.exists("/proc/self/io"):
+        pytest.skip("needs /proc/self/io (Linux) to count bytes read")
+    m = _ups_model("head", width=1 << 16)  # a 16 MB weight
+    path = C.save_ups(tmp_path / f"big{suffix}", m, extra_meta={"args": {"lr": 1e-4}})
+    assert path.stat().st_size > 16e6
+    before = _bytes_read()
+    meta = C.read_ups_meta(path)
+    assert _bytes_read() - before < 1e6
+    assert meta == C.read_ups(path)[1]
+    assert meta["ups_arch"] == "head" and meta["ups_width"] == 1 << 16 and meta["args"] == {"lr": 1e-4}
+    assert sorted(meta[C.CHECKSUM_KEY]) == ["ups_head.net.0.bias", "ups_head.net.0.weight", "ups_head.net.2.bias",
+                                            "ups_head.net.2.weight"]
+    C.check_ups_compatible(meta, get_config("test-tiny"), str(path))
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_checksum_is_stored_and_verified(tmp_path, suffix):
+    m = _ups_model("head")
+    # a checksum in extra_meta (e.g. metadata copied from the file a run started from) never wins
+    path = C.save_ups(tmp_path / f"ups{suffix}", m, extra_meta={C.CHECKSUM_KEY: {"stale": "0" * 64}})
+    state, meta = C.read_ups(path)
+    assert meta[C.CHECKSUM_KEY] == {k: C.tensor_sha256(v) for k, v in state.items()}
+    assert meta[C.CHECKSUM_KEY]["ups_head.net.0.weight"] == C.tensor_sha256(m.ups_head.net[0].weight)
+    flip_byte(path, data_offset(path) + 5)
+    C.read_ups_meta(path)  # the header is intact: preflight still reads it
+    with pytest.raises(ValueError, match=rf"{path.name} is corrupt: tensor ups_head\..* does not match the sha256"):
+        C.read_ups(path)
+    fresh = model(get_config("test-tiny"))
+    with pytest.raises(ValueError, match="is corrupt"):
+        C.load_ups(path, fresh)
+    assert fresh.ups_head is None
+
+
+@pytest.mark.parametrize("arch", ["head", "stream"])
+def test_flipped_byte_in_pt_data_is_refused(tmp_path, arch):
+    """torch.load does not check the zip CRC of tensor records; the stored sha256 does."""
+    path = C.save_ups(tmp_path / "ups.pt", _ups_model(arch))
+    flip_byte(path, data_offset(path) + 1)
+    import zipfile
+
+    with zipfile.ZipFile(path) as zf:  # the flip really is inside a tensor record
+        assert zf.testzip() is not None
+    with pytest.raises(ValueError, match=r"ups\.pt is corrupt: tensor .* sha256"):
+        C.read_ups(path)
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_files_without_checksum_load_with_a_note(tmp_path, suffix, caplog, gen):
+    """UPS files written before checksums were stored (same layout, no tensor_sha256) still load."""
+    m = _ups_model("head")
+    state, meta = C.ups_state(m)
+    tensors = {k: v.detach().contiguous() for k, v in state.items()}
+    meta = {"format_version": 1, **meta, "base_model": None}
+    path = tmp_path / f"old{suffix}"
+    if suffix == ".safetensors":
+        save_file(tensors, str(path), metadata={"remedi_meta": json.dumps(meta)})
+    else:
+        torch.save({"state_dict": tensors, "meta": json.dumps(meta)}, path)
+    assert C.read_ups_meta(path) == meta
+    fresh = model(get_config("test-tiny"))
+    with caplog.at_level("INFO", logger="remedi.model.checkpoint"):
+        C.load_ups(path, fresh)
+    assert any(f"{path} has no tensor checksum" in r.getMessage() for r in caplog.records)
+    ids = torch.randint(0, 90, (1, 8), generator=gen)
+    torch.testing.assert_close(fresh(ids).ups_logits, m(ids).ups_logits)

@@ -158,3 +158,59 @@ def test_8b_parameter_count_matches_published():
         s = RemeDiLM(get_config("llada-8b", ups_taps=(0, 10, 20, 30)))
     extra = s.num_parameters() - m.num_parameters()
     assert 0.9e9 < extra < 1.0e9  # REMEDI.md: about 0.94B extra
+
+
+# The LLaDA-8B-Base config.json as the hub ships it (OLMo-style keys, auto_map for the remote code).
+HUB_8B_CONFIG = {
+    "activation_type": "silu", "alibi": False, "alibi_bias_max": 8.0, "architectures": ["LLaDAModelLM"],
+    "attention_dropout": 0.0, "attention_layer_norm": False, "attention_layer_norm_with_affine": True,
+    "auto_map": {"AutoConfig": "configuration_llada.LLaDAConfig", "AutoModel": "modeling_llada.LLaDAModelLM",
+                 "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM"},
+    "bias_for_layer_norm": False, "block_group_size": 1, "block_type": "llama", "d_model": 4096,
+    "embedding_dropout": 0.0, "embedding_size": 126464, "eos_token_id": 126081, "flash_attention": False,
+    "include_bias": False, "include_qkv_bias": False, "init_cutoff_factor": None, "init_device": "meta",
+    "init_fn": "mitchell", "init_std": 0.02, "input_emb_norm": False, "layer_norm_type": "rms",
+    "layer_norm_with_affine": True, "mask_token_id": 126336, "max_sequence_length": 4096,
+    "mlp_hidden_size": 12288, "mlp_ratio": 4, "model_type": "llada", "multi_query_attention": None,
+    "n_heads": 32, "n_kv_heads": 32, "n_layers": 32, "pad_token_id": 126081, "precision": "amp_bf16",
+    "residual_dropout": 0.0, "rms_norm_eps": 1e-05, "rope": True, "rope_full_precision": True,
+    "rope_theta": 500000.0, "scale_logits": False, "transformers_version": "4.46.3", "use_cache": False,
+    "vocab_size": 126464, "weight_tying": False,
+}
+
+
+def test_hub_8b_config_loads_quietly(caplog):
+    with caplog.at_level("WARNING", logger="remedi.model.config"):
+        cfg = LLaDAConfig.from_hf_dict(HUB_8B_CONFIG)
+    assert cfg == get_config("llada-8b") and not caplog.records
+    assert cfg.to_hf_dict()["auto_map"] == HUB_8B_CONFIG["auto_map"]  # kept for save_pretrained
+
+
+@pytest.mark.parametrize("key,value", [("bias_for_layer_norm", None), ("multi_query_attention", False),
+                                       ("rope_scaling", None), ("n_kv_heads", None), ("head_dim", 128)])
+def test_official_config_defaults_are_accepted(key, value, caplog):
+    """The official config class's defaults: bias_for_layer_norm None = same as include_bias (False)."""
+    with caplog.at_level("WARNING", logger="remedi.model.config"):
+        cfg = LLaDAConfig.from_hf_dict(dict(HUB_8B_CONFIG, **{key: value}))
+    assert cfg == get_config("llada-8b") and not caplog.records
+    # written back as found (n_kv_heads, a field, is written resolved)
+    assert cfg.to_hf_dict()[key] == (32 if key == "n_kv_heads" else value)
+
+
+def test_bias_for_layer_norm_null_loads_a_checkpoint(tmp_path, gen):
+    import json
+
+    from remedi.model.checkpoint import load_pretrained, save_pretrained
+
+    m = make(get_config("test-tiny"))
+    save_pretrained(m, tmp_path / "m")
+    raw = json.loads((tmp_path / "m/config.json").read_text())
+    raw["bias_for_layer_norm"] = None
+    (tmp_path / "m/config.json").write_text(json.dumps(raw))
+    ids = torch.randint(0, 90, (1, 7), generator=gen)
+    assert torch.equal(load_pretrained(tmp_path / "m", dtype=torch.float32)(ids).logits, m(ids).logits)
+
+
+def test_mlp_hidden_size_null_falls_back_to_mlp_ratio():
+    raw = dict(get_config("test-tiny").to_hf_dict(), mlp_hidden_size=None, mlp_ratio=1.5)
+    assert LLaDAConfig.from_hf_dict(raw).mlp_hidden_size == 96

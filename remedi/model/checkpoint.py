@@ -1,33 +1,46 @@
 """Checkpoint I/O: the hub layout for backbones, small self-describing files for UPS weights.
 
 Backbones load from a local directory or a hub id (``config.json`` + ``model.safetensors`` or shards
-with ``model.safetensors.index.json``). The model is built on the meta device and the tensors are
+with ``model.safetensors.index.json``). Every shard's header is read and checked against config.json
+(names, shapes) before any tensor is; then the model is built on the meta device and the tensors are
 assigned straight from safetensors in the target dtype, so host memory peaks near the checkpoint size.
 
 UPS checkpoints hold tensors and plain JSON metadata only; ``.safetensors`` files keep the metadata in
-the header, any other suffix (``.pt`` as in the user's commands) is a ``torch.save`` dict read back with
-``weights_only=True``. Nothing loaded here can execute code. Every write goes to a temporary name in the
-same directory and is renamed into place, so a crash never leaves a truncated file.
+the header (key ``remedi_meta``), any other suffix (``.pt`` as in the user's commands) is a ``torch.save``
+dict ``{"state_dict": tensors, "meta": json}`` read back with ``weights_only=True``. The metadata is
+readable alone (:func:`read_ups_meta`: the safetensors header, or the ``.pt`` archive memory-mapped so its
+tensors are never read), which keeps preflight checks cheap. The metadata records a sha256 of every
+tensor (``tensor_sha256``), verified on load along with finiteness. Nothing loaded here can execute code.
+Every write goes to a temporary name in the same directory and is renamed into place, so a crash never
+leaves a truncated file.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import logging
 import os
+import pickle
 import platform
 import shutil
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from remedi.model.config import LLaDAConfig
 from remedi.model.llada import RemeDiLM, UPSHead
 
+log = logging.getLogger(__name__)
+
 FORMAT_VERSION = 1
+UPS_META_KEY = "remedi_meta"  # safetensors header key holding the UPS metadata (JSON)
+CHECKSUM_KEY = "tensor_sha256"  # metadata key: {tensor name: sha256 hex of its raw bytes}
 _HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer*", "special_tokens_map.json",
               "*.model", "*.tiktoken", "generation_config.json"]
 
@@ -97,10 +110,28 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
         ) from e
 
 
+def _first_line(e: BaseException, limit: int = 300) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:limit] if text else ''}"
+
+
+def open_safetensors(path: str | os.PathLike, device: str = "cpu"):
+    """``safe_open`` that names the file when its header is truncated or corrupt."""
+    try:
+        return safe_open(str(path), framework="pt", device=device)
+    except SafetensorError as e:
+        raise ValueError(f"{path} is truncated or corrupt: not a readable safetensors file ({_first_line(e)}); "
+                         "download or copy it again") from None
+
+
 def _weight_files(model_dir: Path) -> list[Path]:
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{index} is not a valid safetensors index (needs a JSON object with a weight_map; "
+                             f"{_first_line(e)}); download it again") from None
         missing = [f for f in files if not (model_dir / f).is_file()]
         if missing:
             raise FileNotFoundError(f"{index} names shards that are missing: {missing}")
@@ -111,6 +142,10 @@ def _weight_files(model_dir: Path) -> list[Path]:
     if any(model_dir.glob("*.bin")):
         raise ValueError(f"{model_dir} holds only pickle .bin weights; convert them to safetensors first")
     raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {model_dir}")
+
+
+def _fmt_keys(keys: list[str]) -> str:
+    return f"{keys[:6]}{'...' if len(keys) > 6 else ''} ({len(keys)})"
 
 
 def load_pretrained(
@@ -124,34 +159,38 @@ def load_pretrained(
     cfg = config or LLaDAConfig.from_json_file(model_dir / "config.json")
     with torch.device("meta"):
         model = RemeDiLM(cfg)
-    expected = dict(model.state_dict())
-    state: dict[str, torch.Tensor] = {}
-    dev = torch.device(device)
-    dev = "cpu" if dev.type == "cpu" else str(dev)  # safetensors accepts "cpu", not "cpu:0"
-    for f in _weight_files(model_dir):
-        with safe_open(str(f), framework="pt", device=dev) as sf:
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    files = _weight_files(model_dir)
+    # Headers only: every file's names and shapes are checked before a single tensor is read.
+    where: dict[str, Path] = {}
+    problems: list[str] = []
+    for f in files:
+        with open_safetensors(f) as sf:
             for key in sf.keys():
-                if key not in expected:
-                    continue  # reported below with the full list
-                t = sf.get_tensor(key)
-                if t.shape != expected[key].shape:
-                    raise ValueError(f"{f.name}: {key} has shape {tuple(t.shape)}, config.json implies "
-                                     f"{tuple(expected[key].shape)}")
-                state[key] = t.to(dtype)
-    # Collect unexpected keys across files for one precise message.
-    present = set()
-    for f in _weight_files(model_dir):
-        with safe_open(str(f), framework="pt", device="cpu") as sf:
-            present.update(sf.keys())
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(present - set(expected))
+                if key in where:
+                    raise ValueError(f"{f}: tensor {key} is also in {where[key].name}; the shards overlap")
+                where[key] = f
+                if key in expected:
+                    shape = tuple(sf.get_slice(key).get_shape())
+                    if shape != expected[key]:
+                        problems.append(f"{f.name}: {key} has shape {shape}, config.json implies {expected[key]}")
+    missing = sorted(set(expected) - set(where))
+    unexpected = sorted(set(where) - set(expected))
     if missing or unexpected:
         hint = ""
         if any(k.startswith("model.blocks_upm") for k in unexpected):
             hint = " (the checkpoint has a RemeDi stream UPS: its config.json should say model_type 'RemeDi')"
         raise ValueError(f"{model_dir}: checkpoint does not match config.json{hint}; missing "
-                         f"{missing[:6]}{'...' if len(missing) > 6 else ''} ({len(missing)}), unexpected "
-                         f"{unexpected[:6]}{'...' if len(unexpected) > 6 else ''} ({len(unexpected)})")
+                         f"{_fmt_keys(missing)}, unexpected {_fmt_keys(unexpected)}")
+    if problems:
+        raise ValueError(f"{model_dir}: " + "; ".join(problems[:4]) + (" ..." if len(problems) > 4 else ""))
+    state: dict[str, torch.Tensor] = {}
+    dev = torch.device(device)
+    dev = "cpu" if dev.type == "cpu" else str(dev)  # safetensors accepts "cpu", not "cpu:0"
+    for f in files:
+        with open_safetensors(f, device=dev) as sf:
+            for key in sf.keys():
+                state[key] = sf.get_tensor(key).to(dtype)
     model.load_state_dict(state, strict=True, assign=True)
     model.name_or_path = str(name_or_path)
     return model.eval()
@@ -216,45 +255,180 @@ def ups_state(model: RemeDiLM) -> tuple[dict[str, torch.Tensor], dict[str, Any]]
     return state, meta
 
 
+def tensor_sha256(t: torch.Tensor) -> str:
+    """sha256 (hex) of a tensor's raw bytes in C order and its stored dtype (what the file holds)."""
+    flat = t.detach().cpu().contiguous().reshape(-1)
+    return hashlib.sha256(flat.view(torch.uint8).numpy().data if flat.numel() else b"").hexdigest()
+
+
+def _nonfinite(t: torch.Tensor, chunk: int = 1 << 24) -> int:
+    """Number of NaN/inf entries, in chunks (no full-size temporary for a 1B-parameter stream)."""
+    if not t.is_floating_point():
+        return 0
+    flat = t.reshape(-1)
+    return sum(int((~torch.isfinite(flat[i:i + chunk])).sum()) for i in range(0, flat.numel(), chunk))
+
+
 def save_ups(path: str | os.PathLike, model: RemeDiLM, extra_meta: Optional[dict[str, Any]] = None) -> Path:
-    """Save only the UPS weights with a rebuild recipe (never the frozen backbone)."""
+    """Save only the UPS weights with a rebuild recipe (never the frozen backbone).
+
+    The metadata gets ``tensor_sha256`` (a sha256 per tensor, see :func:`tensor_sha256`), which
+    :func:`read_ups` verifies; it is computed here and cannot be overridden by ``extra_meta``.
+    """
     state, meta = ups_state(model)
-    meta = {"format_version": FORMAT_VERSION, **meta, "base_model": getattr(model, "name_or_path", None),
-            "versions": versions(), **(extra_meta or {})}
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    bad = {k: n for k, n in ((k, _nonfinite(v)) for k, v in tensors.items()) if n}
+    if bad:
+        log.warning("saving UPS %s with non-finite values (%s); loading it will be refused", path,
+                    ", ".join(f"{k}: {n}" for k, n in bad.items()))
+    meta = {"format_version": FORMAT_VERSION, **meta, "base_model": getattr(model, "name_or_path", None),
+            "versions": versions(), **(extra_meta or {}),
+            CHECKSUM_KEY: {k: tensor_sha256(tensors[k]) for k in sorted(tensors)}}
     path = Path(path)
     with atomic_path(path) as tmp:
         if path.suffix == ".safetensors":
-            save_file(tensors, str(tmp), metadata={"remedi_meta": json.dumps(meta)})
+            save_file(tensors, str(tmp), metadata={UPS_META_KEY: json.dumps(meta)})
         else:
             torch.save({"state_dict": tensors, "meta": json.dumps(meta)}, tmp)
     return path
 
 
-def read_ups(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read a UPS checkpoint's tensors and metadata (safe loaders only)."""
+def _torch_load(path: Path, mmap: bool = False) -> Any:
+    """``torch.load(weights_only=True)`` with a message naming the file for each way it can fail.
+
+    ``mmap=True`` maps the archive's tensors instead of reading them (only the small pickle is read).
+    """
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    is_zip = zipfile.is_zipfile(path)
+    size = path.stat().st_size
+    if not magic:
+        raise ValueError(f"{path} is not a readable UPS checkpoint: the file is empty (truncated); copy it again "
+                         "or re-save it")
+    if magic == b"PK\x03\x04" and not is_zip:
+        raise ValueError(f"{path} is not a readable UPS checkpoint: it is truncated or corrupt (a torch.save "
+                         f"archive without its end record, {size} bytes); copy it again or re-save it")
+    if not is_zip and magic[:1] != b"\x80":
+        raise ValueError(f"{path} is not a readable UPS checkpoint: not a torch.save file (neither a zip archive "
+                         "nor a pickle); give a .pt or .safetensors file written by save_ups")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and is_zip)
+    except pickle.UnpicklingError as e:
+        # torch's message is boilerplate (incl. advice to load unsafely) around one line with the reason
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and not ln.startswith(
+            ("Weights only load failed", "Check the documentation", "Please file an issue"))]
+        reason = lines[0][:200] if lines else "not plain tensors and data"
+        raise ValueError(f"{path} is not a readable UPS checkpoint: weights_only loading refused its contents "
+                         f"({reason}); only tensors and plain data load, as save_ups writes them") from None
+    except Exception as e:  # torch raises RuntimeError/OSError/EOFError for damaged archives
+        raise ValueError(f"{path} is not a readable UPS checkpoint: it is truncated or corrupt "
+                         f"({_first_line(e, 200)}); copy it again or re-save it") from None
+
+
+def _parse_meta(text: Any, path: Path) -> dict[str, Any]:
+    if text is None:
+        raise ValueError(f"{path} has no UPS metadata ({UPS_META_KEY!r} in a safetensors header, 'meta' in a .pt "
+                         "file): not a UPS checkpoint written by save_ups")
+    try:
+        meta = json.loads(text) if isinstance(text, (str, bytes)) else None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: the UPS metadata is not valid JSON ({e}); the file is corrupt") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: the UPS metadata is not a JSON object; the file is corrupt")
+    arch = meta.get("ups_arch")
+    if arch not in ("head", "stream"):
+        raise ValueError(f"{path}: metadata has no valid ups_arch (found {arch!r}; expected 'head' or 'stream')")
+    if not isinstance(meta.get("hidden_size"), int):
+        raise ValueError(f"{path}: metadata hidden_size must be an integer (found {meta.get('hidden_size')!r})")
+    width = meta.get("ups_width", 0)
+    if arch == "head" and not (isinstance(width, int) and width >= 0):
+        raise ValueError(f"{path}: metadata ups_width must be a non-negative integer (found {width!r})")
+    taps = meta.get("ups_taps")
+    if arch == "stream" and not (isinstance(taps, list) and taps and all(isinstance(t, int) for t in taps)
+                                 and taps == sorted(set(taps)) and taps[0] >= 0):
+        raise ValueError(f"{path}: metadata ups_taps must be a non-empty, strictly increasing list of block "
+                         f"indices (found {taps!r})")
+    sums = meta.get(CHECKSUM_KEY)
+    if sums is not None and not (isinstance(sums, dict) and all(isinstance(v, str) for v in sums.values())):
+        raise ValueError(f"{path}: metadata {CHECKSUM_KEY} must map tensor names to sha256 hex strings")
+    return meta
+
+
+def _ups_file(path: str | os.PathLike) -> Path:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"UPS checkpoint not found: {path}")
+    return path
+
+
+def read_ups_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """The metadata of a UPS checkpoint, without reading its tensors (for preflight checks).
+
+    ``.safetensors``: the JSON header only. ``.pt``: the archive is memory-mapped, so only its small
+    pickle is read (files from any version of save_ups). Does not verify the tensors: :func:`read_ups` does.
+    """
+    path = _ups_file(path)
     if path.suffix == ".safetensors":
-        with safe_open(str(path), framework="pt", device="cpu") as sf:
-            meta = json.loads((sf.metadata() or {}).get("remedi_meta", "{}"))
+        with open_safetensors(path) as sf:
+            return _parse_meta((sf.metadata() or {}).get(UPS_META_KEY), path)
+    blob = _torch_load(path, mmap=True)
+    if not isinstance(blob, dict) or "state_dict" not in blob:
+        raise ValueError(f"{path} is not a UPS checkpoint written by this toolkit (no state_dict/meta)")
+    return _parse_meta(blob.get("meta"), path)
+
+
+def verify_ups_state(state: dict[str, torch.Tensor], meta: dict[str, Any], path: str | os.PathLike) -> None:
+    """Refuse tensors that differ from the checksums stored at save time, or that hold NaN/inf."""
+    sums = meta.get(CHECKSUM_KEY)
+    if sums is None:
+        # a note, not a warning: the embedded checkpoints shipped in checkpoints/ predate checksums
+        log.info("%s has no tensor checksum (%s; written before save_ups stored one): loading it without an "
+                 "integrity check", path, CHECKSUM_KEY)
+    else:
+        if set(sums) != set(state):
+            raise ValueError(f"{path} is corrupt: its tensors {_fmt_keys(sorted(state))} are not the ones recorded "
+                             f"at save time {_fmt_keys(sorted(sums))}; copy it again or re-save it")
+        for k in sorted(state):
+            if tensor_sha256(state[k]) != sums[k]:
+                raise ValueError(f"{path} is corrupt: tensor {k} does not match the sha256 recorded when it was "
+                                 f"saved (metadata {CHECKSUM_KEY}); copy the file again or re-save it")
+    for k in sorted(state):
+        n = _nonfinite(state[k])
+        if n:
+            raise ValueError(f"{path}: UPS tensor {k} holds {n} non-finite values (NaN/inf) of "
+                             f"{state[k].numel()}; the run that saved it diverged: use an earlier checkpoint or "
+                             "retrain it")
+
+
+def read_ups(path: str | os.PathLike, verify: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a UPS checkpoint's tensors and metadata (safe loaders only).
+
+    With ``verify`` (the default) the tensors are checked against the stored ``tensor_sha256`` and for
+    NaN/inf (:func:`verify_ups_state`).
+    """
+    path = _ups_file(path)
+    if path.suffix == ".safetensors":
+        with open_safetensors(path) as sf:
+            meta = _parse_meta((sf.metadata() or {}).get(UPS_META_KEY), path)
             state = {k: sf.get_tensor(k) for k in sf.keys()}
     else:
-        try:
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(f"{path} is not a readable UPS checkpoint ({type(e).__name__}: {e})") from e
+        blob = _torch_load(path)
         if not isinstance(blob, dict) or "state_dict" not in blob:
             raise ValueError(f"{path} is not a UPS checkpoint written by this toolkit (no state_dict/meta)")
-        state, meta = blob["state_dict"], json.loads(blob.get("meta") or "{}")
-    if meta.get("ups_arch") not in ("head", "stream"):
-        raise ValueError(f"{path}: metadata has no valid ups_arch (found {meta.get('ups_arch')!r})")
+        meta = _parse_meta(blob.get("meta"), path)
+        state = blob["state_dict"]
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ValueError(f"{path}: state_dict is not a mapping of tensor names to tensors")
+    if verify:
+        verify_ups_state(state, meta, path)
     return state, meta
 
 
 def check_ups_compatible(meta: dict[str, Any], cfg: LLaDAConfig, path: str = "UPS checkpoint") -> None:
-    """Fail before any weight is touched when a UPS checkpoint cannot belong to this backbone."""
+    """Fail before any weight is touched when a UPS checkpoint cannot belong to this backbone.
+
+    ``meta`` is what :func:`read_ups_meta` returns (cheap: no tensor is read).
+    """
     if meta.get("hidden_size") != cfg.d_model:
         raise ValueError(f"{path} was trained on a backbone with hidden size {meta.get('hidden_size')}, "
                          f"but this model has d_model={cfg.d_model}; use a UPS trained on this base model")
@@ -265,32 +439,46 @@ def check_ups_compatible(meta: dict[str, Any], cfg: LLaDAConfig, path: str = "UP
 
 
 def load_ups(path: str | os.PathLike, model: RemeDiLM) -> dict[str, Any]:
-    """Attach the UPS stored at ``path`` to ``model`` (adds the head or stream if absent). Returns meta."""
-    state, meta = read_ups(path)
+    """Attach the UPS stored at ``path`` to ``model`` (adds the head or stream if absent). Returns meta.
+
+    Everything that can be refused (metadata, compatibility, checksum, NaN/inf, tensor names and shapes)
+    is checked before the model is changed.
+    """
+    meta = read_ups_meta(path)
     cfg = model.config
     check_ups_compatible(meta, cfg, str(path))
-    ref = next(model.parameters())
     if meta["ups_arch"] == "head":
         if model.model.has_stream:
             raise ValueError(f"{path} holds a head UPS, but the model already has a stream UPS "
                              f"(taps {cfg.ups_taps}); load it into a plain LLaDA backbone")
+    else:
+        if model.ups_head is not None:
+            raise ValueError(f"{path} holds a stream UPS, but the model has a head UPS attached")
+        if model.model.has_stream and tuple(cfg.ups_taps) != tuple(meta["ups_taps"]):
+            raise ValueError(f"{path}: stream taps {tuple(meta['ups_taps'])} != the model's taps {cfg.ups_taps}")
+    state, meta = read_ups(path)
+    ref = next(model.parameters())
+    if meta["ups_arch"] == "head":
         head = UPSHead(cfg.d_model, int(meta.get("ups_width", 0))).to(ref.device)
         sd = {k.removeprefix("ups_head."): v for k, v in state.items()}
         _load_exact(head, sd, path)
         model.attach_head(head)
     else:
-        if model.ups_head is not None:
-            raise ValueError(f"{path} holds a stream UPS, but the model has a head UPS attached")
         taps = tuple(meta["ups_taps"])
+        sub = {k.removeprefix("model."): v for k, v in state.items()}
+        with torch.device("meta"):  # the stream's names and shapes, to check before touching the model
+            probe = RemeDiLM(cfg.replace(ups_taps=taps)).model
+        want = {n: tuple(probe.get_parameter(n).shape) for n in probe.stream_parameter_names()}
+        problems = [f"missing {sorted(set(want) - set(sub))[:4]}"] if set(want) - set(sub) else []
+        problems += [f"unexpected {sorted(set(sub) - set(want))[:4]}"] if set(sub) - set(want) else []
+        problems += [f"{k}: {tuple(v.shape)} vs {want[k]}" for k, v in sub.items()
+                     if k in want and tuple(v.shape) != want[k]]
+        if problems:
+            raise ValueError(f"{path}: stream UPS tensors do not match taps {taps} on this backbone: "
+                             + "; ".join(problems[:6]))
         if not model.model.has_stream:
             add_stream(model, taps)
-        elif tuple(cfg.ups_taps) != taps:
-            raise ValueError(f"{path}: stream taps {taps} != the model's taps {cfg.ups_taps}")
-        sub = {k.removeprefix("model."): v.to(ref.dtype) for k, v in state.items()}
-        missing = set(model.model.stream_parameter_names()) - set(sub)
-        if missing:
-            raise ValueError(f"{path}: stream checkpoint lacks {sorted(missing)[:4]}")
-        model.model.load_state_dict(sub, strict=False)
+        model.model.load_state_dict({k: v.to(ref.dtype) for k, v in sub.items()}, strict=False)
     return meta
 
 
