@@ -120,3 +120,59 @@ def print_table(rows: list[dict], cols: list[str]) -> None:
     print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
     for r in rows:
         print("  ".join(f"{r.get(c, '')}".ljust(w) for c, w in zip(cols, widths)))
+
+
+# ------------------------------------------------------------------------------------------ profiling
+# CUDA runtime/driver calls that put work on the GPU (a CUDA-graph replay is one), and those that wait for it.
+LAUNCH_APIS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaGraphLaunch",
+               "cuGraphLaunch", "cudaMemcpyAsync", "cudaMemsetAsync", "cudaLaunchCooperativeKernel")
+SYNC_APIS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cuStreamSynchronize",
+             "cuCtxSynchronize", "cudaMemcpy")
+
+
+def profile_counts(fn: Callable[[], object], cuda: bool) -> dict:
+    """Run fn() once under torch.profiler: GPU kernels executed, launch calls, host-sync calls and the GPU's
+    busy time (the union of kernel/memcpy intervals, ms). Without CUDA only the launch counts (zero) exist."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    if cuda:
+        torch.cuda.synchronize()
+    with profile(activities=acts) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+    gpu, kernels, launches, syncs = [], 0, 0, 0
+    for e in prof.profiler.kineto_results.events():
+        name = e.name()
+        if e.device_type() == torch.autograd.DeviceType.CUDA:
+            gpu.append((e.start_ns(), e.start_ns() + e.duration_ns()))
+            kernels += not name.startswith(("Memcpy", "Memset"))
+        elif name in LAUNCH_APIS:
+            launches += 1
+        elif name in SYNC_APIS:
+            syncs += 1
+    busy, end = 0, None
+    for a, b in sorted(gpu):
+        if end is None or a > end:
+            busy += b - a
+            end = b
+        elif b > end:
+            busy += b - end
+            end = b
+    return {"kernels": kernels, "launches": launches, "syncs": syncs, "gpu_ms": busy / 1e6 if cuda else None}
+
+
+class Watchdog:
+    """Calls ``on_timeout`` from a timer thread after ``minutes`` (then the process should exit), so that a
+    stuck compilation cannot make a time-limited run end without its table."""
+
+    def __init__(self, minutes: float, on_timeout: Callable[[], None]):
+        import threading
+
+        self.timer = threading.Timer(minutes * 60, on_timeout)
+        self.timer.daemon = True
+        self.timer.start()
+
+    def cancel(self) -> None:
+        self.timer.cancel()

@@ -49,13 +49,23 @@ def stream_model():
     return _stream_model()
 
 
-def _same(a, b):
-    """Two lists of Generation records are identical (tokens, NFE, remasks, trajectories)."""
+def _same(a, b, conf_ulps: bool = False):
+    """Two lists of Generation records are identical (tokens, NFE, remasks, trajectories).
+
+    conf_ulps: trajectory confidences need only agree to 1e-12 (the static decoder with eos_gating keeps
+    finished rows in its batch where the eager one drops them, so scores may move by an ulp)."""
     assert [(x.tokens, x.nfe, x.remasks_per_block) for x in a] == [(x.tokens, x.nfe, x.remasks_per_block) for x in b]
     for x, y in zip(a, b):
         assert (x.trajectory is None) == (y.trajectory is None)
-        if x.trajectory is not None:
+        if x.trajectory is None:
+            continue
+        if not conf_ulps:
             assert x.trajectory == y.trajectory
+            continue
+        assert [{k: v for k, v in s.items() if k != "conf"} for s in x.trajectory] == \
+               [{k: v for k, v in s.items() if k != "conf"} for s in y.trajectory]
+        for s, t in zip(x.trajectory, y.trajectory):
+            assert s["conf"] == pytest.approx(t["conf"], rel=1e-12, abs=1e-15)
 
 
 def agreement(a, b, G: int) -> float:
@@ -115,25 +125,29 @@ def test_what_each_cache_mode_computes(model, mode, refresh):
 
 
 # ------------------------------------------------------------------------ refresh every step == exact
+@pytest.mark.parametrize("graphs", [False, True])
 @pytest.mark.parametrize("mode", ["prefix", "dual"])
 @pytest.mark.parametrize("g", GRID)
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_refresh_every_step_equals_uncached(model, mode, g, strategy):
+def test_refresh_every_step_equals_uncached(model, mode, g, strategy, graphs):
+    """Against the uncached eager sampler (the reference), with the eager and the static (--graphs) decoder."""
     cfg = _scfg(strategy, g, record_trajectory=True, eos_gating=g[2] == 8)
     want = generate(model, PROMPTS, cfg, IDS, _gens(3))
-    got = generate(model, PROMPTS, dataclasses.replace(cfg, cache=mode, cache_refresh=1), IDS, _gens(3))
-    _same(got, want)
+    got = generate(model, PROMPTS, dataclasses.replace(cfg, cache=mode, cache_refresh=1, graphs=graphs), IDS, _gens(3))
+    _same(got, want, conf_ulps=graphs and cfg.eos_gating)
 
 
+@pytest.mark.parametrize("graphs", [False, True])
 @pytest.mark.parametrize("mode", ["prefix", "dual"])
 @pytest.mark.parametrize("kw", [dict(strategy="ups"), dict(strategy="ups", threshold=0.6, remask_threshold=0.3),
                                 dict(strategy="llada_low_confidence", threshold=0.3)])
-def test_refresh_every_step_equals_uncached_stream_cfg(stream_model, mode, kw):
+def test_refresh_every_step_equals_uncached_stream_cfg(stream_model, mode, kw, graphs):
     cfg = SamplerConfig(steps=6, gen_length=12, block_length=4, cfg_scale=1.5, eos_gating=True,
                         record_trajectory=True, **kw)
     want = generate(stream_model, PROMPTS, cfg, IDS, _gens(3))
-    got = generate(stream_model, PROMPTS, dataclasses.replace(cfg, cache=mode, cache_refresh=1), IDS, _gens(3))
-    _same(got, want)
+    got = generate(stream_model, PROMPTS, dataclasses.replace(cfg, cache=mode, cache_refresh=1, graphs=graphs), IDS,
+                   _gens(3))
+    _same(got, want, conf_ulps=graphs)
 
 
 # ---------------------------------------------------------------------------- approximate agreement
@@ -160,18 +174,18 @@ def test_cached_modes_agree_with_uncached_random_model(model, mode, strategy):
 
 
 def _embedded():
-    from remedi.evaluation import runner as ge
+    from remedi.evaluation import data as D
+    from remedi.session import default_ups_head
     from remedi.model.loading import EMBEDDED_MODEL, load_for_inference
     from remedi.decoding.args import SamplingArgs
 
-    if not (EMBEDDED_MODEL / "config.json").is_file() or not (ge.ARITH_DATA_DIR / "test.jsonl").is_file():
+    if not (EMBEDDED_MODEL / "config.json").is_file() or not (D.ARITH_DATA_DIR / "test.jsonl").is_file():
         pytest.skip(f"the embedded model {EMBEDDED_MODEL} (with its arith data) is not built")
-    ups = str(ge.EMBEDDED_UPS) if ge.EMBEDDED_UPS.is_file() else None
+    ups = default_ups_head(str(EMBEDDED_MODEL))
     loaded = load_for_inference(str(EMBEDDED_MODEL), ups, None, device="cpu", dtype="float32")
-    s = SamplingArgs()
-    ge.apply_model_defaults(s, EMBEDDED_MODEL, ())
-    items = ge.load_items(ge.resolve_dataset("arith", split="test"))[:16]
-    prompts = [ge.encode(loaded.tokenizer, ge.build_prompt(it.question, "gsm8k", ge.ARITH), ge.ARITH)[0]
+    s = SamplingArgs().resolve(EMBEDDED_MODEL)
+    items = D.load_items(D.resolve_dataset("arith", split="test"))[:16]
+    prompts = [D.encode(loaded.tokenizer, D.build_prompt(it.question, "gsm8k", D.ARITH), D.ARITH)[0]
                for it in items]
     return loaded, s, prompts
 
@@ -304,10 +318,11 @@ def _tcfg(strategy, t, **kw):
                          confidence_eos_eot_inf=ceei, eos_gating=gate, threshold=thr, remask_threshold=rthr, **kw)
 
 
+@pytest.mark.parametrize("graphs", [False, True])
 @pytest.mark.parametrize("t", TGRID)
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_threshold_matches_slow_reference(model, strategy, t):
-    cfg = _tcfg(strategy, t, record_trajectory=True)
+def test_threshold_matches_slow_reference(model, strategy, t, graphs):
+    cfg = _tcfg(strategy, t, record_trajectory=True, graphs=graphs)
     fast = generate(model, PROMPTS, cfg, IDS, _gens(3))
     for f, p, g in zip(fast, PROMPTS, _gens(3)):
         tokens, nfe, per_block, steps = threshold_ref(model, p, cfg, g)
@@ -452,28 +467,38 @@ def test_scripts_take_the_fast_decoding_flags(tiny_model_dir, tmp_path):
 # ------------------------------------------------------------------------------------ bench smoke tests
 def _bench(name):
     import importlib.util
+    import sys
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(f"_bench_{name}", path)
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
     spec.loader.exec_module(mod)
     return mod
 
 
 def test_bench_sampler_runs_on_cpu(tmp_path):
-    """The GPU benchmark's code paths end to end on the tiny config (timings mean nothing here)."""
+    """The GPU benchmark's code paths end to end on the tiny config (timings mean nothing here): the
+    reference, exact, cached, threshold and static-buffer runs, the steady-state probe, the table, the JSON."""
     import json
 
-    out = tmp_path / "s.json"
-    _bench("bench_sampler").main(["--config", "test-tiny", "--device", "cpu", "--dtype", "float32", "--prompt_len",
-                                  "8", "--gen_length", "32", "--block_length", "16", "--steps", "8", "--none_steps",
-                                  "4", "--batches", "1,2", "--ups", "head,stream", "--caches", "none,dual,prefix",
-                                  "--modes", "eager", "--out", str(out)])
-    rec = json.loads(out.read_text())
-    assert len(rec["rows"]) == 2 * (1 + 3 + 3) and not rec["skipped"] and "partial" not in rec
-    assert all(r["tok_s"] > 0 and r["floor_s"] > 0 for r in rec["rows"])
-    assert {r["scaled_x"] for r in rec["rows"] if r["cache"] == "none"} == {2.0}
+    rec = _bench("bench_sampler").main(["--smoke", "--batches", "2", "--ups", "head,stream", "--caches", "none,dual",
+                                        "--modes", "eager,graphs", "--probe_steps", "1", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "sampler.json").read_text())
+    assert "partial" not in saved and not saved["skipped"] and len(saved["rows"]) == len(rec["rows"])
+    rows = rec["rows"]
+    # eager: reference, exact, head none/dual, threshold, stream none/dual; graphs: the same without the reference
+    assert len(rows) == 7 + 6 and not any("error" in r for r in rows), [r.get("error") for r in rows]
+    assert all(r["tok_s"] > 0 and r["step_ms"] > 0 and r["launches_step"] == 0 for r in rows if "step_ms" in r)
+    assert {r["scaled_x"] for r in rows if r["cache"] == "none"} == {2.0}
+    assert {(r["run"], r["mode"]) for r in rows if r["threshold"]} == {("ups/head thr0.9", "eager"),
+                                                                        ("ups/head thr0.9", "graphs")}
+    assert all(r["x_ref"] is not None and r["x_exact"] is not None for r in rows)
+    checked = [r for r in rows if r["mode"] == "graphs" and not r["threshold"]]
+    assert checked and all(r["match_uncaptured"] == 1.0 and r["match_eager"] == 1.0 for r in checked)  # float32
+    assert sorted((c["cache"], c["mode"]) for c in rec["stream_costs"]) == \
+        [("dual", "eager"), ("dual", "graphs"), ("none", "eager"), ("none", "graphs")]
 
 
 def test_bench_threshold_runs_on_the_tiny_model(tiny_model_dir, tmp_path):

@@ -106,10 +106,11 @@ def _cut_pad(row, G):
 
 
 # ------------------------------------------------------------------------------- fast == reference
+@pytest.mark.parametrize("graphs", [False, True])
 @pytest.mark.parametrize("g", GRID)
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_fast_matches_slow_reference(model, g, strategy):
-    cfg = _scfg(strategy, g, record_trajectory=True, eos_gating=g[2] == 8)
+def test_fast_matches_slow_reference(model, g, strategy, graphs):
+    cfg = _scfg(strategy, g, record_trajectory=True, eos_gating=g[2] == 8, graphs=graphs)
     fast = generate(model, PROMPTS, cfg, IDS, _gens(3))
     slow = generate_ref(model, PROMPTS, cfg, IDS, _gens(3))
     for f, s in zip(fast, slow):

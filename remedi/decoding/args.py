@@ -63,6 +63,13 @@ class SamplingArgs:
                                                   "no remasking")
     compile: Optional[bool] = model_arg(_D.compile, "torch.compile the transformer blocks before sampling (GPU "
                                         "speed-up; the first call compiles)", nargs="?", const=True)
+    graphs: Optional[bool] = model_arg(_D.graphs, "static-buffer decoding step: fixed-size KV cache, schedule, EOS "
+                                       "gate and ranking on the device, no host sync inside a block (threshold "
+                                       "decoding checks once per step, --eos_gating once per block); captured as "
+                                       "CUDA graphs on a GPU", nargs="?", const=True)
+    graph_capture: Optional[bool] = model_arg(_D.graph_capture, "with --graphs on a GPU: capture and replay CUDA "
+                                              "graphs (false: the same static step uncaptured, for debugging)",
+                                              nargs="?", const=True)
 
     def __post_init__(self) -> None:
         self.origin: dict[str, str] = {}

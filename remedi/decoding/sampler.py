@@ -68,6 +68,12 @@ Fast decoding (issue 7; every part has a flag that turns it off, and the default
   rows finish theirs (one host sync per step decides), so rows stay batch-independent.
 * ``compile``: ``model.compile_blocks`` once per model, with the cache's update kept out of the
   graphs (:class:`_EagerUpdateCache`).
+* ``graphs`` (:mod:`remedi.decoding.graphs`): the same algorithm on static buffers -- one fixed-size KV
+  cache over the whole sequence, the block's position, schedule, EOS gate and finished rows as device
+  tensors, a sort-free ranking -- so that no step of a block synchronises with the host, and on a CUDA
+  device each step is one CUDA-graph replay (``graph_capture``). Equal to the eager decoder token for
+  token in float32 for every flag combination (tested); host reads remain where the algorithm needs a
+  value: once per threshold step, once per block with eos_gating, every step with trajectories.
 """
 from __future__ import annotations
 
@@ -105,6 +111,8 @@ class SamplerConfig:
     threshold: Optional[float] = None  # parallel threshold decoding; None = the step schedule
     remask_threshold: Optional[float] = None  # threshold mode, remask strategies: remask below this
     compile: bool = False  # torch.compile the transformer blocks (in place, once per model)
+    graphs: bool = False  # static-buffer step, no host sync inside a block, CUDA graphs (remedi.decoding.graphs)
+    graph_capture: bool = True  # with graphs on a CUDA device: capture/replay CUDA graphs (False: run it eagerly)
 
     @property
     def num_blocks(self) -> int:
@@ -307,12 +315,17 @@ def draw_candidates(logits: torch.Tensor, temperature: float,
     u = torch.stack([torch.rand((Lb, V), generator=generators[b], dtype=torch.float64,
                                 device=generators[b].device).to(logits.device) for b in rows])  # (R, Lb, V)
     sub = logits if len(rows) == len(generators) else logits[torch.tensor(rows, device=logits.device)]
-    noisy = sub.double().exp() / (-torch.log(u)) ** temperature
     if len(rows) == len(generators):
-        return noisy.argmax(-1)
+        return gumbel_argmax(sub, u, temperature)
     x0 = logits.argmax(-1)
-    x0[torch.tensor(rows, device=logits.device)] = noisy.argmax(-1)
+    x0[torch.tensor(rows, device=logits.device)] = gumbel_argmax(sub, u, temperature)
     return x0
+
+
+def gumbel_argmax(logits: torch.Tensor, u: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The reference's Gumbel-max with given uniforms ``u`` (same shape, float64):
+    ``argmax(exp(logits) / (-log u) ** temperature)`` in float64."""
+    return (logits.double().exp() / (-torch.log(u)) ** temperature).argmax(-1)
 
 
 def draw_uniform(B: int, Lb: int, generators: Sequence[Optional[torch.Generator]], device) -> torch.Tensor:
@@ -370,22 +383,58 @@ def threshold_confidence(strategy: str, score: torch.Tensor) -> torch.Tensor:
     return score.exp() if strategy == "entropy" else score
 
 
-def threshold_step(cfg: SamplerConfig, score: torch.Tensor, masked: torch.Tensor):
+def threshold_step(cfg: SamplerConfig, score: torch.Tensor, masked: torch.Tensor, select=None):
     """Parallel threshold decoding: (unmask, remask), bool (B, Lb).
 
     unmask: every masked position whose confidence reaches ``threshold``, and at least the best-scoring
     masked one. remask (remask strategies with ``remask_threshold``): positions unmasked before this
     step whose confidence is below ``remask_threshold``, lowest first, at most (newly unmasked - 1) of
     them, so that every step leaves at least one mask fewer and a block takes at most block_length steps.
+    ``select``: the top-k selection (default :func:`select_top_k`; the static path passes its sort-free
+    equivalent, :func:`remedi.decoding.graphs.rank_select`).
     """
+    select = select or select_top_k
     conf = threshold_confidence(cfg.strategy, score)
     one = torch.ones(score.shape[0], dtype=torch.long, device=score.device)
-    unmask = select_top_k(score, masked, one) | (masked & (conf >= cfg.threshold))
+    unmask = select(score, masked, one) | (masked & (conf >= cfg.threshold))
     if cfg.remask_threshold is None or not cfg.remasks:
         return unmask, torch.zeros_like(masked)
     low = ~masked & (conf < cfg.remask_threshold)
     cap = (unmask.sum(1) - 1).clamp(min=0)
-    return unmask, select_top_k(-score, low, cap)
+    return unmask, select(-score, low, cap)
+
+
+def decide(cfg: SamplerConfig, ids: SpecialIds, logits: torch.Tensor, ups: Optional[torch.Tensor],
+           cur: torch.Tensor, x0: torch.Tensor, rand: Optional[torch.Tensor], k: Optional[torch.Tensor],
+           run: Optional[torch.Tensor], select=None):
+    """One step's decision for the block ``cur`` (B, Lb): (new block, masked, remasked, score).
+
+    logits (B, Lb, V) prepared; x0 (B, Lb) the candidates; k (B,) the positions to keep (remask
+    strategies: K_n) or to commit (LLaDA's: the step's counts), unused by threshold decoding; run (B, 1)
+    bool or None: rows where it is False are left as they are (finished rows). Pure tensor code: no
+    host synchronisation, so the static path captures it in its CUDA graphs.
+    """
+    select = select or select_top_k
+    masked = cur == ids.mask
+    tok = torch.where(masked, x0, cur) if cfg.remasks else x0
+    score = position_scores(cfg.strategy, logits, tok, ups, rand)
+    if cfg.confidence_eos_eot_inf:
+        stop = eos_eot_candidates(x0, ids)
+        score = score.masked_fill(masked & stop if cfg.remasks else stop, -torch.inf)
+    if cfg.threshold is not None:
+        unmask, remasked = threshold_step(cfg, score, masked, select)
+        new = torch.where(unmask, x0, torch.where(remasked, torch.full_like(cur, ids.mask), cur))
+    elif cfg.remasks:
+        keep = select(score, torch.ones_like(masked), k)
+        new = torch.where(keep, tok, torch.full_like(cur, ids.mask))
+        remasked = ~masked & ~keep
+    else:
+        keep = select(score, masked, k)
+        new = torch.where(keep, x0, cur)
+        remasked = torch.zeros_like(masked)
+    if run is not None:
+        new, remasked = torch.where(run, new, cur), remasked & run
+    return new, masked, remasked, score
 
 
 _COMPILED: "weakref.WeakSet" = weakref.WeakSet()
@@ -425,6 +474,10 @@ def generate(model, prompts: list[list[int]], cfg: SamplerConfig, ids: SpecialId
         generators = [torch.Generator().manual_seed(0) for _ in prompts]
     if len(generators) != len(prompts):
         raise ValueError(f"{len(generators)} generators for {len(prompts)} prompts")
+    if cfg.graphs:
+        from remedi.decoding.graphs import check_static_model
+
+        check_static_model(model)
     if not cfg.compile:
         return _generate(model, prompts, cfg, ids, generators)
     compile_model(model)
@@ -432,90 +485,148 @@ def generate(model, prompts: list[list[int]], cfg: SamplerConfig, ids: SpecialId
         return _generate(model, prompts, cfg, ids, generators)
 
 
+@dataclass
+class StepOut:
+    """One step's tensors, rows indexed as the decoder indexes them (``decoder.row(j, b)``)."""
+
+    masked: torch.Tensor  # (R, Lb) bool: masked before the step
+    new: torch.Tensor  # (R, Lb) the block after the step
+    remasked: torch.Tensor  # (R, Lb) bool
+    score: torch.Tensor  # (R, Lb) float64
+
+
 def _generate(model, prompts, cfg: SamplerConfig, ids: SpecialIds, generators) -> list[Generation]:
+    """The block loop, shared by the two decoders: :class:`EagerDecoder` (the reference step) and, with
+    ``graphs``, :class:`remedi.decoding.graphs.StaticDecoder`. The loop keeps the host's bookkeeping
+    (active rows, NFE, trajectories); the decoders own the tensors. The loop itself reads device values
+    only through ``still_running`` (threshold decoding, once a step), ``end_block`` with eos_gating (once
+    a block), the trajectory record and ``finish``; the static decoder reads none anywhere else."""
     t0 = time.perf_counter()
     device = next(model.parameters()).device
-    B, Lb, s, G = len(prompts), cfg.block_length, cfg.steps_per_block, cfg.gen_length
+    B, Lb, G = len(prompts), cfg.block_length, cfg.gen_length
     x, attn, P = layout_batch(prompts, G, ids, device)
-    K = torch.tensor(unmask_schedule(Lb, s), device=device)  # (s,) for the remask strategies
+    if cfg.graphs:
+        from remedi.decoding.graphs import static_decoder
+
+        dec = static_decoder(model, cfg, ids, x, attn, P)
+    else:
+        dec = EagerDecoder(model, cfg, ids, x, attn, P)
     nfe_per_step = 2 if cfg.cfg_scale > 0 else 1
     nfe = [0] * B
     rstep = [0] * B  # steps each row has taken (its trajectory's step index)
-    remasks = [[] for _ in range(B)]
     traj = [[] for _ in range(B)] if cfg.record_trajectory else None
     thresh = cfg.threshold is not None
+    block_rows = []  # the rows each computed block decoded
     active = list(range(B))
     for blk in range(cfg.num_blocks):
         if not active:
             break
         lo, hi = P + blk * Lb, P + (blk + 1) * Lb
-        A = len(active)
-        idx = torch.tensor(active, device=device)
-        xa = x[idx]
-        aa = None if attn is None else attn[idx]
+        dec.begin_block(blk, lo, hi, active)
+        block_rows.append(active)
         gens = [generators[b] for b in active]
-        counts = None if thresh else transfer_counts((xa[:, lo:hi] == ids.mask).sum(1), s)  # (A, s)
-        cache = new_cache(cfg)
-        blk_remasks = torch.zeros(A, dtype=torch.long, device=device)
-        running = [True] * A  # threshold mode: rows whose block still holds a mask
+        running = [True] * len(active)  # threshold mode: rows whose block still holds a mask
         n = 0
         # A threshold step leaves at least one mask fewer, so a block ends within Lb steps.
-        while n < (Lb if thresh else s) and any(running):
+        while n < (Lb if thresh else cfg.steps_per_block) and any(running):
             full = n == 0 or (cfg.cache_refresh > 0 and n % cfg.cache_refresh == 0)
-            logits, ups = block_forward(model, xa, aa, lo, hi, P, cfg, ids.mask, cache, full)
-            logits = prepare_logits(logits, cfg, ids)
-            cur = xa[:, lo:hi]
-            masked = cur == ids.mask
-            step_gens = [g if r else None for g, r in zip(gens, running)]
-            x0 = draw_candidates(logits, cfg.temperature, step_gens)
-            rand = draw_uniform(A, Lb, step_gens, device) if cfg.strategy in RANDOM_STRATEGIES else None
-            tok = torch.where(masked, x0, cur) if cfg.remasks else x0
-            score = position_scores(cfg.strategy, logits, tok, ups, rand)
-            if cfg.confidence_eos_eot_inf:
-                stop = eos_eot_candidates(x0, ids)
-                score = score.masked_fill(masked & stop if cfg.remasks else stop, -torch.inf)
-            if thresh:
-                unmask, remasked = threshold_step(cfg, score, masked)
-                new = torch.where(unmask, x0, torch.where(remasked, torch.full_like(cur, ids.mask), cur))
-                if not all(running):  # finished rows stay as they are
-                    run = torch.tensor(running, device=device)[:, None]
-                    new, remasked = torch.where(run, new, cur), remasked & run
-            elif cfg.remasks:
-                keep = select_top_k(score, torch.ones_like(masked), K[n].expand(A))
-                new = torch.where(keep, tok, torch.full_like(cur, ids.mask))
-                remasked = ~masked & ~keep
-            else:
-                keep = select_top_k(score, masked, counts[:, n])
-                new = torch.where(keep, x0, cur)
-                remasked = torch.zeros_like(masked)
-            xa[:, lo:hi] = new
-            blk_remasks += remasked.sum(1)
+            out = dec.step(n, full, [g if r else None for g, r in zip(gens, running)], running)
             rows = [(j, b) for j, b in enumerate(active) if running[j]]
             if traj is not None:
-                ranked = torch.ones_like(masked) if cfg.remasks else masked
-                _record(traj, rows, rstep, blk, lo - P, masked, new, remasked, score, ranked, xa[:, P:], ids)
+                ranked = torch.ones_like(out.masked) if cfg.remasks else out.masked
+                _record(traj, [(dec.row(j, b), b) for j, b in rows], rstep, blk, lo - P, out.masked, out.new,
+                        out.remasked, out.score, ranked, dec.generated(), ids)
             for _, b in rows:
                 nfe[b] += nfe_per_step
                 rstep[b] += 1
             if thresh:
-                running = (new == ids.mask).any(1).tolist()  # the one host sync of a threshold step
+                running = dec.still_running()  # the one host sync of a threshold step
             n += 1
         if any(running) and thresh:
             raise RuntimeError("threshold decoding left masks in a block after block_length steps (a bug)")
-        x[idx] = xa
-        for j, b in enumerate(active):
-            remasks[b].append(int(blk_remasks[j]))
+        done = dec.end_block(cfg.eos_gating)
         if cfg.eos_gating:
-            done = (xa[:, lo:hi] == ids.eos).any(1).tolist()
-            for j, b in enumerate(active):
-                if done[j]:
-                    x[b, hi:] = ids.eos  # the rest is not computed
             active = [b for j, b in enumerate(active) if not done[j]]
-    rows = x[:, P:].tolist()
+    rows, per_block = dec.finish()
+    remasks = [[] for _ in range(B)]
+    for blk_rows, counts in zip(block_rows, per_block):
+        for j, b in enumerate(blk_rows):
+            remasks[b].append(counts[j])
     seconds = (time.perf_counter() - t0) / B
     return [Generation(tokens=cut_at_eos(rows[b], ids.eos), nfe=nfe[b], remasks=sum(remasks[b]),
                        remasks_per_block=remasks[b], seconds=seconds,
                        trajectory=None if traj is None else traj[b]) for b in range(B)]
+
+
+class EagerDecoder:
+    """The reference step: each block decodes its active rows as a sub-batch (rows stopped by eos_gating
+    are no longer computed) through a fresh cache; every step is ordinary tensor code.
+
+    The interface the loop uses (shared with :class:`remedi.decoding.graphs.StaticDecoder`):
+    begin_block, step, row, generated, still_running, end_block, finish.
+    """
+
+    def __init__(self, model, cfg: SamplerConfig, ids: SpecialIds, x: torch.Tensor,
+                 attn: Optional[torch.Tensor], P: int):
+        self.model, self.cfg, self.ids, self.x, self.attn, self.P = model, cfg, ids, x, attn, P
+        self.device = x.device
+        self.K = torch.tensor(unmask_schedule(cfg.block_length, cfg.steps_per_block), device=self.device)
+        self.log: list[torch.Tensor] = []  # per computed block: its active rows' remask counts
+
+    def begin_block(self, blk: int, lo: int, hi: int, active: list[int]) -> None:
+        self.lo, self.hi, self.active = lo, hi, active
+        self.idx = torch.tensor(active, device=self.device)
+        self.xa = self.x[self.idx]
+        self.aa = None if self.attn is None else self.attn[self.idx]
+        self.counts = None if self.cfg.threshold is not None else \
+            transfer_counts((self.xa[:, lo:hi] == self.ids.mask).sum(1), self.cfg.steps_per_block)  # (A, s)
+        self.cache = new_cache(self.cfg)
+        self.blk_remasks = torch.zeros(len(active), dtype=torch.long, device=self.device)
+
+    def step(self, n: int, full: bool, step_gens, running: list[bool]) -> StepOut:
+        cfg, ids, lo, hi = self.cfg, self.ids, self.lo, self.hi
+        A = len(self.active)
+        logits, ups = block_forward(self.model, self.xa, self.aa, lo, hi, self.P, cfg, ids.mask, self.cache, full)
+        logits = prepare_logits(logits, cfg, ids)
+        cur = self.xa[:, lo:hi]
+        x0 = draw_candidates(logits, cfg.temperature, step_gens)
+        rand = draw_uniform(A, cfg.block_length, step_gens, self.device) if cfg.strategy in RANDOM_STRATEGIES \
+            else None
+        if cfg.threshold is not None:
+            k = None
+        else:
+            k = self.K[n].expand(A) if cfg.remasks else self.counts[:, n]
+        run = None if all(running) else torch.tensor(running, device=self.device)[:, None]  # finished rows stay
+        new, masked, remasked, score = decide(cfg, ids, logits, ups, cur, x0, rand, k, run)
+        self.xa[:, lo:hi] = new
+        self.blk_remasks += remasked.sum(1)
+        self.new = new
+        return StepOut(masked, new, remasked, score)
+
+    def row(self, j: int, b: int) -> int:
+        return j
+
+    def generated(self) -> torch.Tensor:
+        return self.xa[:, self.P:]
+
+    def still_running(self) -> list[bool]:
+        return (self.new == self.ids.mask).any(1).tolist()
+
+    def end_block(self, eos_gating: bool) -> Optional[list[bool]]:
+        """Write the block back; with eos_gating, which active rows hold EOS (the rest is not computed)."""
+        self.x[self.idx] = self.xa
+        self.log.append(self.blk_remasks)
+        if not eos_gating:
+            return None
+        done = (self.xa[:, self.lo:self.hi] == self.ids.eos).any(1).tolist()
+        for j, b in enumerate(self.active):
+            if done[j]:
+                self.x[b, self.hi:] = self.ids.eos
+        return done
+
+    def finish(self) -> tuple[list[list[int]], list[list[int]]]:
+        """(generated tokens of every row, remask counts of each computed block's active rows)."""
+        return self.x[:, self.P:].tolist(), [t.tolist() for t in self.log]
 
 
 def cut_at_eos(tokens: list[int], eos: int) -> list[int]:
