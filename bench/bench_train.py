@@ -4,7 +4,7 @@
     accelerate launch --config_file configs/accelerate_ddp.yaml --num_processes 2 \
         bench/bench_train.py --cases head --out bench/results/train_ddp2.json  # data-parallel scaling
 
-Each case times whole optimiser steps of the real training code (noise injection, remedi.training.trainer.TrainStep,
+Each case times whole optimiser steps of the real training code (noise injection, remedi.training.step.TrainStep,
 losses, backward, AdamW) at seq 1024 and reports tokens/s, peak GPU memory and the fraction of the bf16
 matmul rate measured in the same run. Counted FLOPs (bench/common.forward_flops = matmuls of one forward):
 
@@ -38,7 +38,8 @@ from remedi.model.checkpoint import add_stream  # noqa: E402
 from remedi.model.loading import LORA_AUTO_TARGET  # noqa: E402
 from remedi.model.llada import UPSHead, init_weights  # noqa: E402
 from remedi.training.noise import inject_noise  # noqa: E402
-from remedi.training.trainer import TrainStep, default_taps  # noqa: E402
+from remedi.training.args import default_taps  # noqa: E402
+from remedi.training.step import TrainStep  # noqa: E402
 
 CASES = ("head", "head_max", "lora", "lora_ckpt", "stream")
 

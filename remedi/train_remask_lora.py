@@ -8,26 +8,40 @@
 
 joint: one optimiser step on L_TPS + lambda_ups * L_UPS (the head reads a detached hidden state, so the
 BCE never reaches the backbone); alternating: --alt_ratio LoRA steps on L_TPS per UPS step on L_UPS.
-Adapters are written in peft format (adapter_config.json + adapter_model.safetensors).
+Adapters are written in peft format (adapter_config.json + adapter_model.safetensors). With no flags at
+all it runs a short CPU demo of the embedded model's shipped LoRA-joint recipe (remedi/training/demo.py).
 """
 if __package__ in (None, ""):  # run as a file: import the package from the repo root, never from remedi/ itself
     import sys, pathlib; sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])  # noqa: E401,E702
 
+import logging
 import sys
 
-from remedi.arguments import ModelArgs, parse_args
+from remedi.arguments import ModelArgs, parse_args, setup_logging
+from remedi.training import demo
 from remedi.training.args import DataArgs, LoraArgs, TrainArgs
-from remedi.training.trainer import run
+from remedi.training.loop import run
+
+SCRIPT = "train_remask_lora"
+log = logging.getLogger(SCRIPT)
 
 
 def main(argv=None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
+    is_demo = not argv
+    if is_demo:
+        argv = demo.demo_flags(SCRIPT)
+        setup_logging()
+        log.info(demo.announce(SCRIPT))
     for a in argv:
         if a.split("=", 1)[0] in ("--lr", "--save_path", "--train_backbone"):
             raise ValueError(f"{a.split('=', 1)[0]} belongs to train_remask_sft.py; here use --lr_lora/"
                              "--lr_ups, --save_ups_head and --save_lora_dir (the backbone trains through LoRA)")
     margs, dargs, targs, largs = parse_args([ModelArgs, DataArgs, TrainArgs, LoraArgs], argv, description=__doc__)
-    return run(margs, dargs, targs, largs, script="train_remask_lora")
+    result = run(margs, dargs, targs, largs, script=SCRIPT)
+    if is_demo:
+        log.info(demo.summary(result))
+    return result
 
 
 if __name__ == "__main__":

@@ -5,17 +5,24 @@
         --mask_id 126336 --save_path checkpoints/ups_head_s1k.pt
     accelerate launch --config_file configs/accelerate_ddp.yaml remedi/train_remask_sft.py ...
 
-LoRA on the backbone is train_remask_lora.py; both scripts share remedi.training.trainer.run.
+With no flags at all it runs a one-minute CPU demo of the embedded model's shipped UPS-head recipe
+(remedi/training/demo.py) and says where it saved the head. LoRA on the backbone is train_remask_lora.py;
+both scripts share remedi.training.loop.run.
 """
 if __package__ in (None, ""):  # run as a file: import the package from the repo root, never from remedi/ itself
     import sys, pathlib; sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])  # noqa: E401,E702
 
 import dataclasses
+import logging
 import sys
 
-from remedi.arguments import ModelArgs, parse_args
+from remedi.arguments import ModelArgs, parse_args, setup_logging
+from remedi.training import demo
 from remedi.training.args import DataArgs, LoraArgs, SftArgs, TrainArgs
-from remedi.training.trainer import run
+from remedi.training.loop import run
+
+SCRIPT = "train_remask_sft"
+log = logging.getLogger(SCRIPT)
 
 LORA_FLAGS = {f"--{f.name}" for f in dataclasses.fields(LoraArgs)} - {f"--{f.name}" for f in
                                                                       dataclasses.fields(SftArgs)}
@@ -23,12 +30,20 @@ LORA_FLAGS = {f"--{f.name}" for f in dataclasses.fields(LoraArgs)} - {f"--{f.nam
 
 def main(argv=None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
+    is_demo = not argv
+    if is_demo:
+        argv = demo.demo_flags(SCRIPT)
+        setup_logging()
+        log.info(demo.announce(SCRIPT))
     lora = sorted({a.split("=", 1)[0] for a in argv if a.split("=", 1)[0] in LORA_FLAGS})
     if lora:
         raise ValueError(f"{', '.join(lora)} {'is a LoRA flag' if len(lora) == 1 else 'are LoRA flags'}: "
                          "this script trains the UPS (or the full model); use train_remask_lora.py for LoRA training")
     margs, dargs, targs, sargs = parse_args([ModelArgs, DataArgs, TrainArgs, SftArgs], argv, description=__doc__)
-    return run(margs, dargs, targs, sargs, script="train_remask_sft")
+    result = run(margs, dargs, targs, sargs, script=SCRIPT)
+    if is_demo:
+        log.info(demo.summary(result))
+    return result
 
 
 if __name__ == "__main__":

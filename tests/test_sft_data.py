@@ -142,3 +142,35 @@ def test_shared_gsm8k_rows(tok):
     assert data.n_records == 20 and len(data.examples) + data.n_skipped == 20
     ids, answer = D.collate(data.examples[:2], pad_id=EOS, length=256)
     assert ids.shape == (2, 256) and answer[:, -1].all()
+
+
+def test_malformed_local_files_name_file_and_line(tmp_path, tok):
+    f = tmp_path / "bad.jsonl"
+    f.write_text(json.dumps(GSM[0]) + "\n[1, 2, 3]\n")
+    with pytest.raises(ValueError, match=rf"{f}:2: a JSON list, not a record object"):
+        D.load_records(str(f))
+    f.write_text(json.dumps(GSM[0]) + "\n{\"question\": \"torn\n")
+    with pytest.raises(ValueError, match=rf"{f}:2: not a JSON line"):
+        D.load_records(str(f))
+    j = tmp_path / "bad.json"
+    j.write_text(json.dumps([GSM[0], "text"]))
+    with pytest.raises(ValueError, match=rf"{j}: element 1 of the record list is a JSON str"):
+        D.load_records(str(j))
+    for name in ("empty.jsonl", "blank.jsonl", "empty.json"):
+        e = tmp_path / name
+        e.write_text("\n\n" if name == "blank.jsonl" else "[]" if name.endswith(".json") else "")
+        with pytest.raises(ValueError, match=rf"{e} holds no records \(the file is empty\)"):
+            D.load_records(str(e))
+
+
+def test_record_missing_a_field_names_record_and_field(tok):
+    rows = [GSM[0], {"question": "What is 2 + 2?"}, GSM[1]]
+    with pytest.raises(ValueError, match=r"x.jsonl: record 2 has no field 'answer' \(its fields: \['question'\]\)"):
+        D.tokenize_records(rows, tok, prompt_field="question", answer_fields=("answer",), answer_join="",
+                           seq_len=200, chat=False, eos_id=EOS, eot_id=EOT, source="x.jsonl")
+    # a present but empty (or null) field is skipped and counted as such, not as "too long"
+    rows = [GSM[0], {"question": "Q?", "answer": None}]
+    data = D.tokenize_records(rows, tok, prompt_field="question", answer_fields=("answer",), answer_join="",
+                              seq_len=200, chat=False, eos_id=EOS, eot_id=EOT, source="x.jsonl")
+    assert (len(data.examples), data.n_skipped, data.n_empty) == (1, 1, 1)
+    assert "(0 prompt alone too long, 1 with an empty or non-text field)" in data.summary()

@@ -10,7 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from remedi.training import trainer as T
+from remedi.training import build as B
+from remedi.training import step as S
+from remedi.training.args import DataArgs, LoraArgs, SftArgs, TrainArgs, default_taps, lora_target_modules, plan_from
+from remedi.training.build import lr_lambda
+from remedi.training.loop import NonFiniteLoss, Trainer
+from remedi.training.state import latest_checkpoint
 from remedi.model.checkpoint import read_ups, save_ups
 from remedi.arguments import ModelArgs, parse_args
 from remedi.model.config import get_config
@@ -39,9 +44,9 @@ def base(model_dir, data, out, *extra):
 
 def trainer_for(script, argv):
     """A set-up Trainer (model built, nothing trained) for white-box checks."""
-    extra_cls = T.LoraArgs if script == "lora" else T.SftArgs
-    m, d, t, e = parse_args([ModelArgs, T.DataArgs, T.TrainArgs, extra_cls], argv)
-    tr = T.Trainer(m, d, t, T.plan_from(e, script))
+    extra_cls = LoraArgs if script == "lora" else SftArgs
+    m, d, t, e = parse_args([ModelArgs, DataArgs, TrainArgs, extra_cls], argv)
+    tr = Trainer(m, d, t, plan_from(e, script))
     tr.setup()
     return tr
 
@@ -69,16 +74,16 @@ def changed(before, module):
 
 # ------------------------------------------------------------------------------------------ small pieces
 def test_default_taps_and_lora_targets():
-    assert T.default_taps(32) == (0, 10, 20, 30)
-    assert T.default_taps(4) == (0, 1, 2, 3) and T.default_taps(6) == (0, 1, 3, 5)
-    assert T.lora_target_modules("q_proj,ff_out") == r".*transformer\.blocks\.\d+\.(q_proj|ff_out)$"
+    assert default_taps(32) == (0, 10, 20, 30)
+    assert default_taps(4) == (0, 1, 2, 3) and default_taps(6) == (0, 1, 3, 5)
+    assert lora_target_modules("q_proj,ff_out") == r".*transformer\.blocks\.\d+\.(q_proj|ff_out)$"
     with pytest.raises(ValueError, match="--lora_target"):
-        T.lora_target_modules("lm_head")
+        lora_target_modules("lm_head")
 
 
 def test_lr_schedule_warmup_cosine():
-    t = T.TrainArgs(warmup_steps=2, lr_scheduler="cosine", min_lr_ratio=0.1)
-    f = T._lr_lambda(t, 10)
+    t = TrainArgs(warmup_steps=2, lr_scheduler="cosine", min_lr_ratio=0.1)
+    f = lr_lambda(t, 10)
     assert [round(f(s), 4) for s in (0, 1)] == [round(1 / 3, 4), round(2 / 3, 4)]
     assert f(2) == pytest.approx(1.0) and f(10) == pytest.approx(0.1)
     assert f(6) == pytest.approx(0.1 + 0.9 * 0.5)
@@ -89,7 +94,7 @@ def test_bad_flags_fail_before_model_load(tiny_model_dir, data, tmp_path, monkey
     def boom(*a, **k):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(T, "load_pretrained", boom)
+    monkeypatch.setattr(B, "load_pretrained", boom)
     with pytest.raises(ValueError, match="--r_incorrect 0.3 is outside"):
         sft_main(base(tiny_model_dir, data, tmp_path / "a", "--r_incorrect", "0.3"))
     with pytest.raises(ValueError, match=r"field\(s\) \['problem'\] not found; fields found: \['answer', 'question'\]"):
@@ -303,7 +308,7 @@ def test_crash_during_save_keeps_previous_checkpoint(tiny_model_dir, data, tmp_p
     out = tmp_path / "c"
     with pytest.raises(OSError, match="disk full"):
         sft_main(base(tiny_model_dir, data, out, "--max_steps", "5", "--save_every", "2"))
-    ck = T.latest_checkpoint(out)
+    ck = latest_checkpoint(out)
     assert ck.name == "step-0000002" and read_ups(ck / "ups.pt")[0]
     monkeypatch.setattr(st, "save_file", real)
     res = sft_main(base(tiny_model_dir, data, out, "--max_steps", "5", "--save_every", "2", "--resume"))
@@ -311,19 +316,19 @@ def test_crash_during_save_keeps_previous_checkpoint(tiny_model_dir, data, tmp_p
 
 
 def test_non_finite_loss_stops_with_step(tiny_model_dir, data, tmp_path, monkeypatch):
-    real, calls = T.ups_loss, []
+    real, calls = S.ups_loss, []
 
     def bad(*a, **k):
         calls.append(1)
         val = real(*a, **k)
         return val * float("nan") if len(calls) == 3 else val
 
-    monkeypatch.setattr(T, "ups_loss", bad)
+    monkeypatch.setattr(S, "ups_loss", bad)
     out = tmp_path / "n"
-    with pytest.raises(T.NonFiniteLoss, match="optimiser step 3"):
+    with pytest.raises(NonFiniteLoss, match="optimiser step 3"):
         sft_main(base(tiny_model_dir, data, out, "--max_steps", "5", "--save_every", "2",
                       "--save_path", str(tmp_path / "never.pt")))
-    assert T.latest_checkpoint(out).name == "step-0000002"
+    assert latest_checkpoint(out).name == "step-0000002"
     assert not (tmp_path / "never.pt").exists()
 
 

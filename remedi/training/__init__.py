@@ -1,1 +1,3 @@
-"""Remask SFT: noise, losses, data, arguments, and the training loop (build, state and resume, steps)."""
+"""Remask SFT: arguments (args), noise (noise, self_noise), losses and metrics (losses), data (data), one
+micro-batch's loss (step), run setup (build), state on disk (state), the loop (loop), the no-flag demo (demo)
+and training curves (plots)."""

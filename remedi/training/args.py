@@ -1,7 +1,8 @@
 """Arguments of the two training scripts (one dataclass per concern, shared by both) and the run plan.
 
 ``train_remask_sft.py`` parses ModelArgs + DataArgs + TrainArgs + SftArgs, ``train_remask_lora.py`` the same
-with LoraArgs instead of SftArgs; :func:`plan_from` turns the last one into what the loop trains.
+with LoraArgs instead of SftArgs; :func:`plan_from` turns the last one into what the loop trains. Paper
+values quoted in the help are RemeDi's (arXiv:2509.23653).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from remedi.arguments import arg
 from remedi.model.config import CONFIGS
 from remedi.model.loading import LORA_AUTO_TARGET
 from remedi.training.noise import INCORRECT_SOURCES, SCHEDULES, check_r_incorrect
+from remedi.training.self_noise import NOISE_SOURCES, SELF_SELECT
 from remedi.training.data import KNOWN
 
 
@@ -54,11 +56,21 @@ class TrainArgs:
     ups_taps: Optional[str] = arg(None, "stream UPS taps, comma list of backbone block indices (default: the paper's "
                                   "0,10,20,30 of 32 blocks scaled to the model's depth)")
     load_ups_head: Optional[str] = arg(None, "continue training this UPS checkpoint (.pt/.safetensors)")
-    lambda_ups: float = arg(1.0, "weight of the UPS loss (paper 0.3; the seed's commands 1.0)")
+    lambda_ups: float = arg(1.0, "weight of the UPS loss (paper 0.3; the README's LLaDA-8B commands 1.0)")
     r_incorrect: float = arg(0.1, "incorrect-token noise rho_incorrect(t) = 4 r t (1-t); r in [0, 0.25]")
     mask_schedule: str = arg("linear", "rho_mask(t): linear (t, the paper) or llada ((1-1e-3) t + 1e-3)")
     incorrect_source: str = arg("batch", "replacement tokens: batch (unigram of the batch, authors' code) or vocab "
                                 "(uniform over the non-special vocabulary)")
+    noise_source: str = arg("random", "what fills the positions chosen for corruption: random (replacements from "
+                            "--incorrect_source) or self (the model's own predictions from a no-gradient pass on "
+                            "the masked state, labelled 1 where they equal the answer, 0 where not)")
+    self_noise_ratio: float = arg(1.0, "--noise_source self: fraction of the corruption positions filled by the "
+                                  "model; the rest keep --incorrect_source replacements")
+    self_noise_temperature: float = arg(0.0, "--noise_source self: 0 takes the argmax prediction, > 0 samples at "
+                                        "this temperature")
+    self_noise_select: str = arg("random", "--noise_source self: random (the positions the noise chose) or "
+                                 "confident (each row commits as many positions, those the model is surest of, "
+                                 "as a low-confidence sampler would; PRISM-style)")
     label_smoothing: bool = arg(False, "UPS labels 0.95 / 0.05 / 0.05 + 0.9 p instead of 1 / 0 / p")
     block_diffusion: bool = arg(False, "draw t per answer block of --train_block_length instead of per row (the "
                                 "block-causal prompt|clean|noisy layout of the authors' code is not implemented)")
@@ -72,6 +84,9 @@ class TrainArgs:
     min_lr_ratio: float = arg(0.0, "final lr as a fraction of the peak (cosine/linear)")
     weight_decay: float = arg(0.0, "AdamW weight decay")
     max_grad_norm: float = arg(1.0, "gradient clipping (0: off; the norm is still logged)")
+    divergence_bound: float = arg(1e6, "stop (and save nothing) when the loss or the gradient norm exceeds this: "
+                                  "the run has diverged, lower the learning rate; non-finite values always stop; "
+                                  "0: no bound")
     gradient_checkpointing: bool = arg(False, "recompute block activations in the backward (saves memory)")
     compile: bool = arg(False, "torch.compile every transformer block (GPU; static shapes, best with --pad_to "
                         "seq_len)")
@@ -93,6 +108,18 @@ class TrainArgs:
             (self.mask_schedule in SCHEDULES, f"--mask_schedule {self.mask_schedule!r}: choose {', '.join(SCHEDULES)}"),
             (self.incorrect_source in INCORRECT_SOURCES,
              f"--incorrect_source {self.incorrect_source!r}: choose {', '.join(INCORRECT_SOURCES)}"),
+            (self.noise_source in NOISE_SOURCES, f"--noise_source {self.noise_source!r}: choose "
+             f"{', '.join(NOISE_SOURCES)}"),
+            (0.0 < self.self_noise_ratio <= 1.0, "--self_noise_ratio must be in (0, 1]"),
+            (self.self_noise_temperature >= 0, "--self_noise_temperature must be >= 0 (0: argmax)"),
+            (self.self_noise_select in SELF_SELECT, f"--self_noise_select {self.self_noise_select!r}: choose "
+             f"{', '.join(SELF_SELECT)}"),
+            (self.noise_source != "self" or self.r_incorrect > 0, "--noise_source self fills the positions chosen "
+             "for corruption, and --r_incorrect 0 chooses none: set --r_incorrect > 0 (e.g. 0.1)"),
+            (self.noise_source == "self" or (self.self_noise_ratio, self.self_noise_temperature,
+                                             self.self_noise_select) == (1.0, 0.0, "random"),
+             "--self_noise_ratio/--self_noise_temperature/--self_noise_select apply only with --noise_source self"),
+            (self.divergence_bound >= 0, "--divergence_bound must be >= 0 (0: no bound)"),
             (self.lr_scheduler in ("cosine", "linear", "constant"),
              f"--lr_scheduler {self.lr_scheduler!r}: choose cosine, linear or constant"),
             (self.mixed_precision in ("auto", "bf16", "fp16", "no"),
@@ -194,12 +221,19 @@ class Plan:
     ups_out: Optional[str] = None
     lora_out: Optional[str] = None
 
+    @property
+    def ups_flag(self) -> str:
+        """The flag that names the UPS output in this script."""
+        return "--save_ups_head" if self.lora else "--save_path"
+
+    @property
+    def lr_flags(self) -> str:
+        """The learning-rate flags of this script (divergence messages name them)."""
+        return "--lr_lora / --lr_ups" if self.lora else "--lr"
+
 
 def plan_from(extra: SftArgs | LoraArgs, script: str) -> Plan:
     if isinstance(extra, LoraArgs):
         return Plan(script, "lora", extra.lr_lora, extra.lr_ups, extra.train_mode, extra.alt_ratio, extra,
                     ups_out=extra.save_ups_head, lora_out=extra.save_lora_dir)
     return Plan(script, extra.train_backbone, extra.lr, extra.lr, ups_out=extra.save_path)
-
-
-# ============================================================================================ the model

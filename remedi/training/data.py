@@ -1,8 +1,10 @@
 """SFT data: (prompt, answer) records from known hub datasets, local files or the synthetic task; tokenised.
 
-Known datasets carry explicit field maps (REMEDI.md / the seed's README); any other hub dataset or local
-``.jsonl``/``.json``/``.parquet`` file (or a folder holding ``<split>.jsonl``) needs ``--prompt_field`` and
-``--answer_field``. A missing split or field is an error listing what exists: never a silent fallback.
+Known datasets carry explicit field maps (the prompt and answer fields of each hub dataset); any other hub
+dataset or local ``.jsonl``/``.json``/``.parquet`` file (or a folder holding ``<split>.jsonl``) needs
+``--prompt_field`` and ``--answer_field``. A missing split or field is an error listing what exists: never a
+silent fallback. A malformed local file (a line that is not a JSON object, no records at all) is an error
+naming the file and the line, and a record without a requested field one naming the record and the field.
 
 Sequence layout (LLaDA SFT): ``prompt | answer | end-of-answer | EOS padding``. The prompt is encoded
 exactly as at inference (:func:`remedi.model.loading.encode_prompt`: chat template with the generation header
@@ -62,30 +64,44 @@ class TokenizedData:
     examples: list[Example]
     n_records: int = 0
     n_truncated: int = 0
-    n_skipped: int = 0
+    n_skipped: int = 0  # n_too_long + n_empty
+    n_empty: int = 0  # a prompt or answer field empty or not text (e.g. null in a hub dataset)
     source: str = ""
     stats: dict = field(default_factory=dict)
 
     def summary(self) -> str:
         return (f"{self.source}: {self.n_records} records -> {len(self.examples)} examples, "
-                f"{self.n_truncated} answers truncated to fit, {self.n_skipped} skipped (prompt alone too long)")
+                f"{self.n_truncated} answers truncated to fit, {self.n_skipped} skipped "
+                f"({self.n_skipped - self.n_empty} prompt alone too long, {self.n_empty} with an empty or "
+                "non-text field)")
 
 
 # ---------------------------------------------------------------------------------------- raw records
 def read_records(path: Path) -> list[dict]:
-    """Rows of a local .jsonl, .json (a list, or an object holding one list) or .parquet file."""
+    """Records (JSON objects) of a local .jsonl, .json (a list, or an object holding one list) or .parquet file.
+
+    Raises naming the file and line (or list index) of anything that is not an object, and for a file with
+    no records at all: training on nothing would otherwise fail later with a message about step counts.
+    """
     if path.suffix == ".jsonl":
         rows = []
         with path.open(encoding="utf-8") as f:
             for i, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}:{i}: not a JSON line ({e})") from e
-        return rows
-    if path.suffix == ".json":
-        obj = json.loads(path.read_text(encoding="utf-8"))
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{i}: not a JSON line ({e})") from e
+                if not isinstance(row, dict):
+                    raise ValueError(f"{path}:{i}: a JSON {type(row).__name__}, not a record object "
+                                     '({"question": ..., "answer": ...}); fix or remove that line')
+                rows.append(row)
+    elif path.suffix == ".json":
+        try:
+            obj = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from e
         if isinstance(obj, dict):
             lists = [k for k, v in obj.items() if isinstance(v, list)]
             if len(lists) != 1:
@@ -94,14 +110,23 @@ def read_records(path: Path) -> list[dict]:
             obj = obj[lists[0]]
         if not isinstance(obj, list):
             raise ValueError(f"{path}: expected a JSON list of records")
-        return obj
-    if path.suffix == ".parquet":
+        bad = next((i for i, r in enumerate(obj) if not isinstance(r, dict)), None)
+        if bad is not None:
+            raise ValueError(f"{path}: element {bad} of the record list is a JSON {type(obj[bad]).__name__}, "
+                             "not a record object")
+        rows = obj
+    elif path.suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
         except ImportError as e:
             raise ImportError(f"reading {path} needs pyarrow (pip install pyarrow)") from e
-        return pq.read_table(str(path)).to_pylist()
-    raise ValueError(f"{path}: unsupported file type; use one of {', '.join(LOCAL_SUFFIXES)}")
+        rows = pq.read_table(str(path)).to_pylist()
+    else:
+        raise ValueError(f"{path}: unsupported file type; use one of {', '.join(LOCAL_SUFFIXES)}")
+    if not rows:
+        raise ValueError(f"{path} holds no records (the file is empty); point --dataset at a file with one "
+                         "record per line")
+    return rows
 
 
 def _local_split(path: Path, split: Optional[str]) -> tuple[Path, str]:
@@ -201,10 +226,17 @@ def tokenize_records(rows: Sequence[dict], tokenizer, *, prompt_field: str, answ
     out = TokenizedData(examples=[], n_records=len(rows), source=source)
     end = ([eot_id] if chat and eot_id is not None else []) + [eos_id]
     for i, r in enumerate(rows):
-        q = r.get(prompt_field)
-        parts = [r.get(f) for f in answer_fields]
+        if not isinstance(r, dict):
+            raise ValueError(f"{source}: record {i + 1} is a {type(r).__name__}, not a record object")
+        missing = [f for f in (prompt_field, *answer_fields) if f not in r]
+        if missing:
+            raise ValueError(f"{source}: record {i + 1} has no field {missing[0]!r} (its fields: {sorted(r)}); "
+                             "fix the record or choose other fields with --prompt_field / --answer_field")
+        q = r[prompt_field]
+        parts = [r[f] for f in answer_fields]
         if not isinstance(q, str) or not q.strip() or any(not isinstance(a, str) for a in parts):
             out.n_skipped += 1
+            out.n_empty += 1
             continue
         prompt_ids = encode_prompt(tokenizer, q, chat)
         answer_ids = list(tokenizer(answer_join.join(parts), add_special_tokens=False)["input_ids"]) + end

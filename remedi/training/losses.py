@@ -1,4 +1,5 @@
-"""Remask SFT losses and UPS metrics (REMEDI.md "Remask SFT", LLADA.md "Training objective").
+"""Remask SFT losses and UPS metrics (RemeDi, arXiv:2509.23653; the TPS loss is LLaDA's SFT objective,
+arXiv:2502.09992).
 
 TPS (token prediction stream), LLaDA's SFT form:
 
@@ -120,14 +121,42 @@ class UPSMetrics:
         self._h = {s: [] for s in SETS}
         self._y_masked: list[torch.Tensor] = []
         self._ok_masked: list[torch.Tensor] = []
+        # self-noise runs only: scores of self predictions (and whether they are right), of random
+        # replacements and of untouched clean tokens
+        self._self: Optional[dict[str, list[torch.Tensor]]] = None
 
     @torch.no_grad()
-    def update(self, ups_logits, labels, clean, incorrect, masked, argmax_ok) -> None:
+    def update(self, ups_logits, labels, clean, incorrect, masked, argmax_ok,
+               self_pos: Optional[torch.Tensor] = None) -> None:
         h = ups_logits.detach().float().cpu()
+        clean, incorrect, masked = clean.cpu(), incorrect.cpu(), masked.cpu()
         for name, m in (("clean", clean), ("incorrect", incorrect), ("masked", masked)):
-            self._h[name].append(h[m.cpu()])
-        self._y_masked.append(labels.detach().float().cpu()[masked.cpu()])
-        self._ok_masked.append(argmax_ok.detach().cpu()[masked.cpu()])
+            self._h[name].append(h[m])
+        self._y_masked.append(labels.detach().float().cpu()[masked])
+        self._ok_masked.append(argmax_ok.detach().cpu()[masked])
+        if self_pos is not None:
+            sp = self_pos.cpu()
+            if self._self is None:
+                self._self = {"h": [], "ok": [], "random": [], "clean": []}
+            self._self["h"].append(h[sp])
+            self._self["ok"].append(clean[sp])  # a self prediction is clean exactly when it equals x0
+            self._self["random"].append(h[incorrect & ~sp])
+            self._self["clean"].append(h[clean & ~sp])
+
+    def _self_metrics(self) -> dict[str, Optional[float]]:
+        """Self-noise only: how often the model's own fills are wrong, and whether h separates them.
+
+        ``auroc_self``: among self predictions, right above wrong (the inference-time question);
+        ``auroc_random``: untouched clean tokens above random replacements (what batch/vocab noise asks).
+        """
+        cat = {k: torch.cat(v) for k, v in self._self.items()}
+        ok = cat["ok"]
+        clean, rnd = cat["clean"], cat["random"]
+        lab = torch.cat([torch.ones(clean.numel(), dtype=torch.bool), torch.zeros(rnd.numel(), dtype=torch.bool)])
+        return {"n_self": int(ok.numel()),
+                "self_wrong_frac": float((~ok).float().mean()) if ok.numel() else None,
+                "auroc_self": auroc(cat["h"], ok) if ok.numel() else None,
+                "auroc_random": auroc(torch.cat([clean, rnd]), lab) if lab.numel() else None}
 
     def compute(self) -> dict[str, Optional[float]]:
         h = {s: torch.cat(v) if v else torch.empty(0) for s, v in self._h.items()}
@@ -147,5 +176,7 @@ class UPSMetrics:
         out["auroc_unmasked"] = auroc(un, lab) if un.numel() else None
         out["auroc_masked"] = auroc(h["masked"], ok_m) if h["masked"].numel() else None
         out["tps_acc_masked"] = float(ok_m.float().mean()) if ok_m.numel() else None
+        if self._self is not None:
+            out.update(self._self_metrics())
         self.reset()
         return out

@@ -1,4 +1,4 @@
-"""Remask SFT noise (REMEDI.md "Remask SFT"): mask, then corrupt some of what stays unmasked.
+"""Remask SFT noise (RemeDi, arXiv:2509.23653): mask, then corrupt some of what stays unmasked.
 
 For a clean answer x0 (the prompt is never noised) and a time t ~ U(0, 1):
 
@@ -8,7 +8,8 @@ For a clean answer x0 (the prompt is never noised) and a time t ~ U(0, 1):
 Each answer token is masked with probability rho_mask(t); each still-unmasked answer token is then replaced
 by a wrong token with probability rho_incorrect(t). The replacement is never the original token and never a
 special token; it is drawn uniformly over the ordinary vocabulary (``vocab``) or from the unigram of the
-tokens in the batch (``batch``, what the authors' code does). The three answer sets are returned:
+tokens in the batch (``batch``, what the authors' code does); :mod:`remedi.training.self_noise` can
+refill some of them with the model's own predictions. The three answer sets are returned:
 S_mask, S_incorrect (unmasked and != x0) and S_clean (== x0).
 
 The paper's monotonicity condition: the total corruption rho_mask(t) + rho_incorrect(t) must not decrease
@@ -54,7 +55,7 @@ def check_r_incorrect(r: float) -> None:
     if not 0.0 <= r <= R_INCORRECT_MAX:
         raise ValueError(
             f"--r_incorrect {r} is outside [0, {R_INCORRECT_MAX}]: the noise rho_mask(t) + 4 r t (1 - t) must not "
-            f"decrease in t (REMEDI paper), which needs r <= 1/4; the paper uses 0.1")
+            f"decrease in t (RemeDi, arXiv:2509.23653), which needs r <= 1/4; the paper uses 0.1")
 
 
 @dataclass

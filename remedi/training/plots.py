@@ -3,17 +3,19 @@
     python -m remedi.training.plots runs/train_remask_sft-.../metrics.jsonl --out curves.png
 
 Panels: TPS / UPS loss, UPS accuracy by set (clean, incorrect, masked), AUROC (clean vs incorrect among
-unmasked tokens; TPS-argmax right vs wrong among masked ones), learning rates, tokens/s, gradient norm.
+unmasked tokens; TPS-argmax right vs wrong among masked ones; with --noise_source self also right vs wrong
+self predictions and clean vs random replacements), learning rates, tokens/s, gradient norm.
 """
 
 import argparse
-import json
 from pathlib import Path
+
+from remedi.files import read_jsonl
 
 PANELS = [
     ("loss", ["tps_loss", "ups_loss"]),
     ("UPS accuracy", ["ups_acc_clean", "ups_acc_incorrect", "ups_acc_masked"]),
-    ("UPS AUROC", ["auroc_unmasked", "auroc_masked"]),
+    ("UPS AUROC", ["auroc_unmasked", "auroc_masked", "auroc_self", "auroc_random"]),
     ("learning rate", None),  # every lr_* key
     ("tokens/s", ["tokens_per_s"]),
     ("grad norm", ["grad_norm"]),
@@ -21,7 +23,10 @@ PANELS = [
 
 
 def read_metrics(path) -> list[dict]:
-    return [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
+    """The lines of a metrics.jsonl; a torn last line of a running or killed run is skipped."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such metrics file")
+    return read_jsonl(path)
 
 
 def plot(rows: list[dict], out) -> Path:

@@ -1,0 +1,304 @@
+"""Setting up a Remask SFT run before its first step: flag checks, accelerate, output paths, the tokenizer and
+special ids, the data, the model (what trains, what stays frozen, LoRA) and the optimiser with its schedule.
+
+Order matters: everything that can fail without weights (flag combinations, output paths, config, UPS/LoRA
+compatibility, tokenizer ids, data fields) runs before the model loads and before anything is written, so a
+bad command stops in seconds instead of after an 8B load or a finished run.
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import logging
+import math
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+
+from remedi.arguments import ModelArgs
+from remedi.files import check_writable
+from remedi.model.checkpoint import add_stream, check_ups_compatible, load_pretrained, load_ups, read_ups
+from remedi.model.config import LLaDAConfig, get_config
+from remedi.model.llada import RemeDiLM, UPSHead, init_weights
+from remedi.model.loading import (MASK_TOKEN, SpecialIds, default_chat, load_tokenizer, pick_dtype, preflight,
+                                  resolve_special_ids)
+from remedi.training.args import DataArgs, Plan, TrainArgs, default_taps, lora_target_modules
+from remedi.training.data import (TokenizedData, check_fields, load_records, micro_batches, resolve_fields,
+                                  tokenize_records)
+
+log = logging.getLogger(__name__)
+
+
+def derive_seed(*parts: Any) -> int:
+    """A 63-bit seed from any parts (seed, purpose, rank, ...): independent streams without shared state."""
+    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
+
+
+def lr_lambda(args: TrainArgs, total: int):
+    """LambdaLR factor: linear warmup, then cosine / linear decay to ``min_lr_ratio``, or constant."""
+    def f(step: int) -> float:
+        if step < args.warmup_steps:
+            return (step + 1) / (args.warmup_steps + 1)
+        if args.lr_scheduler == "constant":
+            return 1.0
+        frac = min(1.0, (step - args.warmup_steps) / max(1, total - args.warmup_steps))
+        shape = 0.5 * (1 + math.cos(math.pi * frac)) if args.lr_scheduler == "cosine" else 1 - frac
+        return args.min_lr_ratio + (1 - args.min_lr_ratio) * shape
+    return f
+
+
+# ------------------------------------------------------------------------------------ checks without weights
+def validate_combination(t: TrainArgs, p: Plan) -> None:
+    """Flag combinations that would train nothing, or something that cannot be saved where asked."""
+    has_ups = t.ups_arch != "none" or t.load_ups_head is not None
+    if not has_ups and t.lambda_ups != 0:
+        raise ValueError("--ups_arch none has no UPS to train: pass --lambda_ups 0 (plain masked-diffusion "
+                         "training) or choose --ups_arch head/stream")
+    if p.train_backbone == "none" and (not has_ups or t.lambda_ups == 0) and t.ups_arch != "stream":
+        raise ValueError("nothing would train: the backbone is frozen (--train_backbone none) and the UPS loss "
+                         "is off; set --lambda_ups > 0 or --train_backbone full")
+    if p.mode == "alternating" and not has_ups:
+        raise ValueError("--train_mode alternating needs a UPS (--ups_arch head or stream)")
+    if t.noise_source == "self" and not has_ups:
+        raise ValueError("--noise_source self trains the UPS on the model's own mistakes: it needs a UPS "
+                         "(--ups_arch head or stream)")
+    if t.save_model_dir and not (p.train_backbone == "full" or (p.train_backbone == "none"
+                                                                 and t.ups_arch == "stream")):
+        raise ValueError("--save_model_dir writes a trained backbone (+stream): it needs --train_backbone full, "
+                         "or a stream UPS on a frozen backbone (LoRA adapters go to --save_lora_dir, a head UPS "
+                         "to --save_path/--save_ups_head)")
+
+
+def output_dir(t: TrainArgs, p: Plan, acc) -> Path:
+    """--output_dir, or runs/<script>-<time>, the same on every process."""
+    from accelerate.utils import broadcast_object_list
+
+    out = [t.output_dir or str(Path("runs") / f"{p.script}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}")]
+    if acc.num_processes > 1:
+        broadcast_object_list(out)
+    return Path(out[0])
+
+
+def check_outputs(t: TrainArgs, p: Plan, out: Path) -> None:
+    """Every path the run will write, checked now: a folder given for a file (or the reverse), or a place
+    that cannot be written, would otherwise fail only after the whole run, losing what it trained."""
+    check_writable(out, "--output_dir", is_dir=True)
+    if p.ups_out:
+        check_writable(p.ups_out, p.ups_flag)
+    if p.lora_out:
+        check_writable(p.lora_out, "--save_lora_dir", is_dir=True)
+    if t.save_model_dir:
+        check_writable(t.save_model_dir, "--save_model_dir", is_dir=True)
+
+
+def make_accelerator(m: ModelArgs, t: TrainArgs, p: Plan):
+    """(Accelerator, device). CPU when asked or when there is no GPU; bf16 mixed precision on GPUs."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    cpu = (m.device or "").startswith("cpu") or not torch.cuda.is_available()
+    if m.device and m.device.startswith("cuda:"):
+        raise ValueError(f"--device {m.device}: pick GPUs with CUDA_VISIBLE_DEVICES (accelerate places each "
+                         "process on its own GPU); use --device cuda or cpu")
+    mp = t.mixed_precision
+    if mp == "auto":
+        mp = os.environ.get("ACCELERATE_MIXED_PRECISION") or ("no" if cpu else "bf16")
+    kw = [DistributedDataParallelKwargs(find_unused_parameters=p.mode == "alternating")]
+    acc = Accelerator(mixed_precision=mp, gradient_accumulation_steps=t.grad_accum, cpu=cpu, kwargs_handlers=kw)
+    # multi-CPU runs report "cpu:<rank>", which safetensors and some kernels reject
+    device = torch.device("cpu") if acc.device.type == "cpu" else acc.device
+    return acc, device
+
+
+@dataclass
+class ModelSpec:
+    """What the run knows about its model before any weight loads."""
+
+    cfg: LLaDAConfig
+    tokenizer: Any
+    ids: SpecialIds
+    special_ids: list[int]  # never drawn as replacement tokens
+    model_dir: Optional[Path]  # None with --init_config
+    tok_dir: Path
+    ups_meta: Optional[dict]  # metadata of --load_ups_head
+    arch: Optional[str]  # the UPS that trains: head, stream or none
+
+
+def preflight_model(m: ModelArgs, d: DataArgs, t: TrainArgs, p: Plan) -> ModelSpec:
+    """Config, UPS/LoRA compatibility, tokenizer and special ids: everything that can fail without weights."""
+    if t.init_config:
+        tok = load_tokenizer(t.tokenizer)
+        mask = tok.convert_tokens_to_ids(MASK_TOKEN)
+        if mask is None or mask == tok.unk_token_id:
+            mask = tok.mask_token_id
+        if mask is None:
+            raise ValueError(f"--tokenizer {t.tokenizer} has no mask token {MASK_TOKEN}")
+        n = len(tok)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        cfg = get_config(t.init_config, vocab_size=n, embedding_size=n, mask_token_id=int(mask),
+                         eos_token_id=int(tok.eos_token_id), pad_token_id=int(pad))
+        model_dir, tok_dir, meta = None, Path(t.tokenizer), None
+        if t.load_ups_head:
+            _, meta = read_ups(t.load_ups_head)
+            check_ups_compatible(meta, cfg, t.load_ups_head)
+        if p.lora and p.lora.load_lora_dir:
+            raise ValueError("--load_lora_dir with --init_config: adapters belong to a pretrained --model_name")
+    else:
+        lora_dir = p.lora.load_lora_dir if p.lora else None
+        model_dir, cfg, meta = preflight(m.model_name, t.load_ups_head, lora_dir)
+        tok_dir = model_dir
+        tok = load_tokenizer(model_dir)
+    if d.seq_len > cfg.max_sequence_length:
+        raise ValueError(f"--seq_len {d.seq_len} exceeds the model's max_sequence_length {cfg.max_sequence_length}")
+    arch = t.ups_arch
+    if meta is not None:
+        if meta["ups_arch"] != t.ups_arch:
+            log.warning("--load_ups_head %s holds a %s UPS: training that (not --ups_arch %s)",
+                        t.load_ups_head, meta["ups_arch"], t.ups_arch)
+        arch = meta["ups_arch"]
+    if arch != "stream" and cfg.ups_taps:
+        if arch == "head":
+            raise ValueError(f"{m.model_name} already has a stream UPS (taps {cfg.ups_taps}); train it with "
+                             "--ups_arch stream")
+        arch = "stream"
+    ids = resolve_special_ids(tok, cfg, m.mask_id)
+    specials = set(getattr(tok, "all_special_ids", []) or [])
+    specials |= {i for i in (ids.mask, ids.eos, ids.pad, ids.eot, ids.bos) if i is not None}
+    return ModelSpec(cfg, tok, ids, sorted(specials), model_dir, tok_dir, meta, arch)
+
+
+# ------------------------------------------------------------------------------------------------ data
+@dataclass
+class TrainData:
+    data: TokenizedData
+    chat: bool
+    steps_per_epoch: int
+    total_steps: int
+
+
+def load_data(m: ModelArgs, d: DataArgs, t: TrainArgs, spec: ModelSpec, world: int, main: bool) -> TrainData:
+    """Records -> tokenised examples, and the number of optimiser steps they give."""
+    rows, source = load_records(d.dataset, d.split, d.subset, arith_n=d.arith_n, seed=m.seed)
+    prompt, answer, join = resolve_fields(d.dataset, d.prompt_field, d.answer_field)
+    check_fields(rows, prompt, answer, source)
+    if d.max_examples:
+        rows = rows[: d.max_examples]
+    chat = {"chat": True, "plain": False}.get(d.prompt_format)
+    if chat is None:
+        chat = default_chat(m.model_name if not t.init_config else t.init_config)
+    data = tokenize_records(rows, spec.tokenizer, prompt_field=prompt, answer_fields=answer, answer_join=join,
+                            seq_len=d.seq_len, chat=chat, eos_id=spec.ids.eos, eot_id=spec.ids.eot, source=source)
+    if main:
+        log.info("%s (%s prompts); lengths %s", data.summary(), "chat" if chat else "plain", data.stats)
+    per_epoch = len(micro_batches(len(data.examples), t.batch_size, world, 0, 0, 0))
+    steps_per_epoch = per_epoch // t.grad_accum
+    if steps_per_epoch < 1:
+        raise ValueError(f"{len(data.examples)} examples cannot fill one optimiser step of "
+                         f"{t.batch_size} x {world} processes x {t.grad_accum} accumulation")
+    return TrainData(data, chat, steps_per_epoch, t.max_steps or t.epochs * steps_per_epoch)
+
+
+# ----------------------------------------------------------------------------------------------- model
+@dataclass
+class BuiltModel:
+    lm: RemeDiLM
+    ups_params: list[nn.Parameter]
+    backbone_params: list[nn.Parameter]  # LoRA adapters or the full backbone; empty when frozen
+
+
+def ups_modules(lm: RemeDiLM) -> list[nn.Module]:
+    if lm.ups_head is not None:
+        return [lm.ups_head]
+    if lm.model.has_stream:
+        mm = lm.model
+        return [mm.blocks_upm, mm.backprop_norms, mm.backprop_linears, mm.ln_f_upm, mm.linear_confidence]
+    return []
+
+
+def wrap_lora(inner: nn.Module, p: Plan, main: bool) -> nn.Module:
+    """peft adapters on the backbone's block linears (new, or continued from --load_lora_dir)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    la = p.lora
+    if la.load_lora_dir:
+        pm = PeftModel.from_pretrained(inner, la.load_lora_dir, is_trainable=True)
+        c = pm.peft_config["default"]
+        if (c.r, c.lora_alpha) != (la.lora_r, la.lora_alpha) and main:
+            log.warning("--load_lora_dir %s has r=%s alpha=%s: training those (not --lora_r %s --lora_alpha %s)",
+                        la.load_lora_dir, c.r, c.lora_alpha, la.lora_r, la.lora_alpha)
+        return pm
+    cfg = LoraConfig(r=la.lora_r, lora_alpha=la.lora_alpha, lora_dropout=la.lora_dropout,
+                     target_modules=lora_target_modules(la.lora_target), bias="none")
+    return get_peft_model(inner, cfg)
+
+
+def build_model(m: ModelArgs, t: TrainArgs, p: Plan, spec: ModelSpec, device: torch.device, fsdp: bool,
+                main: bool) -> BuiltModel:
+    """Backbone (pretrained or random), the UPS, what trains; trainable parts keep float32 master weights."""
+    frozen_dtype = pick_dtype(m.dtype, device)
+    # FSDP flattens each wrapped unit into one tensor of one dtype: keep everything float32 there
+    # (its mixed-precision policy computes in bf16)
+    base_dtype = torch.float32 if p.train_backbone == "full" or fsdp else frozen_dtype
+    # global RNG: the same on every process while building (peft's adapter init draws from it)
+    random.seed(m.seed)
+    torch.manual_seed(derive_seed(m.seed, "build"))
+    if t.init_config:
+        with torch.device(device):
+            lm = RemeDiLM(spec.cfg)
+        init_weights(lm, std=0.02, generator=torch.Generator().manual_seed(derive_seed(m.seed, "init")))
+        lm.to(base_dtype)
+        lm.name_or_path = f"init:{t.init_config}"
+    else:
+        lm = load_pretrained(spec.model_dir, dtype=base_dtype, device=device)
+        lm.name_or_path = m.model_name
+    if spec.ups_meta is not None:
+        load_ups(t.load_ups_head, lm)
+    elif spec.arch == "head":
+        head = UPSHead(spec.cfg.d_model, t.ups_width)
+        init_weights(head, std=0.02, generator=torch.Generator().manual_seed(derive_seed(m.seed, "ups")))
+        lm.attach_head(head.to(device))
+    elif spec.arch == "stream" and not lm.model.has_stream:
+        taps = tuple(int(x) for x in t.ups_taps.split(",")) if t.ups_taps else default_taps(spec.cfg.n_layers)
+        add_stream(lm, taps)
+    ups = ups_modules(lm)
+    for mod in ups:
+        mod.to(torch.float32)
+    for prm in lm.parameters():
+        prm.requires_grad_(p.train_backbone == "full")
+    for mod in ups:
+        for prm in mod.parameters():
+            prm.requires_grad_(True)
+    if p.train_backbone == "lora":
+        lm.model = wrap_lora(lm.model, p, main)
+        for mod in ups:  # peft freezes everything but the adapters
+            for prm in mod.parameters():
+                prm.requires_grad_(True)
+    if t.gradient_checkpointing:
+        lm.set_gradient_checkpointing(True)
+    if t.compile:
+        lm.compile_blocks()
+    lm.train()
+    ups_ids = {id(q) for mod in ups for q in mod.parameters()}
+    ups_params = [q for q in lm.parameters() if id(q) in ups_ids]
+    backbone_params = [q for q in lm.parameters() if q.requires_grad and id(q) not in ups_ids]
+    if main:
+        n_train = sum(q.numel() for q in ups_params + backbone_params)
+        log.info("model %s: %.2fM parameters, %d trainable (UPS %s, backbone %s), frozen dtype %s",
+                 lm.name_or_path, lm.num_parameters() / 1e6, n_train, spec.arch, p.train_backbone, base_dtype)
+    return BuiltModel(lm, ups_params, backbone_params)
+
+
+def build_optimizer(t: TrainArgs, p: Plan, built: BuiltModel, total_steps: int):
+    """AdamW with one parameter group per part (backbone/LoRA, UPS), each with its lr; the LambdaLR schedule."""
+    groups = []
+    if built.backbone_params:
+        groups.append({"params": built.backbone_params, "lr": p.lr_backbone, "name": "backbone"})
+    if built.ups_params:
+        groups.append({"params": built.ups_params, "lr": p.lr_ups, "name": "ups"})
+    opt = torch.optim.AdamW(groups, lr=groups[0]["lr"], weight_decay=t.weight_decay, betas=(0.9, 0.95))
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t, total_steps))
