@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,3 +92,24 @@ def fill_defaults(obj: Any, model_values: Mapping[str, Any], source: str | Path,
 def setup_logging(main_process: bool = True) -> None:
     logging.basicConfig(level=logging.INFO if main_process else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+"""What bad input raises: shown as one line, not a traceback."""
+
+
+def run_main(main, argv: Optional[Sequence[str]] = None) -> None:
+    """Run a script's ``main(argv)``: a user error prints ``error: <message>`` and exits with code 2 (as
+    argparse does for a bad flag); ``--debug`` or ``REMEDI_DEBUG=1`` shows the full traceback instead."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("REMEDI_DEBUG", "") not in ("", "0")
+    try:
+        main([a for a in argv if a != "--debug"])
+    except USER_ERRORS as e:
+        if debug:
+            raise
+        msg = str(e) or type(e).__name__
+        if isinstance(e, OSError) and e.filename and str(e.filename) not in msg:
+            msg = f"{msg}: {e.filename}"
+        print(f"error: {msg}\n(run with --debug or REMEDI_DEBUG=1 for the traceback)", file=sys.stderr)
+        raise SystemExit(2) from None

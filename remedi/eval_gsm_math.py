@@ -15,7 +15,7 @@ if __package__ in (None, ""):  # run as a file: import the package from the repo
 
 import sys
 
-from remedi.arguments import ModelArgs, parse_args
+from remedi.arguments import ModelArgs, parse_args, run_main
 from remedi.decoding.args import SamplingArgs
 from remedi.evaluation.runner import EvalArgs, run
 
@@ -27,4 +27,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -11,7 +11,7 @@ with a UPS, else the training-free ones. Every bad flag is reported before the m
 if __package__ in (None, ""):  # run as a file: import the package from the repo root, never from remedi/ itself
     import sys, pathlib; sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])  # noqa: E401,E702
 
-from remedi.arguments import ModelArgs, parse_args, setup_logging
+from remedi.arguments import ModelArgs, parse_args, run_main, setup_logging
 from remedi.decoding.args import SamplingArgs
 from remedi.evaluation.compare import CompareArgs, run_compare
 
@@ -23,4 +23,4 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -1,9 +1,13 @@
-"""Where eval items come from: GSM8K, MATH-500, a local file, or the embedded model's arithmetic task.
+"""Where eval items come from: GSM8K, MATH-500, HumanEval, MBPP, a local file, or the embedded model's task.
 
-* datasets: ``openai/gsm8k`` (subset ``main``), ``HuggingFaceH4/MATH-500``, a local ``.jsonl``/``.json``
-  (or a folder holding ``<split>.jsonl``), and ``arith``, the synthetic task of the embedded model;
-  the answer format decides which task module (:mod:`remedi.tasks.gsm8k`, :mod:`remedi.tasks.math500`)
-  reads a row;
+* datasets: ``openai/gsm8k`` (subset ``main``), ``HuggingFaceH4/MATH-500``, ``openai_humaneval``, ``mbpp``
+  (config ``sanitized``), a local ``.jsonl``/``.json`` (or a folder holding ``<split>.jsonl``), and
+  ``arith``, the synthetic task of the embedded model; the answer format decides which task module
+  (:mod:`remedi.tasks.gsm8k`, :mod:`remedi.tasks.math500`, :mod:`remedi.tasks.code`) reads a row;
+* code formats (``humaneval``, ``mbpp``): rows in the hub schemas (see :mod:`remedi.tasks.code`); an item
+  keeps its row (prompt, tests, entry point) in ``Item.problem`` so results can be re-executed from the
+  results file alone (``--rescore``); prompts: HumanEval's function header as is (plain) or inside a
+  "complete this function" request (chat); MBPP's instruction prompt either way; no few-shot;
 * deterministic selection (``--start``/``--max_samples``/``--shuffle``) and few-shot exemplars;
 * prompts: zero-shot chat (Instruct), few-shot "Question:/Answer:" text (Base), the bare question (arith).
 
@@ -18,14 +22,23 @@ from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 from remedi.model.loading import EMBEDDED_MODEL, encode_prompt
-from remedi.tasks import arith, gsm8k, math500
-from remedi.tasks.answer_check import FORMATS
+from remedi.tasks import arith, code, gsm8k, math500
+from remedi.tasks.answer_check import FORMATS as ANSWER_FORMATS
 from remedi.training.data import hub_records, read_records
 
 ARITH = "arith"
 ARITH_DATA_DIR = EMBEDDED_MODEL / "data"
 TASKS = {gsm8k.FORMAT: gsm8k, math500.FORMAT: math500}
 HUB_SUBSETS = {gsm8k.HUB_ID: gsm8k.HUB_SUBSET}
+CODE_FORMATS = code.FORMATS  # ("humaneval", "mbpp"): scored by sandboxed execution
+FORMATS = (*ANSWER_FORMATS, *CODE_FORMATS)
+CODE_HUB_IDS = {"openai_humaneval": "humaneval", "openai/openai_humaneval": "humaneval", "mbpp": "mbpp",
+                "google-research-datasets/mbpp": "mbpp"}
+CODE_HUB_SUBSETS = {"mbpp": "sanitized"}
+
+
+def is_code(fmt: Optional[str]) -> bool:
+    return fmt in CODE_FORMATS
 
 
 @dataclass(frozen=True)
@@ -37,6 +50,7 @@ class Item:
     gold: str
     solution: Optional[str] = None
     extra: dict = field(default_factory=dict, compare=False)
+    problem: Optional[dict] = field(default=None, compare=False)  # code formats: the row the tests come from
 
 
 @dataclass(frozen=True)
@@ -50,6 +64,10 @@ class DatasetSpec:
 
 def _infer_format(name: str) -> Optional[str]:
     low = name.lower()
+    if "humaneval" in low:
+        return "humaneval"
+    if "mbpp" in low:
+        return "mbpp"
     if "gsm" in low or ARITH in low:
         return "gsm8k"
     if "math" in low:
@@ -89,6 +107,10 @@ def _first_row(path: Path) -> dict:
 
 
 def _format_from_fields(row: dict) -> Optional[str]:
+    if "entry_point" in row and "test" in row:
+        return "humaneval"
+    if "test_list" in row:
+        return "mbpp"
     if "problem" in row:
         return "math"
     if "question" in row and "answer" in row:
@@ -114,21 +136,44 @@ def resolve_dataset(dataset: Optional[str], subset: Optional[str] = None, split:
         kind = ARITH if arith else "file"
         guessed = fmt or _format_from_fields(row) or _infer_format(str(local))
         if guessed is None:
-            raise ValueError(f"cannot tell the answer format of {local}: pass --format gsm8k or --format math")
+            raise ValueError(f"cannot tell the answer format of {local}: pass --format gsm8k, math, humaneval "
+                             "or mbpp")
         return DatasetSpec(kind, str(local), guessed, None, split)
+    if dataset in CODE_HUB_IDS:
+        guessed = fmt or CODE_HUB_IDS[dataset]
+        return DatasetSpec("hub", dataset, guessed, subset or CODE_HUB_SUBSETS.get(dataset), split)
     if dataset.count("/") != 1 or dataset.startswith((".", "/")) or dataset.endswith((".json", ".jsonl")):
         raise FileNotFoundError(f"--dataset {dataset!r} is neither an existing file/folder nor a hub id "
-                                "like openai/gsm8k or HuggingFaceH4/MATH-500")
+                                "like openai/gsm8k, HuggingFaceH4/MATH-500, openai_humaneval or mbpp")
     guessed = fmt or _infer_format(dataset)
     if guessed is None:
-        raise ValueError(f"cannot tell the answer format of {dataset}: pass --format gsm8k or --format math")
-    return DatasetSpec("hub", dataset, guessed, subset or HUB_SUBSETS.get(dataset), split)
+        raise ValueError(f"cannot tell the answer format of {dataset}: pass --format gsm8k, math, humaneval or mbpp")
+    subset = subset or HUB_SUBSETS.get(dataset) or (CODE_HUB_SUBSETS.get("mbpp") if guessed == "mbpp" else None)
+    return DatasetSpec("hub", dataset, guessed, subset, split)
+
+
+def code_rows_to_items(rows: Sequence[dict], fmt: str, source: str) -> list[Item]:
+    """Items of a code task: id = task_id, question = the model prompt, problem = the (checked) row."""
+    items, seen = [], set()
+    for i, r in enumerate(rows):
+        iid = str(r["task_id"])
+        if iid in seen:
+            raise ValueError(f"{source}: duplicate task_id {iid!r} (row {i + 1}); ids must be unique")
+        seen.add(iid)
+        keep = ("task_id", "prompt", "test", "entry_point") if fmt == "humaneval" else \
+            ("task_id", "prompt", "test_list", "test_imports")
+        problem = {k: r[k] for k in keep if k in r}
+        gold = r.get("canonical_solution") if fmt == "humaneval" else r.get("code")
+        items.append(Item(iid, code.build_prompt(r, fmt), str(gold or ""), None, {}, problem))
+    return items
 
 
 def rows_to_items(rows: Sequence[dict], fmt: str, split: str, source: str) -> list[Item]:
     """Map raw rows to Items for ``fmt``; raises naming the fields found when the needed ones are absent."""
     if not rows:
         raise ValueError(f"{source} has no rows")
+    if is_code(fmt):
+        return code_rows_to_items(rows, fmt, source)
     found = sorted(rows[0].keys())
     task = TASKS[fmt]
     qkey = next((k for k in task.QUESTION_FIELDS if k in rows[0]), None)
@@ -156,6 +201,9 @@ def rows_to_items(rows: Sequence[dict], fmt: str, split: str, source: str) -> li
 
 
 def load_items(spec: DatasetSpec) -> list[Item]:
+    if is_code(spec.fmt):  # remedi.tasks.code reads and checks the rows (hub or local)
+        rows = code.load_code_rows(spec.name, spec.fmt, spec.split, spec.subset)
+        return code_rows_to_items(rows, spec.fmt, spec.name)
     if spec.kind == "hub":
         rows, src = hub_records(spec.name, spec.subset, spec.split), f"{spec.name} ({spec.subset}, {spec.split})"
     else:
@@ -165,6 +213,8 @@ def load_items(spec: DatasetSpec) -> list[Item]:
 
 def fewshot_source(spec: DatasetSpec, fewshot_file: Optional[str]) -> DatasetSpec:
     """Where few-shot exemplars come from: --fewshot_file, else the train split of the same dataset."""
+    if is_code(spec.fmt):
+        raise ValueError(f"--fewshot is not supported for --format {spec.fmt} (code prompts are zero-shot)")
     if fewshot_file:
         return resolve_dataset(fewshot_file, split="train", fmt=spec.fmt)
     if spec.kind == "hub":
@@ -214,8 +264,18 @@ def prompt_style(spec: DatasetSpec, chat: bool) -> str:
     return "chat" if chat else "plain"
 
 
+CODE_CHAT_INSTRUCTION = ("Complete the following Python function. Answer with the complete function in a "
+                         "```python code block.")
+
+
 def build_prompt(question: str, fmt: str, style: str, exemplars: Sequence[Item] = ()) -> str:
     """The text given to the tokenizer (for chat: the user message, before the chat template)."""
+    if is_code(fmt):
+        if exemplars:
+            raise ValueError(f"--format {fmt}: few-shot prompts are not supported")
+        if fmt == "humaneval" and style == "chat":
+            return f"{CODE_CHAT_INSTRUCTION}\n\n```python\n{question}```"
+        return question
     shots = "".join(f"Question: {ex.question}\nAnswer: {ex.solution}\n\n" for ex in exemplars)
     if style == ARITH:
         return "".join(arith.prompt(ex.question) + f"{ex.solution}\n\n" for ex in exemplars) + arith.prompt(question)

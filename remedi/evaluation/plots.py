@@ -1,4 +1,4 @@
-"""Plots of an eval summary (``gsm_eval.summarize`` output): accuracy per source, accuracy against NFE.
+"""Plots of an eval summary (:func:`remedi.evaluation.report.summarize` output): accuracy per source, accuracy against NFE.
 
 matplotlib is imported lazily with the Agg backend, so this works on headless machines and importing the
 module costs nothing.
@@ -28,6 +28,12 @@ def _save(fig, path) -> Path:
     return path
 
 
+def _zoom(lo: float, hi: float, pad: float = 0.08) -> tuple[float, float]:
+    """A y-range around the intervals (not 0-1), so 0.40 against 0.48 is visible; clipped to [0, 1]."""
+    span = max(hi - lo, 0.05)
+    return max(0.0, lo - pad * 4 * span), min(1.0 + 0.1 * span, hi + pad * 4 * span)
+
+
 def plot_accuracy(summary: dict, path: str | os.PathLike, title: str = "") -> Path:
     """Bar chart: accuracy per (source, steps) with its 95% Wilson interval as error bars."""
     plt = _pyplot()
@@ -36,12 +42,16 @@ def plot_accuracy(summary: dict, path: str | os.PathLike, title: str = "") -> Pa
     acc = [g["accuracy"] for g in groups]
     err = [[g["accuracy"] - g["ci_lo"] for g in groups], [g["ci_hi"] - g["accuracy"] for g in groups]]
     fig, ax = plt.subplots(figsize=(max(4.0, 1.0 + 0.9 * len(groups)), 3.6))
-    ax.bar(range(len(groups)), acc, yerr=err, capsize=4, color="#4C72B0")
+    lo, hi = _zoom(min(g["ci_lo"] for g in groups), max(g["ci_hi"] for g in groups))
+    ax.errorbar(range(len(groups)), acc, yerr=err, fmt="o", capsize=5, color="#4C72B0", markersize=6)
     for i, g in enumerate(groups):
-        ax.text(i, min(1.0, g["ci_hi"]) + 0.02, f"{g['accuracy']:.2f}\nn={g['n']}", ha="center", fontsize=8)
+        ax.text(i + 0.08, g["accuracy"], f"{g['accuracy']:.3f}", va="center", fontsize=8)
     ax.set_xticks(range(len(groups)), labels, rotation=30, ha="right")
-    ax.set_ylim(0, 1.15)
-    ax.set_ylabel("accuracy (95% Wilson CI)")
+    ax.set_xlim(-0.5, len(groups) - 0.3)
+    ax.set_ylim(lo, hi)
+    ax.grid(axis="y", alpha=0.3)
+    n = sorted({g["n"] for g in groups})
+    ax.set_ylabel(f"accuracy, 95% Wilson CI (n = {', '.join(map(str, n))})")
     ax.set_title(title or "accuracy per source")
     try:
         return _save(fig, path)

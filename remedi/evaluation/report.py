@@ -1,5 +1,8 @@
 """Summaries of an eval run: accuracy with 95% Wilson intervals, NFE, remasks per block, tokens/s, and
-paired tests (exact McNemar, paired bootstrap) between every two sources on the items both ran."""
+paired tests (exact McNemar, paired bootstrap) between every two sources on the items both ran.
+
+For code runs (records with a sandbox ``status``) accuracy is pass@1 (one greedy sample per problem) and
+each group also counts the statuses (passed / failed / timeout / memory / error)."""
 from __future__ import annotations
 
 from itertools import combinations
@@ -36,6 +39,7 @@ def summarize(records: Sequence[dict], n_boot: int = 2000, seed: int = 0) -> dic
             "remasks_per_block": (sum(r.get("remasks") or 0 for r in recs) / blocks) if blocks else None,
             "tokens_per_s": toks / secs if secs > 0 else None,
             "mean_gen_tokens": _mean([r.get("gen_tokens") for r in recs]),
+            **({"status": _count(r.get("status") for r in recs)} if any("status" in r for r in recs) else {}),
         })
     rows.sort(key=lambda g: (g["steps"] is None, g["steps"] or 0))  # stable: sources keep their run order
     pairs = []
@@ -52,7 +56,15 @@ def summarize(records: Sequence[dict], n_boot: int = 2000, seed: int = 0) -> dic
         pairs.append({"a": a["label"], "b": b["label"], "steps": a["steps"], "n": len(common),
                       "acc_a": sum(ca) / len(common), "acc_b": sum(cb) / len(common), "diff": bs["diff"],
                       "diff_lo": bs["lo"], "diff_hi": bs["hi"], **mc})
-    return {"groups": rows, "pairs": pairs, "n_records": len(records)}
+    code = bool(records) and all("status" in r for r in records)
+    return {"groups": rows, "pairs": pairs, "n_records": len(records), "metric": "pass@1" if code else "accuracy"}
+
+
+def _count(values) -> dict:
+    out: dict = {}
+    for v in values:
+        out[str(v)] = out.get(str(v), 0) + 1
+    return dict(sorted(out.items()))
 
 
 def _f(x, fmt: str = ".3f") -> str:
@@ -61,12 +73,17 @@ def _f(x, fmt: str = ".3f") -> str:
 
 def render_markdown(summary: dict, title: str = "") -> str:
     lines = [f"## {title}", ""] if title else []
-    lines += ["| source | n | accuracy | 95% CI | coverage | mean NFE | remasks/block | tok/s |",
+    metric = summary.get("metric", "accuracy")
+    lines += [f"| source | n | {metric} | 95% CI | coverage | mean NFE | remasks/block | tok/s |",
               "|---|---:|---:|---|---:|---:|---:|---:|"]
     for g in summary["groups"]:
         lines.append(f"| {g['label']} | {g['n']} | {g['accuracy']:.3f} | [{g['ci_lo']:.3f}, {g['ci_hi']:.3f}] | "
                      f"{g['coverage']:.3f} | {_f(g['mean_nfe'], '.1f')} | {_f(g['remasks_per_block'], '.2f')} | "
                      f"{_f(g['tokens_per_s'], '.1f')} |")
+    if any("status" in g for g in summary["groups"]):
+        lines += ["", "Sandbox outcomes: " + "; ".join(
+            f"{g['label']}: " + ", ".join(f"{k} {v}" for k, v in g.get("status", {}).items())
+            for g in summary["groups"])]
     if summary["pairs"]:
         lines += ["", "Paired comparisons on the same items (a - b; McNemar exact test, paired bootstrap 95% CI):",
                   "", "| a | b | n | acc a | acc b | diff | bootstrap 95% CI | a only | b only | McNemar p |",

@@ -5,6 +5,11 @@ reads the dataset and builds every prompt before a weight is read, so a bad flag
 :func:`run` splits the items over the processes accelerate started (each item's random stream depends
 only on (seed, item id), so the results do not depend on the number of GPUs), appends finished records
 line by line on rank 0 and writes the reports. :func:`rescore` re-checks stored completions, no model.
+
+Code formats (``--format humaneval|mbpp``, or the hub ids ``openai_humaneval`` / ``mbpp``): each batch's
+completions are executed against the problems' tests in the sandbox (:mod:`remedi.evaluation.code_exec`)
+before the batch's records are appended, ``correct`` is "the tests passed" (accuracy = pass@1), and
+``--rescore`` re-executes the stored completions against the tests stored in each record.
 """
 from __future__ import annotations
 
@@ -26,7 +31,8 @@ from remedi.evaluation.report import render_markdown, summarize
 from remedi.files import check_writable
 from remedi.model.checkpoint import atomic_path, versions, write_json_atomic
 from remedi.session import Session, fixed_settings, open_session, parse_sources
-from remedi.tasks.answer_check import FORMATS
+
+FORMATS = D.FORMATS
 
 log = logging.getLogger("eval_gsm_math")
 
@@ -36,11 +42,13 @@ class EvalArgs:
     ups_head: Optional[str] = arg(None, "UPS checkpoint (.pt/.safetensors); default for the embedded model: its "
                                   "ups_head.pt if present")
     lora_path: Optional[str] = arg(None, "peft LoRA folder merged into the backbone before sampling")
-    dataset: Optional[str] = arg(None, "openai/gsm8k, HuggingFaceH4/MATH-500, a local .jsonl/.json (or a folder "
-                                 "with <split>.jsonl), or 'arith'; default: the embedded model's arithmetic test split")
+    dataset: Optional[str] = arg(None, "openai/gsm8k, HuggingFaceH4/MATH-500, openai_humaneval, mbpp (sanitized), a "
+                                 "local .jsonl/.json (or a folder with <split>.jsonl), or 'arith'; default: the "
+                                 "embedded model's arithmetic test split")
     subset: Optional[str] = arg(None, "hub dataset config (openai/gsm8k: main)")
     split: str = arg("test", "dataset split")
-    format: Optional[str] = arg(None, f"answer format: {' | '.join(FORMATS)}; default guessed from the dataset")
+    format: Optional[str] = arg(None, f"answer format: {' | '.join(FORMATS)} (humaneval/mbpp: scored by running "
+                                "the tests in a sandbox); default guessed from the dataset")
     sources: Optional[str] = arg(None, "comma list of strategies (" + ", ".join(STRATEGIES) + "); default "
                                  "llada_low_confidence, plus ups,tps_prob,random when a UPS is given")
     steps_list: Optional[str] = arg(None, "comma list of step counts to sweep (accuracy vs NFE); default: --steps")
@@ -203,12 +211,20 @@ def run_batch(session: Session, plan: Plan, batch: list, source: str, steps: int
     t0 = time.perf_counter()
     outs = session.generate([plan.prompts[it.id][0] for it in batch], source, [it.id for it in batch], steps)
     wall = time.perf_counter() - t0
+    completions = [session.tokenizer.decode(out.tokens, skip_special_tokens=True) for out in outs]
+    executed = [None] * len(batch)
+    if D.is_code(plan.spec.fmt):  # the whole batch at once: one sandboxed process per completion, concurrently
+        executed = R.execute_code([it.problem for it in batch], completions, plan.spec.fmt)
     records = []
-    for it, out in zip(batch, outs):
-        completion = session.tokenizer.decode(out.tokens, skip_special_tokens=True)
-        records.append(R.make_record(it, source, steps, plan.prompts[it.id][1], completion, plan.spec.fmt,
-                                     nfe=out.nfe, remasks=out.remasks, remasks_per_block=list(out.remasks_per_block),
-                                     seconds=wall / len(batch), gen_tokens=len(out.tokens)))
+    for it, out, completion, ex in zip(batch, outs, completions, executed):
+        stats = dict(nfe=out.nfe, remasks=out.remasks, remasks_per_block=list(out.remasks_per_block),
+                     seconds=wall / len(batch), gen_tokens=len(out.tokens))
+        if ex is not None:
+            records.append(R.make_code_record(it, source, steps, plan.prompts[it.id][1], completion, plan.spec.fmt,
+                                              execution=ex, **stats))
+        else:
+            records.append(R.make_record(it, source, steps, plan.prompts[it.id][1], completion, plan.spec.fmt,
+                                         **stats))
     return records
 
 

@@ -1,0 +1,190 @@
+"""Code tasks (--format humaneval|mbpp) in the project's own eval: sandboxed scoring, resume, rescore.
+
+The sampler is replaced by a fake that returns known completions (correct or wrong) per problem, so the
+test is about the eval path: records get correct = the tests passed and a sandbox status, pass@1 is their
+mean, finished items are skipped on resume and --rescore re-executes the stored completions.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from remedi import eval_gsm_math as script
+from remedi import session
+from remedi.decoding.sampler import Generation
+from remedi.evaluation import data as D
+from remedi.evaluation import results as R
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the sandbox targets Linux")
+
+SAMPLING = ["--steps", "4", "--gen_length", "8", "--block_length", "4", "--trajectory_out", "none"]
+
+HUMANEVAL = [
+    {"task_id": "Toy/0", "entry_point": "add",
+     "prompt": 'def add(a: int, b: int) -> int:\n    """Return the sum of a and b."""\n',
+     "canonical_solution": "    return a + b\n",
+     "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-4, 4) == 0\n"},
+    {"task_id": "Toy/1", "entry_point": "reverse",
+     "prompt": 'def reverse(s: str) -> str:\n    """Return s reversed."""\n',
+     "canonical_solution": "    return s[::-1]\n",
+     "test": "def check(candidate):\n    assert candidate('abc') == 'cba'\n    assert candidate('') == ''\n"},
+    {"task_id": "Toy/2", "entry_point": "total",
+     "prompt": 'def total(xs: list) -> int:\n    """Sum of xs."""\n',
+     "canonical_solution": "    return sum(xs)\n",
+     "test": "def check(candidate):\n    assert candidate([1, 2, 3]) == 6\n    assert candidate([]) == 0\n"},
+]
+# what the "model" answers: a body continuation, a wrong body, a fenced full definition plus trailing chatter
+HE_COMPLETIONS = {
+    "add": "    return a + b\n\n\nprint(add(1, 2))\n",
+    "reverse": "    return s\n",
+    "total": "Here it is:\n```python\ndef total(xs: list) -> int:\n    out = 0\n    for x in xs:\n        out += x\n"
+             "    return out\n```\nDone.",
+}
+HE_EXPECTED = {"Toy/0": (True, "passed"), "Toy/1": (False, "failed"), "Toy/2": (True, "passed")}
+
+MBPP = [
+    {"task_id": 11, "prompt": "Write a function to square a number.", "code": "def square(x):\n    return x * x\n",
+     "test_imports": [], "test_list": ["assert square(3) == 9", "assert square(-2) == 4"]},
+    {"task_id": 12, "prompt": "Write a function that returns the maximum of a list.",
+     "code": "def biggest(xs):\n    return max(xs)\n", "test_imports": [],
+     "test_list": ["assert biggest([1, 5, 2]) == 5", "assert biggest([-3]) == -3"]},
+]
+MBPP_COMPLETIONS = {"square": "```python\ndef square(x):\n    return x ** 2\n```",
+                    "biggest": "```python\ndef biggest(xs):\n    return min(xs)\n```"}
+MBPP_EXPECTED = {"11": (True, "passed"), "12": (False, "failed")}
+
+
+@pytest.fixture(scope="module")
+def code_model_dir(tmp_path_factory) -> Path:
+    """The tests' tiny LLaDA with room for MBPP's instruction prompt (the tiny tokenizer spends many tokens)."""
+    from tests.conftest import build_model_dir
+
+    return build_model_dir(tmp_path_factory.mktemp("code") / "tiny-llada", max_sequence_length=1024)
+
+
+def _write(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def fake_sampler(monkeypatch, code_model_dir):
+    """Replace the sampler: each prompt gets the canned completion of the function its text names."""
+    from remedi.model.loading import load_tokenizer
+
+    tok = load_tokenizer(code_model_dir)
+    calls = []
+
+    def fake(model, prompts, cfg, ids, generators):
+        out = []
+        for p in prompts:
+            text = tok.decode(p, skip_special_tokens=True)
+            [name] = [k for k in {**HE_COMPLETIONS, **MBPP_COMPLETIONS} if f"def {k}(" in text or f"{k}(" in text]
+            completion = {**HE_COMPLETIONS, **MBPP_COMPLETIONS}[name]
+            ids_ = tok(completion, add_special_tokens=False)["input_ids"]
+            assert tok.decode(ids_, skip_special_tokens=True) == completion  # byte-level: exact round trip
+            out.append(Generation(ids_, cfg.steps, 0, [0] * cfg.num_blocks, 0.01))
+            calls.append(name)
+        return out
+
+    monkeypatch.setattr(session, "generate", fake)
+    return calls
+
+
+def _records(out: Path) -> dict:
+    return {r["id"]: r for r in R.read_results(out / "results.jsonl")}
+
+
+def test_humaneval_known_completions_score_one_and_zero(code_model_dir, tmp_path, fake_sampler):
+    data = _write(tmp_path / "he.jsonl", HUMANEVAL)
+    out = tmp_path / "run"
+    summary = script.main(["--model_name", str(code_model_dir), "--dataset", str(data), "--output_dir", str(out),
+                           "--sources", "llada_low_confidence", *SAMPLING])
+    recs = _records(out)
+    assert {i: (r["correct"], r["status"]) for i, r in recs.items()} == HE_EXPECTED
+    r0 = recs["Toy/0"]
+    assert r0["prompt"] == HUMANEVAL[0]["prompt"]  # plain style: the function header as is
+    assert r0["extracted"] == "    return a + b\n"  # cut at the top-level print
+    assert r0["problem"]["entry_point"] == "add" and "check" in r0["problem"]["test"]
+    assert "def total" in recs["Toy/2"]["extracted"]  # the fenced full definition was kept whole
+    [g] = summary["groups"]
+    assert summary["metric"] == "pass@1" and g["accuracy"] == pytest.approx(2 / 3)
+    assert g["status"] == {"failed": 1, "passed": 2}
+    assert json.loads((out / "config.json").read_text())["fixed"]["format"] == "humaneval"
+    assert "| source | n | pass@1 |" in (out / "summary.md").read_text()
+
+
+def test_mbpp_format_and_prompt(code_model_dir, tmp_path, fake_sampler):
+    data = _write(tmp_path / "mbpp.jsonl", MBPP)
+    out = tmp_path / "run"
+    script.main(["--model_name", str(code_model_dir), "--dataset", str(data), "--format", "mbpp",
+                 "--output_dir", str(out), "--sources", "llada_low_confidence", *SAMPLING])
+    recs = _records(out)
+    assert {i: (r["correct"], r["status"]) for i, r in recs.items()} == MBPP_EXPECTED
+    assert "assert square(3) == 9" in recs["11"]["prompt"] and "```python" in recs["11"]["prompt"]
+
+
+def test_resume_skips_finished_code_items(code_model_dir, tmp_path, fake_sampler):
+    data = _write(tmp_path / "he.jsonl", HUMANEVAL)
+    out = tmp_path / "run"
+    argv = ["--model_name", str(code_model_dir), "--dataset", str(data), "--output_dir", str(out),
+            "--sources", "llada_low_confidence", *SAMPLING]
+    script.main([*argv, "--max_samples", "2"])
+    assert fake_sampler == ["add", "reverse"]
+    with open(out / "results.jsonl", "a") as f:  # a torn last line (killed mid-write) is cut off
+        f.write('{"id": "Toy/2", "sour')
+    fake_sampler.clear()
+    summary = script.main(argv)
+    assert fake_sampler == ["total"]  # only the unfinished item is decoded (and executed)
+    recs = _records(out)
+    assert {i: (r["correct"], r["status"]) for i, r in recs.items()} == HE_EXPECTED
+    assert summary["groups"][0]["n"] == 3
+
+
+def test_rescore_reexecutes_code(code_model_dir, tmp_path, fake_sampler, monkeypatch):
+    data = _write(tmp_path / "he.jsonl", HUMANEVAL)
+    out = tmp_path / "run"
+    script.main(["--model_name", str(code_model_dir), "--dataset", str(data), "--output_dir", str(out),
+                 "--sources", "llada_low_confidence", *SAMPLING])
+    # edit the stored completions: fix Toy/1, break Toy/0 (verdicts stay stale until rescored)
+    recs = R.read_results(out / "results.jsonl")
+    for r in recs:
+        if r["id"] == "Toy/1":
+            r["completion"] = "    return s[::-1]\n"
+        if r["id"] == "Toy/0":
+            r["completion"] = "    return a - b\n"
+    (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+
+    def no_model(*a, **k):
+        raise AssertionError("--rescore must not load a model")
+
+    monkeypatch.setattr(session, "open_session", no_model)
+    summary = script.main(["--rescore", str(out / "results.jsonl")])
+    new = {r["id"]: (r["correct"], r["status"]) for r in R.read_results(out / "rescored.jsonl")}
+    assert new == {"Toy/0": (False, "failed"), "Toy/1": (True, "passed"), "Toy/2": (True, "passed")}
+    assert summary["verdicts_changed"] == 2 and summary["format"] == "humaneval"
+    with pytest.raises(ValueError, match="problem"):
+        R.rescore_records([{"id": "x", "completion": "pass"}], "humaneval")
+
+
+def test_code_datasets_resolve_and_prompt(tmp_path):
+    he = D.resolve_dataset("openai_humaneval")
+    assert (he.kind, he.fmt, he.subset) == ("hub", "humaneval", None)
+    mb = D.resolve_dataset("mbpp")
+    assert (mb.kind, mb.fmt, mb.subset) == ("hub", "mbpp", "sanitized")
+    assert D.resolve_dataset("google-research-datasets/mbpp").fmt == "mbpp"
+    local = D.resolve_dataset(str(_write(tmp_path / "x.jsonl", HUMANEVAL)))  # recognised by its fields
+    assert (local.kind, local.fmt) == ("file", "humaneval")
+    assert D.resolve_dataset(str(_write(tmp_path / "y.jsonl", MBPP))).fmt == "mbpp"
+    items = D.load_items(local)
+    assert [it.id for it in items] == ["Toy/0", "Toy/1", "Toy/2"] and items[0].problem["entry_point"] == "add"
+    assert D.build_prompt(items[0].question, "humaneval", "plain") == HUMANEVAL[0]["prompt"]
+    chat = D.build_prompt(items[0].question, "humaneval", "chat")
+    assert chat.startswith("Complete the following Python function") and HUMANEVAL[0]["prompt"] in chat
+    with pytest.raises(ValueError, match="--fewshot is not supported"):
+        D.fewshot_source(local, None)
+    rec = R.make_record(items[1], "s", 4, "p", "    return s[::-1]\n", "humaneval", nfe=4)
+    assert (rec["correct"], rec["status"], rec["nfe"]) == (True, "passed", 4)
