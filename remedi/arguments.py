@@ -58,12 +58,22 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: {action.default})"
 
 
-def parse_args(dataclass_types: Sequence[type], argv: Optional[Sequence[str]] = None, description: str = ""):
-    """Parse argv into one instance per dataclass type (unknown flags are an error)."""
+def parse_args(dataclass_types: Sequence[type], argv: Optional[Sequence[str]] = None, description: str = "",
+               unknown_hint=None):
+    """Parse argv into one instance per dataclass type. Unknown flags are an error; ``unknown_hint(flags)``
+    may return a clearer message for them (e.g. "that is a LoRA flag: use train_remask_lora.py")."""
     from transformers import HfArgumentParser
 
     parser = HfArgumentParser(list(dataclass_types), description=description, formatter_class=HelpFormatter)
-    return parser.parse_args_into_dataclasses(args=list(argv) if argv is not None else sys.argv[1:])
+    args = list(argv) if argv is not None else sys.argv[1:]
+    *out, extra = parser.parse_args_into_dataclasses(args=args, return_remaining_strings=True)
+    if extra:
+        flags = sorted({a.split("=", 1)[0] for a in extra if a.startswith("-")}) or extra
+        hint = unknown_hint(flags) if unknown_hint else None
+        if hint:
+            raise ValueError(hint)
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return tuple(out)
 
 
 def fill_defaults(obj: Any, model_values: Mapping[str, Any], source: str | Path,

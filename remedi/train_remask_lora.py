@@ -17,13 +17,21 @@ if __package__ in (None, ""):  # run as a file: import the package from the repo
 import logging
 import sys
 
-from remedi.arguments import ModelArgs, parse_args, setup_logging
+from remedi.arguments import ModelArgs, parse_args, run_main, setup_logging
 from remedi.training import demo
 from remedi.training.args import DataArgs, LoraArgs, TrainArgs
 from remedi.training.loop import run
 
 SCRIPT = "train_remask_lora"
 log = logging.getLogger(SCRIPT)
+
+
+def sft_hint(flags: list[str]):
+    sft = [f for f in flags if f in ("--lr", "--save_path", "--train_backbone")]
+    if sft:
+        return (f"{', '.join(sft)} belongs to train_remask_sft.py; here use --lr_lora/--lr_ups, --save_ups_head "
+                "and --save_lora_dir (the backbone trains through LoRA)")
+    return None
 
 
 def main(argv=None) -> dict:
@@ -33,11 +41,8 @@ def main(argv=None) -> dict:
         argv = demo.demo_flags(SCRIPT)
         setup_logging()
         log.info(demo.announce(SCRIPT))
-    for a in argv:
-        if a.split("=", 1)[0] in ("--lr", "--save_path", "--train_backbone"):
-            raise ValueError(f"{a.split('=', 1)[0]} belongs to train_remask_sft.py; here use --lr_lora/"
-                             "--lr_ups, --save_ups_head and --save_lora_dir (the backbone trains through LoRA)")
-    margs, dargs, targs, largs = parse_args([ModelArgs, DataArgs, TrainArgs, LoraArgs], argv, description=__doc__)
+    margs, dargs, targs, largs = parse_args([ModelArgs, DataArgs, TrainArgs, LoraArgs], argv, description=__doc__,
+                                            unknown_hint=sft_hint)
     result = run(margs, dargs, targs, largs, script=SCRIPT)
     if is_demo:
         log.info(demo.summary(result))
@@ -45,4 +50,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

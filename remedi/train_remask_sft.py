@@ -16,7 +16,7 @@ import dataclasses
 import logging
 import sys
 
-from remedi.arguments import ModelArgs, parse_args, setup_logging
+from remedi.arguments import ModelArgs, parse_args, run_main, setup_logging
 from remedi.training import demo
 from remedi.training.args import DataArgs, LoraArgs, SftArgs, TrainArgs
 from remedi.training.loop import run
@@ -28,6 +28,14 @@ LORA_FLAGS = {f"--{f.name}" for f in dataclasses.fields(LoraArgs)} - {f"--{f.nam
                                                                       dataclasses.fields(SftArgs)}
 
 
+def lora_hint(flags: list[str]):
+    lora = [f for f in flags if f in LORA_FLAGS]
+    if lora:
+        return (f"{', '.join(lora)} {'is a LoRA flag' if len(lora) == 1 else 'are LoRA flags'}: this script trains "
+                "the UPS (or the full model); use train_remask_lora.py for LoRA training")
+    return None
+
+
 def main(argv=None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     is_demo = not argv
@@ -35,11 +43,8 @@ def main(argv=None) -> dict:
         argv = demo.demo_flags(SCRIPT)
         setup_logging()
         log.info(demo.announce(SCRIPT))
-    lora = sorted({a.split("=", 1)[0] for a in argv if a.split("=", 1)[0] in LORA_FLAGS})
-    if lora:
-        raise ValueError(f"{', '.join(lora)} {'is a LoRA flag' if len(lora) == 1 else 'are LoRA flags'}: "
-                         "this script trains the UPS (or the full model); use train_remask_lora.py for LoRA training")
-    margs, dargs, targs, sargs = parse_args([ModelArgs, DataArgs, TrainArgs, SftArgs], argv, description=__doc__)
+    margs, dargs, targs, sargs = parse_args([ModelArgs, DataArgs, TrainArgs, SftArgs], argv, description=__doc__,
+                                            unknown_hint=lora_hint)
     result = run(margs, dargs, targs, sargs, script=SCRIPT)
     if is_demo:
         log.info(demo.summary(result))
@@ -47,4 +52,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

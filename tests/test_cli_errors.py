@@ -1,0 +1,34 @@
+"""What a user sees for bad input from a shell: one line naming the problem, exit code 2, no traceback."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(*args, env=None):
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+
+
+@pytest.mark.parametrize("args, says", [
+    (["remedi/infer_compare.py", "--model_name", "/nonexistent/model", "--prompt", "x"], "/nonexistent/model"),
+    (["remedi/eval_gsm_math.py", "--sources", "best"], "--sources: unknown ['best']"),
+    (["remedi/train_remask_sft.py", "--lora_r", "4"], "--lora_r is a LoRA flag"),
+    (["remedi/train_remask_lora.py", "--save_path", "x.pt"], "--save_path belongs to train_remask_sft.py"),
+    (["remedi/train_remask_sft.py", "--max_steps", "1", "--save_path", "/"], "--save_path / is a folder"),
+])
+def test_user_errors_are_one_line_and_exit_2(args, says):
+    p = run(*args)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr
+    errors = [line for line in p.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and says in errors[0], p.stderr[-2000:]
+
+
+def test_debug_shows_the_traceback():
+    p = run("remedi/infer_compare.py", "--model_name", "/nonexistent/model", "--prompt", "x", "--debug")
+    assert p.returncode == 1 and "Traceback" in p.stderr and "/nonexistent/model" in p.stderr
