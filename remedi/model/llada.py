@@ -51,8 +51,21 @@ def rope_tables(head_dim: int, theta: float, start: int, length: int, device: to
     return emb.cos(), emb.sin()
 
 
+def rope_tables_at(head_dim: int, theta: float, position_ids: torch.Tensor):
+    """(cos, sin), each (B, 1, L, head_dim), float32, for explicit positions ``position_ids`` (B, L).
+
+    Same arithmetic as :func:`rope_tables` (float32 position times inverse frequency), so a row whose ids
+    are ``start..start+L-1`` gets bit-identical tables.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32)
+                                / head_dim))
+    freqs = position_ids.to(torch.float32)[..., None] * inv_freq  # (B, L, head_dim / 2)
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, L, head_dim)
+    return emb.cos(), emb.sin()
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, H, L, D); rotation in float32, result in x's dtype."""
+    """x: (B, H, L, D); cos/sin (L, D) or (B, 1, L, D); rotation in float32, result in x's dtype."""
     x32 = x.float()
     x1, x2 = x32.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
@@ -208,24 +221,38 @@ class LLaDAModel(nn.Module):
         start: int = 0,
         out_slice: Optional[slice] = None,
         compute_logits: bool = True,
+        position_ids: Optional[torch.Tensor] = None,
     ) -> ModelOutput:
         """Run positions [start, start + L) of the sequence.
 
         input_ids: (B, L). attention_mask: (B, T) key-padding mask over the WHOLE sequence (1 = real
-        token), or None. Without a cache, start must be 0 and L == T. out_slice selects, within the
-        computed positions, where logits/UPS are produced (saves the vocabulary projection elsewhere).
+        token), or a boolean (B, 1, L, T) mask (True = query may attend to key) for layouts such as the
+        block-causal one of :mod:`remedi.model.block_causal`; or None. Without a cache, start must be 0
+        and L == T. out_slice selects, within the computed positions, where logits/UPS are produced (saves
+        the vocabulary projection elsewhere). position_ids: (B, L) RoPE positions of the computed tokens;
+        None = the physical indices start..start+L-1.
         """
         cfg = self.config
         B, L = input_ids.shape
         if cache is None and start != 0:
             raise ValueError("start > 0 needs a KVCache holding the other positions")
         mask = None
-        if attention_mask is not None:
+        if attention_mask is not None and attention_mask.dim() == 4:
+            if attention_mask.dtype != torch.bool or attention_mask.shape[:3] != (B, 1, L):
+                raise ValueError(f"a 4-D attention_mask must be bool (B, 1, L, T) = ({B}, 1, {L}, T), got "
+                                 f"{attention_mask.dtype} {tuple(attention_mask.shape)}")
+            mask = attention_mask  # (B, 1, L, T) query x key
+        elif attention_mask is not None:
             mask = attention_mask.to(torch.bool)[:, None, None, :]  # (B, 1, 1, T) keys
             if bool(mask.all()):
                 mask = None  # lets SDPA pick the flash kernel
         x = self.transformer.wte(input_ids)  # (B, L, d)
-        rope = rope_tables(cfg.head_dim, cfg.rope_theta, start, L, x.device)
+        if position_ids is not None:
+            if position_ids.shape != (B, L):
+                raise ValueError(f"position_ids must be (B, L) = ({B}, {L}), got {tuple(position_ids.shape)}")
+            rope = rope_tables_at(cfg.head_dim, cfg.rope_theta, position_ids.to(x.device))
+        else:
+            rope = rope_tables(cfg.head_dim, cfg.rope_theta, start, L, x.device)
         taps = {t: k for k, t in enumerate(cfg.ups_taps)}
         u = None
         for i, block in enumerate(self.transformer.blocks):

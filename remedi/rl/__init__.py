@@ -1,1 +1,11 @@
-"""Remask RL (RemeDi Eq. 8): Plackett-Luce unmasking-policy log-probs, samplers and GRPO-style clipped losses."""
+"""Remask RL (RemeDi Eq. 8): GRPO on the joint token / Plackett-Luce position policy.
+
+policy   Plackett-Luce and token log-probs, samplers, group advantages, clipped GRPO loss
+rollout  block-wise rollouts with the joint policy, every step's state and old log-probs recorded
+loss     block-causal re-scoring of the recorded steps ([prompt | final | x_t]) and the per-step GRPO loss
+rewards  reward functions by name (math_verify, toy rewards for tests)
+data     training prompts with gold answers
+args     the script's flags and their defaults (authors' settings; embedded-model CPU settings)
+trainer  the accelerate loop: updates, checkpoints, exact resume, metrics, curves
+plots    reward / accuracy / remask curves from metrics.jsonl
+"""

@@ -1,0 +1,74 @@
+"""Curves of a Remask-RL run from its metrics.jsonl (one line per update).
+
+    python -m remedi.rl.plots runs/train_remask_rl-.../metrics.jsonl --out curves.png
+
+Left: mean reward over the update's rollouts (band: +- one standard error of that mean) and the fraction
+answered correctly (the same curve for a 0/1 reward, drawn dashed on top). Right: what the position
+policy does: remasks per block and the entropy of its first Plackett-Luce draw.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Sequence
+
+from remedi.files import read_jsonl
+
+
+def plot_curves(rows: Sequence[dict], out, title: str = "Remask RL") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not rows:
+        raise ValueError("metrics.jsonl has no lines yet")
+    u = [r["update"] for r in rows]
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5))
+    from matplotlib.ticker import MaxNLocator
+
+    mean = [r["reward_mean"] for r in rows]
+    se = [r.get("reward_std", 0.0) / max(1, r.get("rollouts", 1)) ** 0.5 for r in rows]
+    marker = "o" if len(rows) < 40 else None
+    ax.plot(u, mean, marker=marker, label="reward (mean over rollouts)")
+    ax.fill_between(u, [m - s for m, s in zip(mean, se)], [m + s for m, s in zip(mean, se)], alpha=0.2,
+                    label="+- 1 standard error")
+    ax.plot(u, [r["accuracy"] for r in rows], marker="x" if marker else None, linestyle="--",
+            label="accuracy (answer correct)")
+    ax.set_xlabel("update (optimiser step)")
+    ax.set_ylabel("per rollout")
+    ax.set_title("reward and accuracy of the rollouts")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    for a in (ax, bx):
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
+    bx.plot(u, [r["remasks_per_block"] for r in rows], marker=marker, color="tab:red", label="remasks / block")
+    bx.set_xlabel("update (optimiser step)")
+    bx.set_ylabel("remasks per block", color="tab:red")
+    bx.set_title("position policy")
+    bx.grid(alpha=0.3)
+    cx = bx.twinx()
+    cx.plot(u, [r["pl_entropy"] for r in rows], marker=marker, color="tab:green", label="PL entropy")
+    cx.set_ylabel("entropy of softmax(h / T_pos) (nats)", color="tab:green")
+    fig.suptitle(title)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def main(argv=None) -> Path:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("metrics", help="metrics.jsonl written by train_remask_rl.py")
+    ap.add_argument("--out", required=True, help="PNG to write")
+    ap.add_argument("--title", default="Remask RL")
+    a = ap.parse_args(argv)
+    out = plot_curves(read_jsonl(a.metrics), a.out, a.title)
+    print(f"wrote {out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

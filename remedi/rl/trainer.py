@@ -1,0 +1,442 @@
+"""The Remask-RL loop (GRPO over whole trajectories) on accelerate; train_remask_rl.py calls :func:`run`.
+
+One update (optimiser step), as the RemeDi authors run it (REMASK_RL.md, paper Eq. 8):
+
+1. ``prompts_per_update`` prompts, ``group_size`` rollouts each (:func:`remedi.rl.rollout.rollout`), split
+   over processes and ``grad_accum`` chunks of whole groups. Rollout b of prompt p draws from its own
+   generator seeded by (seed, update, prompt id, group index), so a run is the same at any chunking.
+2. Rewards (``--reward``, 0/1 math-verify by default) and group advantages A = (R - mean) / (std + 1e-4).
+3. For each step index i: one forward that re-scores step i of every block (block-causal layout
+   [prompt | final | x_t(i) of every block]; with ``--layout bidirectional`` one row per block, the
+   sampler's view) and one backward of the clipped surrogate (:mod:`remedi.rl.loss`), normalised by the
+   update's number of rollouts per process (DDP averages processes), so the S passes sum to the gradient
+   of the loss.
+4. Gradient clipping, AdamW step, warm-up schedule. The policy changes once per rollout batch, so the
+   ratios are 1 when the gradient is taken (REINFORCE with group baselines, clipping inactive).
+
+What trains: ``--train ups`` (the UPS head or stream; the backbone is frozen, LoRA from --lora_path merged
+into it) or ``--train ups_lora`` (UPS + peft LoRA adapters). The model is kept in eval mode (no dropout),
+so the loss forward scores exactly the policy that sampled.
+
+Faults and restarts, as in Remask SFT: output paths are checked before the model loads; checkpoints
+(:mod:`remedi.rl.checkpoints`) are atomic and ``--resume`` restores the trainable weights, optimiser,
+scheduler and RNG, and the data position follows from the update index, so a resumed run ends with the
+same weights. A non-finite loss / gradient norm, or a loss forward whose log-probs disagree with the
+rollout's (mean |log ratio| > ``--max_log_ratio`` before the step), stops the run before the optimiser
+step with a message saying what happened (every process stops together).
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import logging
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from remedi.arguments import ModelArgs, setup_logging
+from remedi.files import append_jsonl, check_writable, read_jsonl
+from remedi.model.checkpoint import atomic_path, load_pretrained, load_ups, versions, write_json_atomic
+from remedi.model.loading import LORA_AUTO_TARGET, load_tokenizer, pick_dtype, preflight, resolve_special_ids
+from remedi.rl.args import RLArgs, args_record, resolve_defaults
+from remedi.rl.checkpoints import CheckpointMixin, latest_checkpoint
+from remedi.rl.data import load_items
+from remedi.rl.loss import StepStats, clean_prefix_cache, step_logprobs, step_loss
+from remedi.rl.plots import plot_curves
+from remedi.rl.policy import group_advantages
+from remedi.rl.rewards import RewardContext, get_reward
+from remedi.rl.rollout import RolloutConfig, rollout
+from remedi.session import default_ups_head, is_embedded, item_seed
+
+log = logging.getLogger(__name__)
+
+SCRIPT = "train_remask_rl"
+_RESUME_FREE = {"resume", "stop_after_updates", "save_every", "save_total_limit", "output_dir", "save_ups_head",
+                "save_lora_dir", "max_updates", "device"}
+LORA_LINEARS = ("q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out")
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+class DivergenceError(RuntimeError):
+    pass
+
+
+def lora_target(spec: str) -> str:
+    """peft target regex over backbone block linears only (a bare ``ff_out`` would hit the LM head)."""
+    if spec == "auto":
+        return LORA_AUTO_TARGET
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    if not names or any(n not in LORA_LINEARS for n in names):
+        raise ValueError(f"--lora_target {spec!r}: use auto or a comma list of {', '.join(LORA_LINEARS)}")
+    return r".*transformer\.blocks\.\d+\.(" + "|".join(names) + r")$"
+
+
+def ups_modules(lm) -> list:
+    if lm.ups_head is not None:
+        return [lm.ups_head]
+    mm = lm.model.get_base_model() if hasattr(lm.model, "get_base_model") else lm.model
+    if getattr(mm, "has_stream", False):
+        return [mm.blocks_upm, mm.backprop_norms, mm.backprop_linears, mm.ln_f_upm, mm.linear_confidence]
+    return []
+
+
+class RLTrainer(CheckpointMixin):
+    def __init__(self, margs: ModelArgs, rargs: RLArgs):
+        self.margs, self.rargs = margs, rargs
+
+    # ------------------------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import broadcast_object_list
+
+        m, r = self.margs, self.rargs
+        if m.device and m.device.startswith("cuda:"):
+            raise ValueError(f"--device {m.device}: pick GPUs with CUDA_VISIBLE_DEVICES; use --device cuda or cpu")
+        cpu = (m.device or "").startswith("cpu") or not torch.cuda.is_available()
+        mp = r.mixed_precision
+        if mp == "auto":
+            mp = os.environ.get("ACCELERATE_MIXED_PRECISION") or ("no" if cpu else "bf16")
+        self.acc = Accelerator(mixed_precision=mp, cpu=cpu)
+        acc = self.acc
+        self.main, self.world, self.rank = acc.is_main_process, acc.num_processes, acc.process_index
+        self.device = torch.device("cpu") if acc.device.type == "cpu" else acc.device
+        self.fsdp = acc.distributed_type.name == "FSDP"
+        setup_logging(self.main)
+        if self.fsdp:
+            plugin = acc.state.fsdp_plugin
+            if getattr(plugin, "fsdp_version", 1) == 1 and not plugin.use_orig_params:
+                raise ValueError("FSDP with a frozen backbone needs fsdp_version: 2 or use_orig_params: true in the "
+                                 "accelerate config (FSDP1 flattens frozen and trainable weights together)")
+            if r.kl_coef > 0:
+                raise ValueError("--kl_coef > 0 is not supported under FSDP (its reference swaps weights in place); "
+                                 "run data-parallel (configs/accelerate_ddp.yaml)")
+        out = [r.output_dir or str(Path("runs") / f"{SCRIPT}-{datetime.datetime.now():%Y%m%d-%H%M%S}")]
+        if self.world > 1:
+            broadcast_object_list(out)
+        self.out = Path(out[0])
+        self._check_outputs()
+        self._preflight()
+        self._load_data()
+        self._build_model()
+        self._build_optimizer()
+
+    def _check_outputs(self) -> None:
+        """Every output path is usable and the run folder is new (or resumable): before any weight loads."""
+        r = self.rargs
+        check_writable(self.out, "--output_dir", is_dir=True)
+        if r.save_ups_head:
+            check_writable(r.save_ups_head, "--save_ups_head")
+        if r.save_lora_dir:
+            if r.train != "ups_lora":
+                raise ValueError("--save_lora_dir needs --train ups_lora (with --train ups nothing but the UPS trains)")
+            check_writable(r.save_lora_dir, "--save_lora_dir", is_dir=True)
+        self.resume_from = None
+        if r.resume:
+            self.resume_from = latest_checkpoint(self.out)
+            if self.resume_from is None:
+                raise FileNotFoundError(f"--resume: {self.out} has no checkpoints/latest.json (was --save_every set?)")
+        elif (self.out / "args.json").is_file():
+            raise ValueError(f"--output_dir {self.out} already holds a run (args.json): pass --resume to continue it "
+                             "or choose another --output_dir")
+
+    def _preflight(self) -> None:
+        m, r = self.margs, self.rargs
+        if r.ups_head is None:
+            r.ups_head = default_ups_head(m.model_name)
+        lora_for_preflight = r.lora_path
+        self.model_dir, cfg, self.ups_meta = preflight(m.model_name, r.ups_head, lora_for_preflight)
+        if self.ups_meta is None and not cfg.ups_taps:
+            raise ValueError(f"{m.model_name} has no UPS: Remask RL starts from a Remask-SFT UPS, pass --ups_head "
+                             "CHECKPOINT (train one with train_remask_sft.py)")
+        self.origin = resolve_defaults(r, self.model_dir, is_embedded(m.model_name))
+        script = ((self.ups_meta or {}).get("args") or {}).get("script")
+        if r.layout == "block_causal" and script in ("train_remask_sft", "train_remask_lora"):
+            log.warning("--ups_head %s was trained by %s on whole sequences, but --layout block_causal decodes each "
+                        "block seeing only the prompt and earlier blocks: the model is off its training distribution "
+                        "there; --layout bidirectional matches its training (and the sampler)", r.ups_head, script)
+        self.rcfg = RolloutConfig(r.gen_length, r.block_length, r.steps, r.temperature, r.ups_temperature,
+                                  r.cache, r.layout).validate()
+        if r.prompts_per_update % (self.world * r.grad_accum):
+            raise ValueError(f"--prompts_per_update {r.prompts_per_update} must be a multiple of processes x "
+                             f"--grad_accum = {self.world} x {r.grad_accum}")
+        self.cfg = cfg
+        self.tokenizer = load_tokenizer(self.model_dir)
+        self.ids = resolve_special_ids(self.tokenizer, cfg, m.mask_id)
+        self.record = {**args_record(m, r), "script": SCRIPT}
+        if self.resume_from is not None:
+            saved = json.loads((self.out / "args.json").read_text())
+            diff = {k: (saved.get(k), v) for k, v in self.record.items()
+                    if k not in _RESUME_FREE and saved.get(k) != v}
+            if diff:
+                raise ValueError(f"--resume with different arguments than the run in {self.out}: " + "; ".join(
+                    f"--{k}: was {a!r}, now {b!r}" for k, (a, b) in diff.items()))
+
+    def _load_data(self) -> None:
+        m, r = self.margs, self.rargs
+        self.items, self.data_source = load_items(r, self.tokenizer, m.model_name, m.seed,
+                                                  self.cfg.max_sequence_length - r.gen_length)
+        if len(self.items) < r.prompts_per_update:
+            raise ValueError(f"{self.data_source}: {len(self.items)} usable prompts cannot fill one update of "
+                             f"--prompts_per_update {r.prompts_per_update}")
+        self.reward_fn = get_reward(r.reward)
+        if self.main:
+            log.info("%s: %d prompts; reward %s; %d prompts x %d rollouts an update", self.data_source,
+                     len(self.items), r.reward, r.prompts_per_update, r.group_size)
+
+    def _build_model(self) -> None:
+        m, r = self.margs, self.rargs
+        dev = self.device
+        dtype = pick_dtype(m.dtype, dev)
+        random.seed(m.seed)
+        torch.manual_seed(item_seed(m.seed, "build"))  # peft's adapter init draws from the global RNG
+        lm = load_pretrained(self.model_dir, dtype=dtype, device=dev)
+        lm.name_or_path = m.model_name
+        if r.lora_path and r.train == "ups":
+            from peft import PeftModel
+
+            lm.model = PeftModel.from_pretrained(lm.model, r.lora_path).merge_and_unload()
+        if self.ups_meta is not None:
+            load_ups(r.ups_head, lm)
+        self.lm_config = lm.config  # with the stream's taps; before peft wraps lm.model
+        for p in lm.parameters():
+            p.requires_grad_(False)
+        for mod in ups_modules(lm):
+            mod.to(torch.float32)  # float32 master weights for what trains
+        if r.train == "ups_lora":
+            from peft import LoraConfig, PeftModel, get_peft_model
+
+            if r.lora_path:
+                lm.model = PeftModel.from_pretrained(lm.model, r.lora_path, is_trainable=True)
+            else:
+                lm.model = get_peft_model(lm.model, LoraConfig(r=r.lora_r, lora_alpha=r.lora_alpha, lora_dropout=0.0,
+                                                               target_modules=lora_target(r.lora_target), bias="none"))
+            drop = lm.model.peft_config["default"].lora_dropout
+            if drop:
+                raise ValueError(f"--lora_path {r.lora_path} has lora_dropout {drop}: the loss forward must score "
+                                 "the sampling policy exactly; re-save the adapters with lora_dropout 0")
+        ups_ids = set()
+        for mod in ups_modules(lm):
+            for p in mod.parameters():
+                p.requires_grad_(True)
+                ups_ids.add(id(p))
+        lm.eval()
+        self.lm = lm
+        self.ups_params = [p for p in lm.parameters() if id(p) in ups_ids]
+        self.lora_params = [p for p in lm.parameters() if p.requires_grad and id(p) not in ups_ids]
+        self.trainable_names = [n for n, p in lm.named_parameters() if p.requires_grad]
+        # a head on a frozen backbone leaves every key/value fixed: the loss passes share [prompt | final]
+        self.shared_prefix = lm.ups_arch == "head" and not self.lora_params and r.layout == "block_causal"
+        # the reference policy of the KL penalty: the starting weights (rebuilt identically on resume)
+        self.reference = ({n: p.detach().clone() for n, p in lm.named_parameters() if p.requires_grad}
+                          if r.kl_coef > 0 else None)
+        if self.main:
+            n = sum(p.numel() for p in self.ups_params + self.lora_params)
+            log.info("model %s: UPS %s (%s), trains %s: %d parameters (%.2fM LoRA); frozen dtype %s", m.model_name,
+                     lm.ups_arch, r.ups_head or "model's own stream", r.train, n,
+                     sum(p.numel() for p in self.lora_params) / 1e6, dtype)
+
+    def _build_optimizer(self) -> None:
+        r = self.rargs
+        groups = [{"params": self.ups_params, "lr": r.lr, "name": "ups"}]
+        if self.lora_params:
+            groups.append({"params": self.lora_params, "lr": r.lr_lora or r.lr, "name": "lora"})
+        opt = torch.optim.AdamW(groups, lr=r.lr, weight_decay=r.weight_decay)
+        w = r.warmup_steps
+        self.sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda u: (u + 1) / (w + 1) if u < w else 1.0)
+        if self.resume_from is not None:  # weights before prepare (DDP broadcasts them from rank 0)
+            self._load_trainable(self.resume_from)
+        self.model, self.opt = self.acc.prepare(self.lm, opt)
+
+    # ------------------------------------------------------------------------------------ one update
+    def update_prompts(self, update: int) -> tuple[int, list[int]]:
+        """(epoch, item indices) of an update: consecutive slices of per-epoch permutations (tail dropped)."""
+        from remedi.training.data import epoch_order
+
+        n, k = len(self.items), self.rargs.prompts_per_update
+        usable = (n // k) * k
+        epoch, offset = divmod(update * k, usable)
+        return epoch, epoch_order(n, self.margs.seed, epoch)[offset:offset + k]
+
+    @contextlib.contextmanager
+    def _reference_weights(self):
+        params = dict(self.lm.named_parameters())
+        with torch.no_grad():
+            saved = {n: params[n].detach().clone() for n in self.reference}
+            for n, v in self.reference.items():
+                params[n].copy_(v)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, v in saved.items():
+                    params[n].copy_(v)
+
+    def run_update(self, update: int) -> dict:
+        r, acc, dev = self.rargs, self.acc, self.device
+        t_start = time.perf_counter()
+        epoch, order = self.update_prompts(update)
+        per_chunk = r.prompts_per_update // (self.world * r.grad_accum)
+        n_local = r.prompts_per_update // self.world * r.group_size
+        S = self.rcfg.steps_per_block
+        stats = StepStats(r.clip_mode, kl=self.reference is not None)
+        rewards, correct, remasks, entropy, lengths = [], [], [], [], []
+        t_roll = 0.0
+        ctx = RewardContext(self.tokenizer, self.ids)
+        for c in range(r.grad_accum):
+            lo = (c * self.world + self.rank) * per_chunk
+            chunk = [self.items[i] for i in order[lo:lo + per_chunk]]
+            rows = [it for it in chunk for _ in range(r.group_size)]
+            gens = [torch.Generator(device=dev).manual_seed(item_seed(self.margs.seed, f"rl:{update}:{it.id}:{g}"))
+                    for it in chunk for g in range(r.group_size)]
+            t0 = time.perf_counter()
+            batch = rollout(self.model, [list(it.prompt_ids) for it in rows], self.rcfg, self.ids, gens)
+            res = self.reward_fn(batch, rows, ctx)
+            t_roll += time.perf_counter() - t0
+            adv = group_advantages(res.reward.float(), r.group_size).to(dev)  # (n,)
+            cache = clean_prefix_cache(self.model, batch) if self.shared_prefix else None
+            for i in range(S):
+                last = c == r.grad_accum - 1 and i == S - 1
+                with contextlib.nullcontext() if last else acc.no_sync(self.model):
+                    ref = None
+                    if self.reference is not None:
+                        with torch.no_grad(), self._reference_weights():
+                            ref = step_logprobs(self.model, batch, i, self.rcfg, self.ids.mask, cache)
+                    loss, st = step_loss(self.model, batch, i, adv, self.rcfg, self.ids.mask, clip=r.clip,
+                                         mode=r.clip_mode, normaliser=float(n_local), reference=ref,
+                                         kl_coef=r.kl_coef, cache=cache)
+                    bad = torch.tensor([0.0 if math.isfinite(st["loss"]) else 1.0], device=dev)
+                    if self.world > 1:  # every process stops together
+                        bad = acc.reduce(bad, "sum")
+                    if bad.item() > 0:
+                        raise NonFiniteError(f"non-finite loss at update {update + 1}, step index {i}: stopped before "
+                                             f"the optimiser step; {self._last_ckpt_note()}")
+                    acc.backward(loss)
+                stats.add(st)
+            rewards.append(res.reward.float())
+            correct.append(res.correct.float())
+            remasks.append(batch.remasks.float().mean(1).cpu())
+            entropy.append(batch.pl_entropy.mean((1, 2)).cpu())
+            lengths.append(torch.tensor([float(row.index(self.ids.eos)) if self.ids.eos in row else float(len(row))
+                                         for row in batch.final.tolist()]))
+        rec = self._reduce(stats.record(), rewards, correct, remasks, entropy, lengths)
+        for part in ("tok", "pl"):
+            v = rec.get(f"{part}_abs_log_ratio", 0.0)
+            if v == v and v > r.max_log_ratio:
+                raise DivergenceError(
+                    f"update {update + 1}: the loss forward's {part} log-probs disagree with the rollout's (mean |log "
+                    f"ratio| {v:.3g} > --max_log_ratio {r.max_log_ratio}) although the policy has not changed since "
+                    f"sampling: the loss layout does not score what the rollout sampled (numerics or a bug); stopped "
+                    f"before the optimiser step; {self._last_ckpt_note()}")
+        params = [p for g in self.opt.param_groups for p in g["params"]]
+        gn = acc.clip_grad_norm_(params, r.max_grad_norm if r.max_grad_norm > 0 else float("inf"))
+        gn = float(gn) if gn is not None else float("nan")
+        if not math.isfinite(gn):
+            raise NonFiniteError(f"non-finite gradient norm at update {update + 1}: stopped before the optimiser "
+                                 f"step; {self._last_ckpt_note()}")
+        lrs = {f"lr_{g['name']}": g["lr"] for g in self.opt.param_groups}
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        sec = time.perf_counter() - t_start
+        n_tok = r.prompts_per_update * r.group_size * self.rcfg.gen_length
+        rec.update(update=update + 1, epoch=epoch, rollouts=r.prompts_per_update * r.group_size, grad_norm=gn, **lrs,
+                   rollout_seconds=t_roll, loss_seconds=sec - t_roll, update_seconds=sec,
+                   rollout_tokens_per_s=n_tok / max(t_roll, 1e-9), time=time.time())
+        return rec
+
+    def _reduce(self, rec: dict, rewards, correct, remasks, entropy, lengths) -> dict:
+        """Per-update statistics over every process's rollouts."""
+        acc, gs = self.acc, self.rargs.group_size
+        per_rollout = torch.stack([torch.cat(x) for x in (rewards, correct, remasks, entropy, lengths)], 1)  # (n, 5)
+        keys = sorted(k for k in rec if k != "loss")
+        scal = torch.tensor([rec["loss"]] + [rec[k] for k in keys], dtype=torch.float64, device=self.device)
+        if self.world > 1:
+            per_rollout = acc.gather(per_rollout.to(self.device)).cpu()
+            scal = acc.gather(scal[None]).cpu()  # (world, k)
+        else:
+            scal = scal[None].cpu()
+        R = per_rollout[:, 0]
+        out = {"reward_mean": float(R.mean()), "reward_std": float(R.std()) if R.numel() > 1 else 0.0,
+               "accuracy": float(per_rollout[:, 1].mean()),
+               "groups_all_equal": float((R.view(-1, gs).std(1) == 0).float().mean()),
+               "remasks_per_block": float(per_rollout[:, 2].mean()), "pl_entropy": float(per_rollout[:, 3].mean()),
+               "completion_tokens": float(per_rollout[:, 4].mean()), "loss": float(scal[:, 0].sum())}
+        for j, k in enumerate(keys, 1):
+            col = scal[:, j]
+            out[k] = float(col.min() if k.endswith("_min") else col.max() if k.endswith("_max") else col.mean())
+        return out
+
+    # ------------------------------------------------------------------------------------ the loop
+    def train(self) -> dict:
+        from tqdm.auto import tqdm
+
+        r = self.rargs
+        update = 0
+        torch.manual_seed(item_seed(self.margs.seed, f"train:{self.rank}"))
+        if self.resume_from is not None:
+            update = self._load_state(self.resume_from)
+        metrics_path = self.out / "metrics.jsonl"
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            if self.resume_from is None:
+                write_json_atomic(self.out / "args.json", {**self.record, "versions": versions(),
+                                                          "resolved_from": self.origin})
+            else:  # drop the lines a killed run wrote after its last checkpoint
+                keep = [x for x in read_jsonl(metrics_path, repair=True) if x["update"] <= update]
+                with atomic_path(metrics_path) as tmp:
+                    tmp.write_text("".join(json.dumps(x) + "\n" for x in keep))
+        bar = tqdm(total=r.max_updates, initial=update, disable=not self.main, desc=SCRIPT, dynamic_ncols=True)
+        rec: dict = {}
+        stopped = False
+        while update < r.max_updates:
+            rec = self.run_update(update)
+            update += 1
+            if self.main:
+                append_jsonl(metrics_path, [rec])
+                bar.set_postfix({"reward": f"{rec['reward_mean']:.3f}", "acc": f"{rec['accuracy']:.3f}",
+                                 "remask/blk": f"{rec['remasks_per_block']:.1f}"})
+            bar.update(1)
+            if r.save_every and update % r.save_every == 0 and update < r.max_updates:
+                self.save_checkpoint(update)
+            if r.stop_after_updates is not None and update >= r.stop_after_updates and update < r.max_updates:
+                stopped = True
+                break
+        bar.close()
+        curves = None
+        if self.main:
+            title = (f"Remask RL of {Path(self.margs.model_name).name} on {r.dataset}: {r.reward} reward, "
+                     f"{r.prompts_per_update} prompts x {r.group_size} rollouts per update")
+            curves = str(plot_curves(read_jsonl(metrics_path), self.out / "curves.png", title))
+        if stopped:
+            if self.main:
+                log.info("stopped after update %d (--stop_after_updates); continue with --resume", update)
+            return {"update": update, "stopped": True, "metrics": rec, "paths": {"curves": curves}}
+        paths = self.export(update)
+        paths["curves"] = curves
+        return {"update": update, "stopped": False, "metrics": rec, "paths": paths}
+
+
+def run(margs: ModelArgs, rargs: RLArgs) -> dict:
+    """Train as the arguments say; returns {"update", "stopped", "metrics" (last update), "paths", "output_dir"}."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    trainer = RLTrainer(margs, rargs)
+    try:
+        trainer.setup()
+        result = trainer.train()
+        result["output_dir"] = str(trainer.out)
+        if trainer.world > 1:
+            trainer.acc.end_training()
+        return result
+    finally:
+        if getattr(trainer, "acc", None) is not None and trainer.acc.num_processes == 1:
+            AcceleratorState._reset_state()
+            GradientState._reset_state()

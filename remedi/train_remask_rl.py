@@ -1,0 +1,30 @@
+r"""Remask RL: GRPO on the joint token / Plackett-Luce position policy, from a Remask-SFT UPS.
+
+    python remedi/train_remask_rl.py                    # the embedded model, ~1 minute on a CPU
+    python remedi/train_remask_rl.py --model_name maple-research-lab/RemeDi-Instruct \
+        --dataset openai/gsm8k --group_size 16 --prompts_per_update 16 --gen_length 256 --block_length 32 \
+        --steps 128 --temperature 1.2 --ups_temperature 1.2 --clip 0.2 --lr 3e-6 --max_updates 100 \
+        --save_every 10 --output_dir runs/rl_gsm8k --save_ups_head checkpoints/ups_rl.pt
+    accelerate launch --config_file configs/accelerate_ddp.yaml remedi/train_remask_rl.py ...
+
+``--train ups`` trains the UPS (head or stream) on the frozen backbone; ``--train ups_lora`` adds LoRA
+adapters (new, or continued from --lora_path). ``--layout block_causal`` (default) decodes as the authors'
+block-diffusion models were trained (the official RemeDi checkpoints); a UPS from this project's
+train_remask_sft.py / train_remask_lora.py was trained on whole sequences: use ``--layout bidirectional``
+(the embedded model's default). The loop is remedi.rl.trainer.run (REMASK_RL.md).
+"""
+if __package__ in (None, ""):  # run as a file: import the package from the repo root, never from remedi/ itself
+    import sys, pathlib; sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])  # noqa: E401,E702
+
+from remedi.arguments import ModelArgs, parse_args
+from remedi.rl.args import RLArgs
+from remedi.rl.trainer import run
+
+
+def main(argv=None) -> dict:
+    margs, rargs = parse_args([ModelArgs, RLArgs], argv, description=__doc__)
+    return run(margs, rargs)
+
+
+if __name__ == "__main__":
+    main()
