@@ -7,7 +7,7 @@ sampler, eager / compiled / static-buffer CUDA graphs, side by side in one run.
 
 Prompt 200, gen 256, block 32, steps 256 (8 blocks of 32 steps) at batch 1 and 8. Runs:
 
-* ``reference``: LLaDA's ``generate.py`` algorithm (LLADA.md) transcribed onto the native model: the whole
+* ``reference``: LLaDA's ``generate.py`` algorithm (arXiv:2502.09992) transcribed onto the native model: the whole
   sequence's logits every step, float64 softmax over it, a top-k per row with its host syncs; eager only.
   Every ratio "x_ref" is against this in-run measurement ("x_ref_fig": against the 52 / 66 tok/s measured
   outside the project with the hub model).
@@ -56,8 +56,8 @@ from remedi.decoding import sampler as S  # noqa: E402
 from remedi.decoding.graphs import release_decoders, static_decoder  # noqa: E402
 from remedi.decoding.sampler import SamplerConfig, generate  # noqa: E402
 
-REFERENCE_TOK_S = {1: 52.0, 8: 66.0}  # LLaDA's generate.py, H200, random-weight 8B bf16 (LLADA.md)
-GOALS = {"exact": {1: 1.5, 8: 1.5}, "cached": {1: 4.0, 8: 10.0}}  # x over REFERENCE_TOK_S (issue 7)
+REFERENCE_TOK_S = {1: 52.0, 8: 66.0}  # LLaDA's generate.py, H200, random-weight 8B bf16 (arXiv:2502.09992)
+GOALS = {"exact": {1: 1.5, 8: 1.5}, "cached": {1: 4.0, 8: 10.0}}  # x over REFERENCE_TOK_S
 MODES = ("eager", "graphs", "compile+graphs", "compile")  # run order: in-place compilation comes last
 
 
@@ -132,7 +132,7 @@ def floor_seconds(cfg, scfg: SamplerConfig, batch: int, prompt_len: int, stream_
 @torch.inference_mode()
 def llada_reference_generate(model, prompt: torch.Tensor, steps: int, gen_length: int, block_length: int,
                              mask_id: int) -> torch.Tensor:
-    """LLaDA's ``generate.py`` (LLADA.md, "The reference sampler"): low_confidence, temperature 0, no CFG,
+    """LLaDA's ``generate.py`` (LLaDA, arXiv:2502.09992, "The reference sampler"): low_confidence, temperature 0, no CFG,
     equal-length prompts. Logits over the whole sequence each step, softmax in float64 over all of them,
     confidence -inf after the block and at decoded positions, then a top-k per row (a host sync per row)
     and a boolean-mask write (another)."""

@@ -11,12 +11,12 @@ r"""Remask RL: GRPO on the joint token / Plackett-Luce position policy, from a R
 adapters (new, or continued from --lora_path). ``--layout block_causal`` (default) decodes as the authors'
 block-diffusion models were trained (the official RemeDi checkpoints); a UPS from this project's
 train_remask_sft.py / train_remask_lora.py was trained on whole sequences: use ``--layout bidirectional``
-(the embedded model's default). The loop is remedi.rl.trainer.run (REMASK_RL.md).
+(the embedded model's default). The loop is remedi.rl.trainer.run.
 """
 if __package__ in (None, ""):  # run as a file: import the package from the repo root, never from remedi/ itself
     import sys, pathlib; sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])  # noqa: E401,E702
 
-from remedi.arguments import ModelArgs, parse_args
+from remedi.arguments import ModelArgs, parse_args, run_main
 from remedi.rl.args import RLArgs
 from remedi.rl.trainer import run
 
@@ -27,4 +27,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

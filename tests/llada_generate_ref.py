@@ -1,4 +1,4 @@
-"""LLaDA's reference ``generate`` re-written in the tests from LLADA.md ("The reference sampler").
+"""LLaDA's reference ``generate`` re-written in the tests from the LLaDA paper and hub code ("The reference sampler").
 
 Batched like the original: the whole (B, P + G) sequence goes through the model every step (left padding
 with an attention mask), confidences are computed over the whole sequence and set to -inf outside the

@@ -1,4 +1,4 @@
-"""An independent, deliberately plain LLaDA forward written from LLADA.md, for checking modeling.py.
+"""An independent, deliberately plain LLaDA forward written from the LLaDA paper and hub code, for checking modeling.py.
 
 It reads the hub-named state dict directly and loops over heads; nothing is shared with the library.
 """

@@ -1,4 +1,4 @@
-"""Fast decoding (issue 7): block KV cache (prefix / dual), parallel threshold decoding, --compile.
+"""Fast decoding: block KV cache (prefix / dual), parallel threshold decoding, --compile.
 
 * The cache's bookkeeping is exact: a partial forward through a cache filled from the same sequence gives
   the full forward's logits (float tolerance).

@@ -157,7 +157,7 @@ def test_8b_parameter_count_matches_published():
     with torch.device("meta"):
         s = RemeDiLM(get_config("llada-8b", ups_taps=(0, 10, 20, 30)))
     extra = s.num_parameters() - m.num_parameters()
-    assert 0.9e9 < extra < 1.0e9  # REMEDI.md: about 0.94B extra
+    assert 0.9e9 < extra < 1.0e9  # RemeDi paper: about 0.94B extra
 
 
 # The LLaDA-8B-Base config.json as the hub ships it (OLMo-style keys, auto_map for the remote code).

@@ -2,12 +2,12 @@
 
 Two families of strategies, selected by name (``SamplerConfig.strategy``):
 
-* ``llada_low_confidence`` / ``llada_random`` -- LLaDA's ``generate.py`` as an algorithm (LLADA.md, "The
+* ``llada_low_confidence`` / ``llada_random`` -- LLaDA's ``generate.py`` as an algorithm (LLaDA, arXiv:2502.09992, "The
   reference sampler"): for each block, m = masked positions at the block start; step n commits
   ``m // s`` tokens plus one for the first ``m % s`` steps; the committed positions are the most confident
   masked positions of the block (confidence = softmax probability of the candidate, or uniform noise);
   a committed token is never masked again.
-* ``ups`` / ``tps_prob`` / ``margin`` / ``entropy`` / ``random`` -- the RemeDi step (REMEDI.md, "Sampler
+* ``ups`` / ``tps_prob`` / ``margin`` / ``entropy`` / ``random`` -- the RemeDi step (RemeDi, arXiv:2509.23653, "Sampler
   with dynamic remasking"): after step n of a block exactly K_n = c_1 + ... + c_n positions of the block
   are unmasked (c_n the LLaDA counts for a fully masked block). Every position of the block is scored --
   a masked one by its candidate, an unmasked one by its current token -- the top K_n stay or become
@@ -46,7 +46,7 @@ token for token):
 * ``confidence_eos_eot_inf`` gives EOS and EOT *candidates* confidence -inf at every temperature (the
   reference applies it to EOS only at temperature 0, a quirk not copied).
 
-Fast decoding (issue 7; every part has a flag that turns it off, and the defaults are the exact sampler):
+Fast decoding (every part has a flag that turns it off, and the defaults are the exact sampler):
 
 * ``cache="prefix"`` / ``"dual"`` (Fast-dLLM's two block caches; one :class:`~remedi.model.llada.KVCache`
   holds the backbone's and the UPS stream's keys/values, and the 2B rows of CFG). A block's first step

@@ -2,7 +2,7 @@
 
 A preset pins the sampler settings of a protocol (generation length, block length, steps, cache, threshold)
 and records what the lm-eval command line must add (few-shot count, chat template) and the published
-LLaDA-8B-Instruct numbers to compare against (``../shared/docs/REMASK_RL.md``, "Protocols"). Used by the
+LLaDA-8B-Instruct numbers to compare against (the protocols published by LLaDA, Fast-dLLM and d1). Used by the
 lm-eval adapter (``--model_args preset=NAME``; explicit model_args override single settings) and printable
 as a table (:func:`preset_table`, ``python -m remedi.evaluation.presets``).
 
@@ -15,7 +15,7 @@ cached Fast-dLLM variant, so a model folder's ``defaults.json`` cannot change a 
 Notes on the sources:
 
 * LLaDA semi-AR: LLaDA's EVAL.md, block 8 for GSM8K, block 64 for MATH, steps = gen length (one token per
-  step). REMASK_RL.md does not pin the few-shot count; 4-shot with lm-eval's chat template
+  step). The LLaDA protocol does not pin the few-shot count; 4-shot with lm-eval's chat template
   (``--apply_chat_template --fewshot_as_multiturn``) is how LLaDA-8B-Instruct GSM8K is commonly run; the
   ``fewshot`` column is a recommendation there, not part of the published setting.
 * Fast-dLLM: lm-eval's ``gsm8k`` task, 5-shot, plain text prompts (no chat template), gen 256, block 32;

@@ -1,6 +1,6 @@
 """LLaDA model configuration: the hub's ``config.json`` keys, validated, plus a registry of named sizes.
 
-Every architectural number the model uses comes from here (LLADA.md: "every value must come from
+Every architectural number the model uses comes from here (LLaDA's hub config: "every value must come from
 config.json, not code"). :meth:`LLaDAConfig.from_hf_dict` sorts the keys of a config.json into four kinds:
 the numbers read into the dataclass (type-checked, with the key named on a bad value); options whose
 value must be the one this implementation computes (anything else is refused, never silently ignored);
@@ -218,7 +218,7 @@ class LLaDAConfig:
                              f"d_model / n_heads = {raw['d_model'] // raw['n_heads']}")
         taps = raw.get("ups_taps")
         if taps is None and mt.lower() == "remedi":
-            taps = (0, 10, 20, 30)  # fixed in the official RemeDi checkpoints (REMEDI.md)
+            taps = (0, 10, 20, 30)  # fixed in the official RemeDi checkpoints (arXiv:2509.23653)
         known = (names | {"ups_taps", "model_type", "head_dim"} | set(_REQUIRED_VALUES) | set(_MUST_BE_OFF)
                  | set(_ZERO_KEYS))
         unknown = sorted(k for k in raw if k not in known and k not in _HARMLESS_KEYS)

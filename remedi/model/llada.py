@@ -2,7 +2,7 @@
 
 Parameter names are the hub checkpoint's (``model.transformer.*``; the official RemeDi stream under
 ``model.blocks_upm`` / ``model.backprop_*`` / ``model.ln_f_upm`` / ``model.linear_confidence``), so the
-real weights load by name with no remote code. The math follows LLADA.md:
+real weights load by name with no remote code. The math follows LLaDA (arXiv:2502.09992):
 
     h = attn_norm(x); q, k, v = proj(h); rope(q, k); att = sdpa(q, k, v)   (bidirectional)
     x = x + attn_out(att); x = x + ff_out(silu(ff_proj(ff_norm(x))) * up_proj(ff_norm(x)))

@@ -1,6 +1,6 @@
 """Arguments of train_remask_rl.py (with :class:`remedi.arguments.ModelArgs`).
 
-Defaults follow the RemeDi authors' Remask RL (REMASK_RL.md): 16 rollouts a prompt, 16 prompts an update,
+Defaults follow the RemeDi authors' Remask RL: 16 rollouts a prompt, 16 prompts an update,
 T_tok = T_pos = 1.2, clip 0.2 (token and PL terms clipped separately), no KL, AdamW lr 3e-6, 10 warm-up
 updates, gradient clipping 1.0, 100 updates, 16 steps per 32-token block.
 

@@ -1,6 +1,6 @@
 """The Remask-RL loop (GRPO over whole trajectories) on accelerate; train_remask_rl.py calls :func:`run`.
 
-One update (optimiser step), as the RemeDi authors run it (REMASK_RL.md, paper Eq. 8):
+One update (optimiser step), as the RemeDi authors run it (RemeDi, arXiv:2509.23653, Eq. 8):
 
 1. ``prompts_per_update`` prompts, ``group_size`` rollouts each (:func:`remedi.rl.rollout.rollout`), split
    over processes and ``grad_accum`` chunks of whole groups. Rollout b of prompt p draws from its own
