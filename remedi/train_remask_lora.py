@@ -14,16 +14,12 @@ all it runs a short CPU demo of the embedded model's shipped LoRA-joint recipe (
 if __package__ in (None, ""):  # run as a file: import the package from the repo root, never from remedi/ itself
     import sys, pathlib; sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])  # noqa: E401,E702
 
-import logging
-import sys
 
-from remedi.arguments import ModelArgs, parse_args, run_main, setup_logging
+from remedi.arguments import ModelArgs, run_main
 from remedi.training import demo
 from remedi.training.args import DataArgs, LoraArgs, TrainArgs
-from remedi.training.loop import run
 
 SCRIPT = "train_remask_lora"
-log = logging.getLogger(SCRIPT)
 
 
 def sft_hint(flags: list[str]):
@@ -35,18 +31,7 @@ def sft_hint(flags: list[str]):
 
 
 def main(argv=None) -> dict:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    is_demo = not argv
-    if is_demo:
-        argv = demo.demo_flags(SCRIPT)
-        setup_logging()
-        log.info(demo.announce(SCRIPT))
-    margs, dargs, targs, largs = parse_args([ModelArgs, DataArgs, TrainArgs, LoraArgs], argv, description=__doc__,
-                                            unknown_hint=sft_hint)
-    result = run(margs, dargs, targs, largs, script=SCRIPT)
-    if is_demo:
-        log.info(demo.summary(result))
-    return result
+    return demo.run_script(SCRIPT, argv, [ModelArgs, DataArgs, TrainArgs, LoraArgs], __doc__, unknown_hint=sft_hint)
 
 
 if __name__ == "__main__":

@@ -13,16 +13,12 @@ if __package__ in (None, ""):  # run as a file: import the package from the repo
     import sys, pathlib; sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])  # noqa: E401,E702
 
 import dataclasses
-import logging
-import sys
 
-from remedi.arguments import ModelArgs, parse_args, run_main, setup_logging
+from remedi.arguments import ModelArgs, run_main
 from remedi.training import demo
 from remedi.training.args import DataArgs, LoraArgs, SftArgs, TrainArgs
-from remedi.training.loop import run
 
 SCRIPT = "train_remask_sft"
-log = logging.getLogger(SCRIPT)
 
 LORA_FLAGS = {f"--{f.name}" for f in dataclasses.fields(LoraArgs)} - {f"--{f.name}" for f in
                                                                       dataclasses.fields(SftArgs)}
@@ -37,18 +33,7 @@ def lora_hint(flags: list[str]):
 
 
 def main(argv=None) -> dict:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    is_demo = not argv
-    if is_demo:
-        argv = demo.demo_flags(SCRIPT)
-        setup_logging()
-        log.info(demo.announce(SCRIPT))
-    margs, dargs, targs, sargs = parse_args([ModelArgs, DataArgs, TrainArgs, SftArgs], argv, description=__doc__,
-                                            unknown_hint=lora_hint)
-    result = run(margs, dargs, targs, sargs, script=SCRIPT)
-    if is_demo:
-        log.info(demo.summary(result))
-    return result
+    return demo.run_script(SCRIPT, argv, [ModelArgs, DataArgs, TrainArgs, SftArgs], __doc__, unknown_hint=lora_hint)
 
 
 if __name__ == "__main__":

@@ -85,3 +85,11 @@ def one_thread():
 @pytest.fixture
 def gen() -> torch.Generator:
     return torch.Generator().manual_seed(1234)
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    """Write ``rows`` as a JSON-lines file (test data in the datasets' real format)."""
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

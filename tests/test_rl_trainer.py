@@ -13,6 +13,8 @@ from remedi.rl import trainer as T
 from remedi.rl.args import RLArgs
 from remedi.train_remask_rl import main
 
+from tests.conftest import write_jsonl
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROWS = [{"id": f"p{i}", "question": f"Tom has {i} apples and buys {i % 7 + 2} more. How many?",
@@ -21,9 +23,7 @@ ROWS = [{"id": f"p{i}", "question": f"Tom has {i} apples and buys {i % 7 + 2} mo
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    p = tmp_path_factory.mktemp("rl_data") / "gsm_like.jsonl"
-    p.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    return p
+    return write_jsonl(tmp_path_factory.mktemp("rl_data") / "gsm_like.jsonl", ROWS)
 
 
 @pytest.fixture(scope="module")

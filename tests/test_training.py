@@ -23,7 +23,7 @@ from remedi.model.loading import load_for_inference
 from remedi.model.llada import RemeDiLM, UPSHead
 from remedi.train_remask_lora import main as lora_main
 from remedi.train_remask_sft import main as sft_main
-from tests.conftest import shared_data_dir
+from tests.conftest import shared_data_dir, write_jsonl
 
 ROWS = [{"question": f"Tom has {i} apples and buys {i % 7 + 2} more. How many?",
          "answer": f"{i} + {i % 7 + 2} = {i + i % 7 + 2}. #### {i + i % 7 + 2}"} for i in range(24)]
@@ -31,9 +31,7 @@ ROWS = [{"question": f"Tom has {i} apples and buys {i % 7 + 2} more. How many?",
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    p = tmp_path_factory.mktemp("data") / "gsm_like.jsonl"
-    p.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    return p
+    return write_jsonl(tmp_path_factory.mktemp("data") / "gsm_like.jsonl", ROWS)
 
 
 def base(model_dir, data, out, *extra):

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from remedi import train_remask_lora, train_remask_sft
 from remedi.arguments import ModelArgs, parse_args
 from remedi.model.checkpoint import read_ups
 from remedi.model.loading import EMBEDDED_MODEL
@@ -20,6 +19,8 @@ from remedi.training.args import DataArgs, SftArgs, TrainArgs, plan_from
 from remedi.training.loop import Diverged, NonFiniteLoss, Trainer, truncate_metrics
 from remedi.training.state import latest_checkpoint
 
+from tests.conftest import write_jsonl
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROWS = [{"question": f"Ann has {i} cards and gets {i % 4 + 1} more. How many?",
@@ -28,9 +29,7 @@ ROWS = [{"question": f"Ann has {i} cards and gets {i % 4 + 1} more. How many?",
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    p = tmp_path_factory.mktemp("data") / "rows.jsonl"
-    p.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    return p
+    return write_jsonl(tmp_path_factory.mktemp("data") / "rows.jsonl", ROWS)
 
 
 @pytest.fixture(autouse=True)
@@ -201,8 +200,9 @@ def captured(monkeypatch):
         seen.update(m=margs, d=dargs, t=targs, e=extra, script=script)
         return {"step": targs.max_steps, "paths": {"ups": "runs/x/ups.pt"}, "output_dir": "runs/x"}
 
-    monkeypatch.setattr(train_remask_sft, "run", fake_run)
-    monkeypatch.setattr(train_remask_lora, "run", fake_run)
+    from remedi.training import loop
+
+    monkeypatch.setattr(loop, "run", fake_run)
     return seen
 
 

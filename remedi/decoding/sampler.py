@@ -94,8 +94,20 @@ RANDOM_STRATEGIES = ("llada_random", "random")
 CACHE_MODES = ("none", "prefix", "dual")
 
 
+class BlockCounts:
+    """``num_blocks`` and ``steps_per_block`` of a config with gen_length, block_length and steps."""
+
+    @property
+    def num_blocks(self) -> int:
+        return self.gen_length // self.block_length
+
+    @property
+    def steps_per_block(self) -> int:
+        return self.steps // self.num_blocks
+
+
 @dataclass
-class SamplerConfig:
+class SamplerConfig(BlockCounts):
     strategy: str = "llada_low_confidence"
     steps: int = 64
     gen_length: int = 64
@@ -113,14 +125,6 @@ class SamplerConfig:
     compile: bool = False  # torch.compile the transformer blocks (in place, once per model)
     graphs: bool = False  # static-buffer step, no host sync inside a block, CUDA graphs (remedi.decoding.graphs)
     graph_capture: bool = True  # with graphs on a CUDA device: capture/replay CUDA graphs (False: run it eagerly)
-
-    @property
-    def num_blocks(self) -> int:
-        return self.gen_length // self.block_length
-
-    @property
-    def steps_per_block(self) -> int:
-        return self.steps // self.num_blocks
 
     @property
     def remasks(self) -> bool:

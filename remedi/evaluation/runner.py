@@ -13,7 +13,6 @@ before the batch's records are appended, ``correct`` is "the tests passed" (accu
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os

@@ -16,7 +16,6 @@ import contextlib
 import json
 import logging
 import os
-import random
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -25,22 +24,9 @@ import torch
 
 from remedi.model.checkpoint import atomic_path, save_ups, write_json_atomic
 from remedi.model.llada import RemeDiLM, UPSHead
+from remedi.training.state import rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
-
-
-def _rng_state() -> dict:
-    st = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
-
-
-def _set_rng_state(st: dict) -> None:
-    random.setstate(st["python"])
-    torch.set_rng_state(st["torch"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
 
 
 def latest_checkpoint(out: Path) -> Optional[Path]:
@@ -117,7 +103,7 @@ class CheckpointMixin:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
-        torch.save(_rng_state(), tmp / f"rng_rank{self.rank}.pt")
+        torch.save(rng_state(), tmp / f"rng_rank{self.rank}.pt")
         if self.fsdp or self.main:  # FSDP: each process holds its shard of the optimiser state
             torch.save({"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict()},
                        tmp / (f"optim_rank{self.rank}.pt" if self.fsdp else "optim.pt"))
@@ -164,7 +150,7 @@ class CheckpointMixin:
         blob = torch.load(optf, map_location="cpu", weights_only=True)
         self.opt.load_state_dict(blob["optimizer"])
         self.sched.load_state_dict(blob["scheduler"])
-        _set_rng_state(torch.load(ck / f"rng_rank{self.rank}.pt", weights_only=True))
+        set_rng_state(torch.load(ck / f"rng_rank{self.rank}.pt", weights_only=True))
         if self.main:
             log.info("resumed from %s (update %d)", ck, st["update"])
         return int(st["update"])

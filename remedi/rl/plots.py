@@ -14,6 +14,8 @@ from typing import Sequence
 
 from remedi.files import read_jsonl
 
+from remedi.training.plots import save_figure
+
 
 def plot_curves(rows: Sequence[dict], out, title: str = "Remask RL") -> Path:
     import matplotlib
@@ -51,12 +53,7 @@ def plot_curves(rows: Sequence[dict], out, title: str = "Remask RL") -> Path:
     cx.plot(u, [r["pl_entropy"] for r in rows], marker=marker, color="tab:green", label="PL entropy")
     cx.set_ylabel("entropy of softmax(h / T_pos) (nats)", color="tab:green")
     fig.suptitle(title)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
 
 
 def main(argv=None) -> Path:

@@ -44,7 +44,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from remedi.decoding.sampler import layout_batch, unmask_schedule
+from remedi.decoding.sampler import BlockCounts, layout_batch, unmask_schedule
 from remedi.model.block_causal import prefix_mask
 from remedi.model.llada import KVCache
 from remedi.model.loading import SpecialIds
@@ -56,7 +56,7 @@ LAYOUTS = ("block_causal", "bidirectional")
 
 
 @dataclass
-class RolloutConfig:
+class RolloutConfig(BlockCounts):
     gen_length: int = 256
     block_length: int = 32
     steps: int = 128  # over the whole generation; steps / n_blocks per block
@@ -64,14 +64,6 @@ class RolloutConfig:
     ups_temperature: float = 1.2  # T_pos
     cache: str = "prefix"
     layout: str = "block_causal"
-
-    @property
-    def num_blocks(self) -> int:
-        return self.gen_length // self.block_length
-
-    @property
-    def steps_per_block(self) -> int:
-        return self.steps // self.num_blocks
 
     @property
     def schedule(self) -> list[int]:

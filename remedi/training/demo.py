@@ -14,6 +14,8 @@ Any flag on the command line turns the demo off: the documented commands keep th
 """
 from __future__ import annotations
 
+import logging
+
 SHARED = ["--dataset", "arith", "--arith_n", "5000", "--seed", "0", "--prompt_format", "plain", "--seq_len", "192",
           "--pad_to", "batch", "--ups_width", "128", "--lambda_ups", "1.0", "--r_incorrect", "0.1",
           "--incorrect_source", "batch", "--batch_size", "32", "--log_every", "10"]
@@ -24,6 +26,9 @@ DEMO_FLAGS = {
                                    "32", "--lora_dropout", "0.0", "--lora_target", "auto", "--lr_lora", "1e-3",
                                    "--lr_ups", "3e-3", "--train_mode", "joint", "--save_every", "20"],
 }
+
+
+log = logging.getLogger(__name__)
 
 
 def demo_flags(script: str) -> list[str]:
@@ -54,3 +59,23 @@ def summary(result: dict) -> str:
         lines.append(f"evaluate it: {cmd} --max_samples 50 --sources llada_low_confidence,tps_prob,ups")
     lines.append(f"plot the curves: python -m remedi.training.plots {out}/metrics.jsonl --out {out}/curves.png")
     return "\n".join(lines)
+
+
+def run_script(script: str, argv, arg_types, description: str, unknown_hint=None) -> dict:
+    """A training script's main: parse ``argv`` (the demo recipe when it is empty), train, report."""
+    import sys
+
+    from remedi.arguments import parse_args, setup_logging
+    from remedi.training.loop import run
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    is_demo = not argv
+    if is_demo:
+        argv = demo_flags(script)
+        setup_logging()
+        log.info(announce(script))
+    margs, dargs, targs, extra = parse_args(arg_types, argv, description=description, unknown_hint=unknown_hint)
+    result = run(margs, dargs, targs, extra, script=script)
+    if is_demo:
+        log.info(summary(result))
+    return result

@@ -50,10 +50,19 @@ def plot(rows: list[dict], out) -> Path:
         if ax.lines:
             ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
+    return save_figure(fig, out)
+
+
+def save_figure(fig, out) -> Path:
+    """Lay out, write the PNG atomically (parents created) and close the figure."""
+    import matplotlib.pyplot as plt
+
+    from remedi.model.checkpoint import atomic_path
+
     fig.tight_layout()
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
     return out
 
