@@ -92,3 +92,42 @@ def test_ups_checkpoint_is_read_once_per_run(tiny_model_dir, tmp_path, monkeypat
     infer_compare.main(["--model_name", str(tiny_model_dir), "--ups_head", str(ups), "--prompt", "Ann has 3 pens.",
                         "--steps", "8", "--gen_length", "16", "--block_length", "8", "--sources", "ups"])
     assert reads == [str(ups)] or [str(r) for r in reads] == [str(ups)]
+
+
+def test_compare_output_paths_fail_before_the_model_loads(tiny_model_dir, stop_at_load, tmp_path):
+    small = ["--model_name", str(tiny_model_dir), "--prompt", "x", "--steps", "8", "--gen_length", "16",
+             "--block_length", "8"]
+    with pytest.raises(ValueError, match="--output_jsonl .* is a folder"):
+        infer_compare.main([*small, "--output_jsonl", str(tmp_path)])
+    (tmp_path / "f").write_text("")
+    with pytest.raises(ValueError, match="--trajectory_out .* is a file"):
+        infer_compare.main([*small, "--trajectory_out", str(tmp_path / "f")])
+
+
+def test_jsonl_line_that_is_not_an_object_is_named(tmp_path):
+    from remedi.files import read_jsonl
+
+    p = tmp_path / "r.jsonl"
+    p.write_text('{"id": 1}\n[1, 2, 3]\n{"id": 2}\n')
+    with pytest.raises(ValueError, match=r"r.jsonl: line 2 is a JSON list, not an object"):
+        read_jsonl(p)
+
+
+@pytest.mark.parametrize("row, says", [({"question": "  ", "answer": "#### 3"}, "empty 'question'"),
+                                       ({"question": "2 + 1?", "answer": None}, "empty 'answer'"),
+                                       ({"question": "2 + 1?"}, "lacks")])
+def test_eval_rows_with_empty_or_missing_fields_are_named(tmp_path, row, says):
+    from remedi.evaluation import data as D
+
+    p = tmp_path / "d.jsonl"
+    p.write_text(json.dumps({"question": "1 + 1?", "answer": "#### 2"}) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(ValueError, match=f"row 2.*{says}|{says}.*row 2|row 2"):
+        D.load_items(D.resolve_dataset(str(p), fmt="gsm8k"))
+
+
+def test_training_refuses_an_eval_folder(tmp_path):
+    from remedi import train_remask_sft
+
+    (tmp_path / "results.jsonl").write_text("")
+    with pytest.raises(ValueError, match="holds an eval run"):
+        train_remask_sft.main(["--max_steps", "1", "--output_dir", str(tmp_path)])

@@ -49,7 +49,8 @@ class EvalArgs:
     format: Optional[str] = arg(None, f"answer format: {' | '.join(FORMATS)} (humaneval/mbpp: scored by running "
                                 "the tests in a sandbox); default guessed from the dataset")
     sources: Optional[str] = arg(None, "comma list of strategies (" + ", ".join(STRATEGIES) + "); default "
-                                 "llada_low_confidence, plus ups,tps_prob,random when a UPS is given")
+                                 "llada_low_confidence, plus ups,tps_prob,random when a UPS is given; the embedded model: "
+                                 "llada_low_confidence,tps_prob,margin,random,ups")
     steps_list: Optional[str] = arg(None, "comma list of step counts to sweep (accuracy vs NFE); default: --steps")
     fewshot: int = arg(0, "few-shot exemplars from the train split (Base models)")
     fewshot_file: Optional[str] = arg(None, "where few-shot exemplars come from (default: the dataset's train split)")

@@ -88,6 +88,9 @@ def check_outputs(t: TrainArgs, p: Plan, out: Path) -> None:
     """Every path the run will write, checked now: a folder given for a file (or the reverse), or a place
     that cannot be written, would otherwise fail only after the whole run, losing what it trained."""
     check_writable(out, "--output_dir", is_dir=True)
+    if (out / "results.jsonl").exists() or (out / "summary.json").exists():
+        raise ValueError(f"--output_dir {out} holds an eval run (results.jsonl / summary.json); training there would "
+                         "mix the two: choose a new --output_dir")
     if p.ups_out:
         check_writable(p.ups_out, p.ups_flag)
     if p.lora_out:
