@@ -266,13 +266,21 @@ class LLaDAModel(nn.Module):
             x = x[:, out_slice]
             u = u[:, out_slice] if u is not None else None
         hidden = self.transformer.ln_f(x)
-        logits = self.transformer.ff_out(hidden) if compute_logits else hidden.new_empty(0)
-        if cfg.embedding_size != cfg.vocab_size and compute_logits:
-            logits = logits[..., : cfg.vocab_size]  # padding rows of the embedding are never tokens
+        logits = self.lm_head(hidden) if compute_logits else hidden.new_empty(0)
         ups = None
         if u is not None:
             ups = self.linear_confidence(self.ln_f_upm(u)).squeeze(-1).float()  # (B, L)
         return ModelOutput(logits=logits, hidden=hidden, ups_logits=ups)
+
+
+    def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Token logits of final hidden states (..., d) -> (..., vocab_size); callers that need only some
+        positions (the training loss: the masked ones) pass just those rows and skip the rest of the
+        vocabulary projection."""
+        logits = self.transformer.ff_out(hidden)
+        if self.config.embedding_size != self.config.vocab_size:
+            logits = logits[..., : self.config.vocab_size]  # padding rows of the embedding are never tokens
+        return logits
 
 
 class RemeDiLM(nn.Module):

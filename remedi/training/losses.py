@@ -27,16 +27,18 @@ SETS = ("clean", "incorrect", "masked")
 def true_token_logprob(logits: torch.Tensor, x0: torch.Tensor, where: torch.Tensor):
     """log p(x0_i | x_t) and whether the TPS argmax equals x0_i, at the positions ``where`` (B, L) only.
 
-    logits: (B, L, V) in any dtype. The softmax runs in float32 over the selected rows only, so memory is
-    (number of selected positions) x V rather than B x L x V. Returns (logp (B, L) float32, 0 elsewhere;
-    argmax_ok (B, L) bool, False elsewhere).
+    logits: (B, L, V) in any dtype, or already the (N, V) rows at ``where`` (row-major order), which is
+    what the training step passes: it projects only the masked positions' hidden states onto the
+    vocabulary. The softmax runs in float32 over the selected rows only, so memory is (number of selected
+    positions) x V rather than B x L x V. Returns (logp (B, L) float32, 0 elsewhere; argmax_ok (B, L)
+    bool, False elsewhere).
     """
-    sel = logits[where].float()  # (N, V)
+    sel = (logits if logits.dim() == 2 else logits[where]).float()  # (N, V)
     logp_sel = torch.log_softmax(sel, dim=-1).gather(-1, x0[where][:, None]).squeeze(-1)  # (N,)
     ok_sel = sel.argmax(-1) == x0[where]
-    logp = torch.zeros(x0.shape, dtype=torch.float32, device=logits.device)
+    logp = torch.zeros(x0.shape, dtype=torch.float32, device=sel.device)
     logp = logp.masked_scatter(where, logp_sel)
-    ok = torch.zeros(x0.shape, dtype=torch.bool, device=logits.device).masked_scatter(where, ok_sel)
+    ok = torch.zeros(x0.shape, dtype=torch.bool, device=sel.device).masked_scatter(where, ok_sel)
     return logp, ok
 
 

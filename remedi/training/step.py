@@ -72,8 +72,11 @@ def loss_step(lm: RemeDiLM, cfg: StepConfig, x_t, x0, answer_mask, masked, incor
     arch = lm.ups_arch
     grad_backbone = (arch == "stream" or (cfg.backbone_trains and phase != "ups")) and torch.is_grad_enabled()
     with torch.set_grad_enabled(grad_backbone):
-        out = lm.model(x_t)
-    logp, argmax_ok = true_token_logprob(out.logits, x0, masked)  # (B, L), only on S_mask
+        # The TPS loss and the masked positions' UPS labels need logits at S_mask only: project just those
+        # hidden states onto the vocabulary (a (N, V) float32 log-softmax instead of (B, L, V)).
+        out = lm.model(x_t, compute_logits=False)
+        masked_logits = lm.model.lm_head(out.hidden[masked])  # (N, V), N = |S_mask|
+    logp, argmax_ok = true_token_logprob(masked_logits, x0, masked)  # (B, L), only on S_mask
     l_tps = tps_loss(logp, masked, p_mask, answer_mask)
     metrics = {"tps_loss": l_tps, "argmax_ok": argmax_ok, **sets}
     l_ups = None
