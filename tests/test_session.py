@@ -131,3 +131,20 @@ def test_training_refuses_an_eval_folder(tmp_path):
     (tmp_path / "results.jsonl").write_text("")
     with pytest.raises(ValueError, match="holds an eval run"):
         train_remask_sft.main(["--max_steps", "1", "--output_dir", str(tmp_path)])
+
+
+def test_eval_refuses_a_training_folder_and_titles_without_paths(tiny_model_dir, tmp_path):
+    train_dir = tmp_path / "train_run"
+    train_dir.mkdir()
+    (train_dir / "args.json").write_text("{}")
+    (train_dir / "metrics.jsonl").write_text("")
+    data = tmp_path / "one.jsonl"
+    data.write_text(json.dumps({"id": "0", "question": "Ann has 3 pens. How many?", "answer": "#### 3"}) + "\n")
+    common = ["--model_name", str(tiny_model_dir), "--steps", "8", "--gen_length", "16", "--block_length", "8",
+              "--dataset", str(data), "--sources", "tps_prob"]
+    with pytest.raises(ValueError, match="holds no eval run"):
+        eval_gsm_math.main([*common, "--output_dir", str(train_dir)])
+    assert sorted(p.name for p in train_dir.iterdir()) == ["args.json", "metrics.jsonl"]  # nothing written
+    summary = eval_gsm_math.main([*common, "--output_dir", str(tmp_path / "ev")])
+    title = (tmp_path / "ev" / "summary.md").read_text().splitlines()[0]
+    assert str(tmp_path) not in title and "one.jsonl" in title and summary["files"]["accuracy.png"]
