@@ -141,6 +141,12 @@ def test_static_forward_equals_the_model_bit_for_bit(model, stream_model, arch, 
 
 
 # ------------------------------------------------------------------------------ static == eager
+def static_equals_eager(model, cfg) -> None:
+    want = generate(model, PROMPTS, cfg, IDS, _gens(3))
+    got = generate(model, PROMPTS, dataclasses.replace(cfg, graphs=True), IDS, _gens(3))
+    assert_same(got, want, cfg)
+
+
 CACHES = [("none", 0), ("prefix", 0), ("dual", 0), ("dual", 2), ("prefix", 1)]
 
 
@@ -149,9 +155,7 @@ CACHES = [("none", 0), ("prefix", 0), ("dual", 0), ("dual", 2), ("prefix", 1)]
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_static_equals_eager(model, strategy, g, cache, refresh):
     cfg = _scfg(strategy, g, record_trajectory=True, cache=cache, cache_refresh=refresh)
-    want = generate(model, PROMPTS, cfg, IDS, _gens(3))
-    got = generate(model, PROMPTS, dataclasses.replace(cfg, graphs=True), IDS, _gens(3))
-    assert_same(got, want, cfg)
+    static_equals_eager(model, cfg)
 
 
 @pytest.mark.parametrize("cache", ["none", "dual", "prefix"])
@@ -159,9 +163,7 @@ def test_static_equals_eager(model, strategy, g, cache, refresh):
 @pytest.mark.parametrize("strategy", ["llada_low_confidence", "llada_random", "ups", "tps_prob", "random"])
 def test_static_equals_eager_with_eos_gating(model, strategy, g, cache):
     cfg = _scfg(strategy, g, record_trajectory=True, cache=cache, eos_gating=True)
-    want = generate(model, PROMPTS, cfg, IDS, _gens(3))
-    got = generate(model, PROMPTS, dataclasses.replace(cfg, graphs=True), IDS, _gens(3))
-    assert_same(got, want, cfg)
+    static_equals_eager(model, cfg)
 
 
 @pytest.mark.parametrize("cache,refresh", [("none", 0), ("dual", 0), ("prefix", 0), ("dual", 1)])
@@ -169,9 +171,7 @@ def test_static_equals_eager_with_eos_gating(model, strategy, g, cache):
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_static_threshold_equals_eager(model, strategy, t, cache, refresh):
     cfg = _tcfg(strategy, t, record_trajectory=True, cache=cache, cache_refresh=refresh)
-    want = generate(model, PROMPTS, cfg, IDS, _gens(3))
-    got = generate(model, PROMPTS, dataclasses.replace(cfg, graphs=True), IDS, _gens(3))
-    assert_same(got, want, cfg)
+    static_equals_eager(model, cfg)
 
 
 @pytest.mark.parametrize("cache", ["none", "prefix", "dual"])
