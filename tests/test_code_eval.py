@@ -188,3 +188,36 @@ def test_code_datasets_resolve_and_prompt(tmp_path):
         D.fewshot_source(local, None)
     rec = R.make_record(items[1], "s", 4, "p", "    return s[::-1]\n", "humaneval", nfe=4)
     assert (rec["correct"], rec["status"], rec["nfe"]) == (True, "passed", 4)
+
+
+def test_pass_at_k_from_samples_of_each_item():
+    from remedi.evaluation.report import pass_at_k_table, render_markdown, summarize
+
+    recs = [{"id": f"p{i}#{k}", "source": "s", "steps": 8, "correct": c, "extracted": "x"}
+            for i, row in enumerate([[1, 0, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1]]) for k, c in enumerate(row)]
+    table = pass_at_k_table(recs)
+    assert list(table) == ["1", "2", "4"]
+    assert table["1"] == pytest.approx((0.25 + 0 + 1) / 3) and table["4"] == pytest.approx(2 / 3)
+    assert table["2"] == pytest.approx((0.5 + 0 + 1) / 3)  # 1 - C(3,2)/C(4,2) = 0.5 for the first item
+    summary = summarize(recs)
+    assert summary["groups"][0]["pass_at_k"] == table and "pass@4" in render_markdown(summary)
+    assert "pass_at_k" not in summarize([dict(r, id=r["id"].replace("#", "-")) for r in recs])["groups"][0]
+
+
+def test_n_samples_draws_each_sample_from_its_own_stream(tiny_model_dir, tmp_path):
+    import json
+
+    from remedi import eval_gsm_math
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"id": f"q{i}", "question": f"Ann has {i} pens. How many?",
+                                        "answer": f"#### {i}"}) + "\n" for i in range(2)))
+    summary = eval_gsm_math.main(["--model_name", str(tiny_model_dir), "--dataset", str(data), "--sources",
+                                  "tps_prob", "--n_samples", "2", "--temperature", "1.0", "--steps", "8",
+                                  "--gen_length", "16", "--block_length", "8", "--output_dir", str(tmp_path / "o"),
+                                  "--trajectory_out", "none"])
+    recs = [json.loads(x) for x in (tmp_path / "o" / "results.jsonl").read_text().splitlines()]
+    assert sorted(r["id"] for r in recs) == ["q0#0", "q0#1", "q1#0", "q1#1"]
+    assert recs[0]["completion"] != recs[1]["completion"] or recs[2]["completion"] != recs[3]["completion"]
+    g = summary["groups"][0]
+    assert set(g["pass_at_k"]) == {"1", "2"} and g["pass_at_k"]["1"] == pytest.approx(g["accuracy"])

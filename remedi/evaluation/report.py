@@ -40,6 +40,7 @@ def summarize(records: Sequence[dict], n_boot: int = 2000, seed: int = 0) -> dic
             "tokens_per_s": toks / secs if secs > 0 else None,
             "mean_gen_tokens": _mean([r.get("gen_tokens") for r in recs]),
             **({"status": _count(r.get("status") for r in recs)} if any("status" in r for r in recs) else {}),
+            **({"pass_at_k": pass_at_k_table(recs)} if _samples(recs) else {}),
         })
     rows.sort(key=lambda g: (g["steps"] is None, g["steps"] or 0))  # stable: sources keep their run order
     pairs = []
@@ -60,6 +61,27 @@ def summarize(records: Sequence[dict], n_boot: int = 2000, seed: int = 0) -> dic
     return {"groups": rows, "pairs": pairs, "n_records": len(records), "metric": "pass@1" if code else "accuracy"}
 
 
+def _samples(recs) -> Optional[dict]:
+    """{base item id: [correct, ...]} when every id is '<id>#<k>' (eval --n_samples > 1), else None."""
+    by_item: dict = {}
+    for r in recs:
+        base, sep, k = str(r["id"]).rpartition("#")
+        if not sep or not k.isdigit():
+            return None
+        by_item.setdefault(base, []).append(bool(r["correct"]))
+    return by_item if any(len(v) > 1 for v in by_item.values()) else None
+
+
+def pass_at_k_table(recs) -> dict:
+    """pass@k (unbiased estimator, averaged over items) for k = 1, 2, 4, ... up to the fewest samples."""
+    from remedi.evaluation.code_exec import pass_at_k
+
+    by_item = _samples(recs)
+    n_min = min(len(v) for v in by_item.values())
+    ks = [k for k in (1, 2, 4, 8, 16, 32, 64, 128) if k <= n_min]
+    return {str(k): sum(pass_at_k(len(v), sum(v), k) for v in by_item.values()) / len(by_item) for k in ks}
+
+
 def _count(values) -> dict:
     out: dict = {}
     for v in values:
@@ -69,6 +91,18 @@ def _count(values) -> dict:
 
 def _f(x, fmt: str = ".3f") -> str:
     return "–" if x is None else format(x, fmt)
+
+
+def _pass_at_k_lines(summary: dict) -> list[str]:
+    rows = [g for g in summary["groups"] if g.get("pass_at_k")]
+    if not rows:
+        return []
+    ks = list(rows[0]["pass_at_k"])
+    out = ["", "pass@k over the samples of each item (unbiased estimator):", "",
+           "| source | " + " | ".join(f"pass@{k}" for k in ks) + " |", "|---|" + "---:|" * len(ks)]
+    out += [f"| {g['label']} | " + " | ".join(f"{g['pass_at_k'].get(k, float('nan')):.3f}" for k in ks) + " |"
+            for g in rows]
+    return out
 
 
 def render_markdown(summary: dict, title: str = "") -> str:
@@ -84,6 +118,7 @@ def render_markdown(summary: dict, title: str = "") -> str:
         lines += ["", "Sandbox outcomes: " + "; ".join(
             f"{g['label']}: " + ", ".join(f"{k} {v}" for k, v in g.get("status", {}).items())
             for g in summary["groups"])]
+    lines += _pass_at_k_lines(summary)
     if summary["pairs"]:
         lines += ["", "Paired comparisons on the same items (a - b; McNemar exact test, paired bootstrap 95% CI):",
                   "", "| a | b | n | acc a | acc b | diff | bootstrap 95% CI | a only | b only | McNemar p |",

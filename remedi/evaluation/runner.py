@@ -13,6 +13,7 @@ before the batch's records are appended, ``correct`` is "the tests passed" (accu
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -57,6 +58,8 @@ class EvalArgs:
     chat: bool = arg(False, "use the chat template (without --chat/--no_chat: on for *Instruct* models only)")
     no_chat: bool = arg(False, "plain-text prompts even for an Instruct model")
     max_samples: int = arg(300, "items to evaluate (-1: the whole split)")
+    n_samples: int = arg(1, "completions per item (item id '<id>#<k>', its own random stream): the report adds "
+                         "pass@k for k = 1, 2, 4, ... <= n (sample with --temperature > 0)")
     start: int = arg(0, "index of the first item")
     shuffle: bool = arg(False, "shuffle the split with --seed before --start/--max_samples")
     infer_bs: int = arg(32, "prompts per generate call (float32 results do not depend on it; in bf16 batched "
@@ -77,6 +80,8 @@ class EvalArgs:
             raise ValueError(f"--infer_bs must be >= 1, got {self.infer_bs}")
         if self.fewshot < 0:
             raise ValueError(f"--fewshot must be >= 0, got {self.fewshot}")
+        if self.n_samples < 1:
+            raise ValueError(f"--n_samples must be >= 1, got {self.n_samples}")
         if self.max_samples == 0 or self.max_samples < -1:
             raise ValueError(f"--max_samples must be a positive count or -1 (all), got {self.max_samples}")
 
@@ -119,6 +124,11 @@ def plan_run(m: ModelArgs, s: SamplingArgs, e: EvalArgs) -> Plan:
     items, note = D.select_items(D.load_items(spec), e.start, e.max_samples, e.shuffle, m.seed)
     if note:
         log.warning(note)
+    if e.n_samples > 1:
+        if not s.temperature:
+            log.warning("--n_samples %d at --temperature 0: greedy token draws differ only through random "
+                        "sources; pass --temperature > 0 for independent samples", e.n_samples)
+        items = [dataclasses.replace(it, id=f"{it.id}#{k}") for it in items for k in range(e.n_samples)]
     exemplars = []
     if e.fewshot:
         exemplars = D.fewshot_exemplars(D.load_items(D.fewshot_source(spec, e.fewshot_file)), e.fewshot,
