@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from remedi.evaluation import data as ge  # noqa: E402
 from remedi.session import default_ups_head, item_generator  # noqa: E402
 from remedi.tasks.answer_check import check  # noqa: E402
-from remedi.model.checkpoint import atomic_path, versions, write_json_atomic  # noqa: E402
+from remedi.files import atomic_path, write_json_atomic  # noqa: E402
+from remedi.model.checkpoint import versions  # noqa: E402
 from remedi.model.loading import EMBEDDED_MODEL, load_for_inference  # noqa: E402
 from remedi.decoding.sampler import generate  # noqa: E402
 from remedi.decoding.args import SamplingArgs  # noqa: E402

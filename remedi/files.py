@@ -1,4 +1,4 @@
-"""Files every part of the toolkit writes or reads back: JSON lines that survive a kill.
+"""Files every part of the toolkit writes or reads back: atomic writes, checkpoints, JSON lines that survive a kill.
 
 ``append_jsonl`` writes complete lines and fsyncs, so a killed run loses at most the line being written;
 ``read_jsonl`` reads such a file back, ignoring (and with ``repair`` cutting off) a torn last line, and
@@ -6,11 +6,14 @@ names the file and line of anything else that is not a JSON object.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable, Iterator
 
 log = logging.getLogger(__name__)
 
@@ -82,3 +85,49 @@ def check_writable(path: str | os.PathLike, flag: str, is_dir: bool = False) -> 
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ValueError(f"{flag} {path}: {parent} is not writable; choose a path you can write to")
     return p
+
+
+# ------------------------------------------------------------------------------------------- atomic IO
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, is_dir: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling of ``path``; on success it replaces ``path`` in one rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    target = tmp if is_dir else tmp / path.name
+    try:
+        yield target
+        if is_dir:
+            if path.exists():
+                old = path.with_name(f".{path.name}.old")
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(path, old)
+                os.replace(tmp, path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, path)
+        else:
+            os.replace(target, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def publish_checkpoint(tmp: Path, root: Path, name: str, record: dict, prefix: str, keep: int) -> Path:
+    """Move a fully written checkpoint folder ``tmp`` into place as ``root/name``, then point
+    ``root/latest.json`` at it (a crash before that leaves the previous checkpoint the latest) and keep
+    only the newest ``keep`` folders named ``prefix*`` (0: keep all)."""
+    final = root / name
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    write_json_atomic(root / "latest.json", {"name": name, **record})
+    kept = sorted(d for d in root.iterdir() if d.is_dir() and d.name.startswith(prefix))
+    for old in (kept[:-keep] if keep else []):
+        shutil.rmtree(old, ignore_errors=True)
+    log.info("checkpoint %s", final)
+    return final

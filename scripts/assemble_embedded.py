@@ -15,7 +15,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from remedi.model.checkpoint import atomic_path, load_pretrained, save_pretrained  # noqa: E402
+from remedi.files import atomic_path  # noqa: E402
+from remedi.model.checkpoint import load_pretrained, save_pretrained  # noqa: E402
 
 # The quick start's main job runs on 2 CPU cores in minutes with the dual cache and EOS gating; the GPU
 # results in the README were run with --cache none (exact) and no gating, as their summary files record.

@@ -17,7 +17,7 @@ import math
 from pathlib import Path
 from typing import Optional
 
-from remedi.model.checkpoint import atomic_path
+from remedi.files import atomic_path
 
 MASKED_RGB = (0.90, 0.90, 0.90)
 DISCARDED_RGB = (1.00, 0.60, 0.15)

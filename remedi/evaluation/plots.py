@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from remedi.model.checkpoint import atomic_path
+from remedi.files import atomic_path
 
 
 def _pyplot():

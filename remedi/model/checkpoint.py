@@ -24,15 +24,15 @@ import os
 import pickle
 import platform
 import shutil
-import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from remedi.files import atomic_path
 from remedi.model.config import LLaDAConfig
 from remedi.model.llada import RemeDiLM, UPSHead
 
@@ -46,35 +46,6 @@ _HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "t
 
 
 # ------------------------------------------------------------------------------------------- atomic IO
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, is_dir: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling of ``path``; on success it replaces ``path`` in one rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    target = tmp if is_dir else tmp / path.name
-    try:
-        yield target
-        if is_dir:
-            if path.exists():
-                old = path.with_name(f".{path.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(path, old)
-                os.replace(tmp, path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, path)
-        else:
-            os.replace(target, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-
-
 def versions() -> dict[str, str]:
     import importlib.metadata as md
 

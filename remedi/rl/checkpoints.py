@@ -15,15 +15,16 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from remedi.model.checkpoint import atomic_path, save_ups, write_json_atomic
+from remedi.files import atomic_path, write_json_atomic
+from remedi.model.checkpoint import save_ups
 from remedi.model.llada import RemeDiLM, UPSHead
+from remedi.files import publish_checkpoint
 from remedi.training.state import rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
@@ -117,15 +118,7 @@ class CheckpointMixin:
                                                            "optim_sharded": self.fsdp})
         acc.wait_for_everyone()
         if self.main:
-            final = root / name
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            write_json_atomic(root / "latest.json", {"name": name, "update": update})
-            kept = sorted(d for d in root.iterdir() if d.is_dir() and d.name.startswith("update-"))
-            for old in kept[: -self.rargs.save_total_limit]:
-                shutil.rmtree(old, ignore_errors=True)
-            log.info("checkpoint %s", final)
+            publish_checkpoint(tmp, root, name, {"update": update}, "update-", self.rargs.save_total_limit)
         acc.wait_for_everyone()
 
     def _load_trainable(self, ck: Path) -> None:

@@ -41,7 +41,8 @@ import torch
 
 from remedi.arguments import ModelArgs, setup_logging
 from remedi.files import append_jsonl, check_writable, read_jsonl
-from remedi.model.checkpoint import atomic_path, load_pretrained, load_ups, versions, write_json_atomic
+from remedi.files import atomic_path, write_json_atomic
+from remedi.model.checkpoint import load_pretrained, load_ups, versions
 from remedi.model.loading import LORA_AUTO_TARGET, load_tokenizer, pick_dtype, preflight, resolve_special_ids
 from remedi.rl.args import RLArgs, args_record, resolve_defaults
 from remedi.rl.checkpoints import CheckpointMixin, latest_checkpoint

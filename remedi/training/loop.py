@@ -30,7 +30,7 @@ import torch
 
 from remedi.arguments import ModelArgs, setup_logging
 from remedi.files import append_jsonl, read_jsonl
-from remedi.model.checkpoint import atomic_path
+from remedi.files import atomic_path
 from remedi.training.args import DataArgs, LoraArgs, Plan, SftArgs, TrainArgs, plan_from
 from remedi.training.build import (build_model, build_optimizer, check_outputs, derive_seed, load_data,
                                    make_accelerator, output_dir, preflight_model, validate_combination)

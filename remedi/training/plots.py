@@ -57,7 +57,7 @@ def save_figure(fig, out) -> Path:
     """Lay out, write the PNG atomically (parents created) and close the figure."""
     import matplotlib.pyplot as plt
 
-    from remedi.model.checkpoint import atomic_path
+    from remedi.files import atomic_path
 
     fig.tight_layout()
     out = Path(out)

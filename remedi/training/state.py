@@ -23,7 +23,9 @@ import torch
 import torch.nn as nn
 
 from remedi.arguments import ModelArgs
-from remedi.model.checkpoint import atomic_path, save_pretrained, save_ups, versions, write_json_atomic
+from remedi.files import publish_checkpoint
+from remedi.files import atomic_path, write_json_atomic
+from remedi.model.checkpoint import save_pretrained, save_ups, versions
 from remedi.model.config import LLaDAConfig
 from remedi.model.llada import RemeDiLM, UPSHead
 from remedi.training.args import DataArgs, LoraArgs, SftArgs, TrainArgs
@@ -178,15 +180,7 @@ def save_checkpoint(parts: Parts, out: Path, step: int, pos: dict, meta: dict, k
             {"step": step, **pos, "world_size": acc.num_processes, "optim_sharded": sharded}, indent=2) + "\n")
     acc.wait_for_everyone()
     if parts.main:
-        final = root / name
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        write_json_atomic(root / "latest.json", {"name": name, "step": step})
-        kept = sorted(d for d in root.iterdir() if d.is_dir() and d.name.startswith("step-"))
-        for old in kept[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-        log.info("checkpoint %s", final)
+        publish_checkpoint(tmp, root, name, {"step": step}, "step-", keep)
     acc.wait_for_everyone()
 
 
