@@ -25,7 +25,7 @@ from remedi.files import atomic_path, write_json_atomic
 from remedi.model.checkpoint import save_ups
 from remedi.model.llada import RemeDiLM, UPSHead
 from remedi.files import publish_checkpoint
-from remedi.training.state import rng_state, set_rng_state
+from remedi.training.state import restore_optimizer_and_rng, rng_state
 
 log = logging.getLogger(__name__)
 
@@ -138,12 +138,7 @@ class CheckpointMixin:
                 params[n].copy_(v.to(params[n].dtype))
 
     def _load_state(self, ck: Path) -> int:
-        st = json.loads((ck / "trainer_state.json").read_text())
-        optf = ck / (f"optim_rank{self.rank}.pt" if st.get("optim_sharded") else "optim.pt")
-        blob = torch.load(optf, map_location="cpu", weights_only=True)
-        self.opt.load_state_dict(blob["optimizer"])
-        self.sched.load_state_dict(blob["scheduler"])
-        set_rng_state(torch.load(ck / f"rng_rank{self.rank}.pt", weights_only=True))
+        st = restore_optimizer_and_rng(ck, self.rank, self.opt, self.sched)
         if self.main:
             log.info("resumed from %s (update %d)", ck, st["update"])
         return int(st["update"])

@@ -160,11 +160,8 @@ class GrowingKVCache(KVCache):
     """
 
     def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
-        if layer not in self.k:
-            if start != 0:
-                raise RuntimeError("GrowingKVCache: the first forward must start at position 0")
-            self.k[layer], self.v[layer] = k, v
-            return k, v
+        if layer not in self.k:  # the first forward through the cache: as KVCache
+            return super().update(layer, start, k, v)
         ck, cv = self.k[layer], self.v[layer]
         T, end = ck.shape[2], start + k.shape[2]
         if start > T:

@@ -204,15 +204,21 @@ def load_trainable(step_module: nn.Module, trainable_names: list[str], ck: Path,
 
 def restore(parts: Parts, ck: Path) -> dict:
     """Optimiser, scheduler and RNG (the weights were loaded before ``prepare``); returns the trainer state."""
-    acc = parts.acc
-    st = json.loads((ck / "trainer_state.json").read_text())
-    optf = ck / (f"optim_rank{acc.process_index}.pt" if st["optim_sharded"] else "optim.pt")
-    blob = torch.load(optf, map_location="cpu", weights_only=True)
-    parts.opt.load_state_dict(blob["optimizer"])
-    parts.sched.load_state_dict(blob["scheduler"])
-    set_rng_state(torch.load(ck / f"rng_rank{acc.process_index}.pt", weights_only=True))
+    st = restore_optimizer_and_rng(ck, parts.acc.process_index, parts.opt, parts.sched)
     if parts.main:
         log.info("resumed from %s (step %d)", ck, st["step"])
+    return st
+
+
+def restore_optimizer_and_rng(ck: Path, rank: int, opt, sched) -> dict:
+    """Load a checkpoint folder's optimiser and scheduler state (one file, or one per rank when sharded)
+    and this rank's RNG state; returns its trainer_state.json (SFT and RL checkpoints share the layout)."""
+    st = json.loads((ck / "trainer_state.json").read_text())
+    optf = ck / (f"optim_rank{rank}.pt" if st.get("optim_sharded") else "optim.pt")
+    blob = torch.load(optf, map_location="cpu", weights_only=True)
+    opt.load_state_dict(blob["optimizer"])
+    sched.load_state_dict(blob["scheduler"])
+    set_rng_state(torch.load(ck / f"rng_rank{rank}.pt", weights_only=True))
     return st
 
 
