@@ -113,18 +113,14 @@ class LLaDAConfig:
     def __post_init__(self) -> None:
         # Types first, so a string from a hand-edited config.json gets its key named instead of a TypeError.
         problems = []
-        for name in _INT_FIELDS:
-            v = getattr(self, name)
-            if _is_int(v):
-                setattr(self, name, int(v))
-            else:
-                problems.append(f"{name} must be an integer, got {_describe(v)}")
-        for name in _FLOAT_FIELDS:
-            v = getattr(self, name)
-            if _is_real(v):
-                setattr(self, name, float(v))
-            else:
-                problems.append(f"{name} must be a number, got {_describe(v)}")
+        for names, ok, cast, kind in ((_INT_FIELDS, _is_int, int, "an integer"),
+                                      (_FLOAT_FIELDS, _is_real, float, "a number")):
+            for name in names:
+                v = getattr(self, name)
+                if ok(v):
+                    setattr(self, name, cast(v))
+                else:
+                    problems.append(f"{name} must be {kind}, got {_describe(v)}")
         taps = self.ups_taps
         if isinstance(taps, (str, bytes)) or not hasattr(taps, "__iter__") or not all(_is_int(t) for t in taps):
             problems.append(f"ups_taps must be a list of integer block indices, got {_describe(taps)}")
