@@ -18,12 +18,12 @@ import torch
 
 from remedi.model.checkpoint import add_stream
 from remedi.model.loading import SpecialIds
-from remedi.model.llada import KVCache, ModelOutput
+from remedi.model.llada import KVCache
 from remedi.decoding.sampler import (LLADA_STRATEGIES, RANDOM_STRATEGIES, REMASK_STRATEGIES, STRATEGIES, SamplerConfig,
                             compile_model, generate, layout_batch)
 from remedi.decoding.reference import _row_logits, score_one
 
-from .test_sampler import CFG, GRID, IDS, PROMPTS, Spy, _gens, _model, _scfg
+from .test_sampler import GRID, IDS, PROMPTS, FakeModel, Spy, _gens, _model, _scfg
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -390,40 +390,16 @@ def test_threshold_batched_equals_solo(model, strategy):
                (batched[b].tokens, batched[b].nfe, batched[b].remasks_per_block)
 
 
-class ThresholdFake(torch.nn.Module):
+class ThresholdFake(FakeModel):
     """Vocabulary 8, one block of 4. The fresh block confidently predicts a wrong token W at position 0
     (everything else unsure); then positions 1-3 become sure, W is judged wrong (low TPS probability and
     UPS), and once remasked position 0 is predicted right."""
 
-    V, MASK, EOS, W = 8, 7, 6, 5
-    RIGHT = [1, 2, 3, 4]
+    FILL, VISIBLE = -9.0, 5.0
 
-    def __init__(self, P):
-        super().__init__()
-        self.P = P
-        self.w = torch.nn.Parameter(torch.zeros(1))
-        self.config = CFG.replace(vocab_size=8, embedding_size=8, mask_token_id=7, eos_token_id=6, pad_token_id=6)
-        self.ups_arch = "head"
-
-    def forward(self, input_ids, attention_mask=None, *, out_slice=None, **kw):
-        B, T = input_ids.shape
-        logits = torch.full((B, T, self.V), -9.0)
-        ups = torch.zeros(B, T)
-        for b in range(B):
-            gen = input_ids[b, self.P:].tolist()
-            fresh = all(t == self.MASK for t in gen)
-            for j, t in enumerate(gen):
-                i, right = self.P + j, self.RIGHT[j]
-                if t == self.MASK:
-                    pred, sure = (self.W, True) if fresh and j == 0 else (right, not fresh)
-                    logits[b, i, pred] = 5.0 if sure else 0.3
-                    logits[b, i, (pred + 1) % 5] = 0.0
-                    ups[b, i] = 5.0 if sure else -1.0
-                else:
-                    logits[b, i, right] = 5.0
-                    ups[b, i] = 5.0 if t == right else -5.0
-        sl = out_slice or slice(None)
-        return ModelOutput(logits=logits[:, sl], hidden=torch.zeros(B, T, 1)[:, sl], ups_logits=ups[:, sl])
+    def masked_scores(self, fresh: bool, j: int, right: int):
+        pred, sure = (self.W, True) if fresh and j == 0 else (right, not fresh)
+        return pred, (5.0 if sure else 0.3), (5.0 if sure else -1.0)
 
 
 @pytest.mark.parametrize("strategy", ["ups", "tps_prob"])

@@ -265,21 +265,28 @@ class FakeModel(torch.nn.Module):
                                  pad_token_id=6)
         self.ups_arch = "head"
 
+    FILL, VISIBLE = -8.0, 2.0  # logit of every other token; logit of the right token where one is visible
+
+    def masked_scores(self, fresh: bool, j: int, right: int):
+        """(predicted token, its logit, UPS logit) at masked generated position j."""
+        pred = self.W if (fresh and j == 0) else right
+        return pred, (2.2 if pred == self.W else 0.5), 0.0
+
     def forward(self, input_ids, attention_mask=None, *, out_slice=None, **kw):
         B, T = input_ids.shape
-        logp = torch.full((B, T, self.V), -8.0)
+        logp = torch.full((B, T, self.V), self.FILL)
         ups = torch.zeros(B, T)
         for b in range(B):
-            gen = input_ids[b, self.P:]
-            fresh = bool((gen == self.MASK).all())
-            for j, t in enumerate(gen.tolist()):
+            gen = input_ids[b, self.P:].tolist()
+            fresh = all(t == self.MASK for t in gen)
+            for j, t in enumerate(gen):
                 i, right = self.P + j, self.RIGHT[j]
                 if t == self.MASK:
-                    pred = self.W if (fresh and j == 0) else right
-                    logp[b, i, pred] = 2.2 if pred == self.W else 0.5
+                    pred, logit, ups[b, i] = self.masked_scores(fresh, j, right)
+                    logp[b, i, pred] = logit
                     logp[b, i, (pred + 1) % 5] = 0.0
                 else:
-                    logp[b, i, right] = 2.0
+                    logp[b, i, right] = self.VISIBLE
                     ups[b, i] = 5.0 if t == right else -5.0
         sl = out_slice or slice(None)
         return ModelOutput(logits=logp[:, sl], hidden=torch.zeros(B, T, 1)[:, sl], ups_logits=ups[:, sl])
