@@ -83,5 +83,7 @@ def load_items(rargs, tokenizer, model_name: str, seed: int, max_prompt_len: Opt
         log.warning("%d prompts longer than %s tokens (max_sequence_length - gen_length) were dropped", too_long,
                     max_prompt_len)
     if not out:
-        raise ValueError(f"{source}: no usable prompts (of {len(items)}; {too_long} too long)")
+        hint = (f": --gen_length leaves {max(max_prompt_len, 0)} tokens of the model's max_sequence_length for the "
+                "prompt; lower --gen_length" if too_long == len(items) and max_prompt_len is not None else "")
+        raise ValueError(f"{source}: no usable prompts (of {len(items)}; {too_long} too long){hint}")
     return out, f"{source} ({fmt}, {style} prompts)"
