@@ -119,6 +119,24 @@ _EARN_BY = ("doing chores", "walking dogs", "selling lemonade", "washing cars", 
 
 _MAX_VALUE = 999
 
+# op_div, per kind of running value: (halving texts, their solutions, the largest divisor, dividing texts, their
+# solutions, what the value counts after dividing).
+_DIVISIONS: dict[str, tuple] = {
+    "items": (("{n} gives half of the {objs} to {f}.", "{n} sells half of the {objs}."),
+              ("{n} keeps {eq} {objs}.", "{n} has {eq} {objs} left."),
+              10,
+              ("{n} puts the {objs} into {conts} of {b}.", "{n} packs the {objs} into {conts}, {b} in each {cont}."),
+              ("{n} fills {eq} {conts}.", "That makes {eq} {conts}."),
+              "containers"),
+    "money": (("{n} puts half of the money in a bank.", "{n} spends half of the money."),
+              ("{n} has {eq} dollars left.", "{n} keeps {eq} dollars."),
+              12,
+              ("{n} spends all the money on {objs} that cost {b} dollars each.",
+               "{n} uses all the money to buy {objs} at {b} dollars each."),
+              ("{n} buys {eq} {objs}.", "{n} gets {eq} {objs}."),
+              "items"),
+}
+
 
 def _cap(s: str) -> str:
     """Capitalize the first letter only (``str.capitalize`` would lowercase names inside)."""
@@ -354,52 +372,33 @@ class _Chain:
             return False
         self.st.say(t, b=b, **self.kw)
         self.value = self.st.solve(sol, a, "*", b, **self.kw)
-        if new_kind != self.kind:
-            self.kind, self.packed = new_kind, (new_kind == "containers")
+        self.become(new_kind)
         return True
+
+    def become(self, kind: str) -> None:
+        """The running value now counts ``kind``. Containers reached by packing items already say how many go in
+        each, so a later "each box holds b" is not offered."""
+        if kind != self.kind:
+            self.kind, self.packed = kind, (kind == "containers")
 
     def op_div(self) -> bool:
         rng, a = self.rng, self.value
-        if self.kind == "items":
-            if rng.random() < 0.4:
-                if a % 2 or a < 4:
-                    return False
-                b = 2
-                t = rng.choice(("{n} gives half of the {objs} to {f}.", "{n} sells half of the {objs}."))
-                sol = ("{n} keeps {eq} {objs}.", "{n} has {eq} {objs} left.")
-                new_kind = "items"
-            else:
-                divs = [d for d in range(2, 11) if a % d == 0 and a // d >= 2]
-                if not divs:
-                    return False
-                b = rng.choice(divs)
-                t = rng.choice(("{n} puts the {objs} into {conts} of {b}.",
-                                "{n} packs the {objs} into {conts}, {b} in each {cont}."))
-                sol = ("{n} fills {eq} {conts}.", "That makes {eq} {conts}.")
-                new_kind = "containers"
-        elif self.kind == "money":
-            if rng.random() < 0.4:
-                if a % 2 or a < 4:
-                    return False
-                b = 2
-                t = rng.choice(("{n} puts half of the money in a bank.", "{n} spends half of the money."))
-                sol = ("{n} has {eq} dollars left.", "{n} keeps {eq} dollars.")
-                new_kind = "money"
-            else:
-                divs = [d for d in range(2, 13) if a % d == 0 and a // d >= 2]
-                if not divs:
-                    return False
-                b = rng.choice(divs)
-                t = rng.choice(("{n} spends all the money on {objs} that cost {b} dollars each.",
-                                "{n} uses all the money to buy {objs} at {b} dollars each."))
-                sol = ("{n} buys {eq} {objs}.", "{n} gets {eq} {objs}.")
-                new_kind = "items"
-        else:
+        if self.kind not in _DIVISIONS:
             return False
+        halve, halve_sol, top, split, split_sol, split_kind = _DIVISIONS[self.kind]
+        if rng.random() < 0.4:
+            if a % 2 or a < 4:
+                return False
+            b, t, sol, new_kind = 2, rng.choice(halve), halve_sol, self.kind
+        else:
+            divs = [d for d in range(2, top + 1) if a % d == 0 and a // d >= 2]
+            if not divs:
+                return False
+            b = rng.choice(divs)
+            t, sol, new_kind = rng.choice(split), split_sol, split_kind
         self.st.say(t, b=b, **self.kw)
         self.value = self.st.solve(sol, a, "/", b, **self.kw)
-        if new_kind != self.kind:
-            self.kind, self.packed = new_kind, (new_kind == "containers")
+        self.become(new_kind)
         return True
 
     def finish_share(self) -> dict | None:
