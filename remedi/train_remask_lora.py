@@ -15,23 +15,12 @@ if __package__ in (None, ""):  # run as a file: import the package from the repo
     import sys, pathlib; sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])  # noqa: E401,E702
 
 
-from remedi.arguments import ModelArgs, run_main
-from remedi.training import demo
-from remedi.training.args import DataArgs, LoraArgs, TrainArgs
-
-SCRIPT = "train_remask_lora"
-
-
-def sft_hint(flags: list[str]):
-    sft = [f for f in flags if f in ("--lr", "--save_path", "--train_backbone")]
-    if sft:
-        return (f"{', '.join(sft)} belongs to train_remask_sft.py; here use --lr_lora/--lr_ups, --save_ups_head "
-                "and --save_lora_dir (the backbone trains through LoRA)")
-    return None
+from remedi.arguments import run_main
+from remedi.training.demo import run_script
 
 
 def main(argv=None) -> dict:
-    return demo.run_script(SCRIPT, argv, [ModelArgs, DataArgs, TrainArgs, LoraArgs], __doc__, unknown_hint=sft_hint)
+    return run_script("train_remask_lora", argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -12,28 +12,12 @@ both scripts share remedi.training.loop.run.
 if __package__ in (None, ""):  # run as a file: import the package from the repo root, never from remedi/ itself
     import sys, pathlib; sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])  # noqa: E401,E702
 
-import dataclasses
-
-from remedi.arguments import ModelArgs, run_main
-from remedi.training import demo
-from remedi.training.args import DataArgs, LoraArgs, SftArgs, TrainArgs
-
-SCRIPT = "train_remask_sft"
-
-LORA_FLAGS = {f"--{f.name}" for f in dataclasses.fields(LoraArgs)} - {f"--{f.name}" for f in
-                                                                      dataclasses.fields(SftArgs)}
-
-
-def lora_hint(flags: list[str]):
-    lora = [f for f in flags if f in LORA_FLAGS]
-    if lora:
-        return (f"{', '.join(lora)} {'is a LoRA flag' if len(lora) == 1 else 'are LoRA flags'}: this script trains "
-                "the UPS (or the full model); use train_remask_lora.py for LoRA training")
-    return None
+from remedi.arguments import run_main
+from remedi.training.demo import run_script
 
 
 def main(argv=None) -> dict:
-    return demo.run_script(SCRIPT, argv, [ModelArgs, DataArgs, TrainArgs, SftArgs], __doc__, unknown_hint=lora_hint)
+    return run_script("train_remask_sft", argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ def run(*args, env=None):
 @pytest.mark.parametrize("args, says", [
     (["remedi/infer_compare.py", "--model_name", "/nonexistent/model", "--prompt", "x"], "/nonexistent/model"),
     (["remedi/eval_gsm_math.py", "--sources", "best"], "--sources: unknown ['best']"),
-    (["remedi/train_remask_sft.py", "--lora_r", "4"], "--lora_r is a LoRA flag"),
+    (["remedi/train_remask_sft.py", "--lora_r", "4"], "--lora_r belongs to train_remask_lora.py"),
     (["remedi/train_remask_lora.py", "--save_path", "x.pt"], "--save_path belongs to train_remask_sft.py"),
     (["remedi/train_remask_sft.py", "--max_steps", "1", "--save_path", "/"], "--save_path / is a folder"),
 ])

@@ -53,6 +53,7 @@ from remedi.rl.policy import group_advantages
 from remedi.rl.rewards import RewardContext, get_reward
 from remedi.rl.rollout import RolloutConfig, rollout
 from remedi.session import default_ups_head, is_embedded, item_seed
+from remedi.training.build import run_to_end
 
 log = logging.getLogger(__name__)
 
@@ -427,17 +428,4 @@ class RLTrainer(CheckpointMixin):
 
 def run(margs: ModelArgs, rargs: RLArgs) -> dict:
     """Train as the arguments say; returns {"update", "stopped", "metrics" (last update), "paths", "output_dir"}."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    trainer = RLTrainer(margs, rargs)
-    try:
-        trainer.setup()
-        result = trainer.train()
-        result["output_dir"] = str(trainer.out)
-        if trainer.world > 1:
-            trainer.acc.end_training()
-        return result
-    finally:
-        if getattr(trainer, "acc", None) is not None and trainer.acc.num_processes == 1:
-            AcceleratorState._reset_state()
-            GradientState._reset_state()
+    return run_to_end(RLTrainer(margs, rargs))

@@ -6,10 +6,11 @@ values quoted in the help are RemeDi's (arXiv:2509.23653).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
-from remedi.arguments import arg
+from remedi.arguments import ModelArgs, arg
 from remedi.model.config import CONFIGS
 from remedi.model.loading import LORA_AUTO_TARGET
 from remedi.training.noise import INCORRECT_SOURCES, SCHEDULES, check_r_incorrect
@@ -237,3 +238,32 @@ def plan_from(extra: SftArgs | LoraArgs, script: str) -> Plan:
         return Plan(script, "lora", extra.lr_lora, extra.lr_ups, extra.train_mode, extra.alt_ratio, extra,
                     ups_out=extra.save_ups_head, lora_out=extra.save_lora_dir)
     return Plan(script, extra.train_backbone, extra.lr, extra.lr, ups_out=extra.save_path)
+
+
+SCRIPT_ARGS = {"train_remask_sft": (ModelArgs, DataArgs, TrainArgs, SftArgs),
+               "train_remask_lora": (ModelArgs, DataArgs, TrainArgs, LoraArgs)}
+"""The dataclasses each training script parses (its flags are their fields)."""
+
+_OTHER_SCRIPT = {
+    "train_remask_sft": ("train_remask_lora", "this script trains the UPS (or the full model); for LoRA training "
+                                              "use train_remask_lora.py"),
+    "train_remask_lora": ("train_remask_sft", "here use --lr_lora/--lr_ups, --save_ups_head and --save_lora_dir (the "
+                                              "backbone trains through LoRA)"),
+}
+
+
+def _flags(arg_types) -> set[str]:
+    return {f"--{f.name}" for t in arg_types for f in dataclasses.fields(t)}
+
+
+def other_script_hint(script: str):
+    """The ``unknown_hint`` of one training script: name the unknown flags that are the other script's."""
+    other, advice = _OTHER_SCRIPT[script]
+    theirs = _flags(SCRIPT_ARGS[other]) - _flags(SCRIPT_ARGS[script])
+
+    def hint(flags: list[str]) -> Optional[str]:
+        found = [f for f in flags if f in theirs]
+        if not found:
+            return None
+        return f"{', '.join(found)} {'belongs' if len(found) == 1 else 'belong'} to {other}.py; {advice}"
+    return hint

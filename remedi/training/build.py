@@ -99,6 +99,25 @@ def check_outputs(t: TrainArgs, p: Plan, out: Path) -> None:
         check_writable(t.save_model_dir, "--save_model_dir", is_dir=True)
 
 
+def run_to_end(trainer) -> dict:
+    """``trainer.setup()`` then ``trainer.train()`` (Remask SFT and Remask RL alike); adds ``output_dir`` to the
+    result. With several processes it ends accelerate's training, which destroys the process group; with one it
+    resets accelerate's process-wide state, so that tests and notebooks can train several times in one process."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    try:
+        trainer.setup()
+        result = trainer.train()
+        result["output_dir"] = str(trainer.out)
+        if trainer.acc.num_processes > 1:
+            trainer.acc.end_training()
+        return result
+    finally:
+        if getattr(trainer, "acc", None) is not None and trainer.acc.num_processes == 1:
+            AcceleratorState._reset_state()
+            GradientState._reset_state()
+
+
 def make_accelerator(m: ModelArgs, t: TrainArgs, p: Plan):
     """(Accelerator, device). CPU when asked or when there is no GPU; bf16 mixed precision on GPUs."""
     from accelerate import Accelerator

@@ -61,11 +61,12 @@ def summary(result: dict) -> str:
     return "\n".join(lines)
 
 
-def run_script(script: str, argv, arg_types, description: str, unknown_hint=None) -> dict:
+def run_script(script: str, argv, description: str) -> dict:
     """A training script's main: parse ``argv`` (the demo recipe when it is empty), train, report."""
     import sys
 
     from remedi.arguments import parse_args, setup_logging
+    from remedi.training.args import SCRIPT_ARGS, other_script_hint
     from remedi.training.loop import run
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -74,7 +75,8 @@ def run_script(script: str, argv, arg_types, description: str, unknown_hint=None
         argv = demo_flags(script)
         setup_logging()
         log.info(announce(script))
-    margs, dargs, targs, extra = parse_args(arg_types, argv, description=description, unknown_hint=unknown_hint)
+    margs, dargs, targs, extra = parse_args(list(SCRIPT_ARGS[script]), argv, description=description,
+                                            unknown_hint=other_script_hint(script))
     result = run(margs, dargs, targs, extra, script=script)
     if is_demo:
         log.info(summary(result))

@@ -33,7 +33,7 @@ from remedi.files import append_jsonl, read_jsonl
 from remedi.files import atomic_path
 from remedi.training.args import DataArgs, LoraArgs, Plan, SftArgs, TrainArgs, plan_from
 from remedi.training.build import (build_model, build_optimizer, check_outputs, derive_seed, load_data,
-                                   make_accelerator, output_dir, preflight_model, validate_combination)
+                                   make_accelerator, output_dir, preflight_model, run_to_end, validate_combination)
 from remedi.training.data import collate, micro_batches
 from remedi.training.losses import UPSMetrics
 from remedi.training.noise import inject_noise
@@ -314,18 +314,4 @@ class Trainer:
 
 def run(margs: ModelArgs, dargs: DataArgs, targs: TrainArgs, extra: SftArgs | LoraArgs, script: str) -> dict:
     """Train as the arguments say; returns {"step", "stopped", "metrics" (last log line), "paths", "output_dir"}."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    trainer = Trainer(margs, dargs, targs, plan_from(extra, script))
-    try:
-        trainer.setup()
-        result = trainer.train()
-        result["output_dir"] = str(trainer.out)
-        if trainer.acc.num_processes > 1:
-            trainer.acc.end_training()  # destroys the process group
-        return result
-    finally:
-        # tests (and notebooks) call run() several times in one process: start each from a clean state
-        if getattr(trainer, "acc", None) is not None and trainer.acc.num_processes == 1:
-            AcceleratorState._reset_state()
-            GradientState._reset_state()
+    return run_to_end(Trainer(margs, dargs, targs, plan_from(extra, script)))
