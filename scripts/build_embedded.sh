@@ -8,8 +8,7 @@
 # CPU smoke run (a test runs exactly this):
 #   N_TRAIN=2000 PRE_STEPS=3 PRE2_STEPS=3 UPS_STEPS=3 LORA_STEPS=3 BS=8 RUNS=/tmp/emb_runs DATA=/tmp/emb_data \
 #       MODEL_OUT=/tmp/emb bash scripts/build_embedded.sh
-set -euo pipefail
-cd "$(dirname "$0")/.."
+source "$(dirname "$0")/stages.sh"
 MODEL_OUT=${MODEL_OUT:-checkpoints/remedi-tiny-gsm}
 RUNS=${RUNS:-runs/embedded}
 DATA=${DATA:-data/arith}
@@ -18,14 +17,10 @@ PRE_STEPS=${PRE_STEPS:-8000}
 UPS_STEPS=${UPS_STEPS:-3000}
 LORA_STEPS=${LORA_STEPS:-3000}
 BS=${BS:-256}
-PY=${PY:-python3}
 STAGES=${STAGES:-"data pretrain pretrain_more ups lora assemble"}   # run a subset, e.g. STAGES="ups lora assemble"
 mkdir -p "$RUNS"
-stage() { [[ " $STAGES " == *" $1 "* ]]; }
-# A rerun after a kill continues each stage's run (--resume) instead of refusing its folder; a finished stage's
-# output is kept (delete it, or name the stage in STAGES with FORCE=1, to redo it).
-resume() { [ -f "$1/args.json" ] && echo --resume || true; }
-todo() { [ -n "${FORCE:-}" ] || [ ! -e "$1" ]; }
+# A rerun after a kill continues each stage's run (resume) instead of refusing its folder; a finished stage's
+# output is kept (todo: delete it, or name the stage in STAGES with FORCE=1, to redo it).
 
 # 1. data (train/validation/test, disjoint) and a 1k BPE tokenizer with LLaDA's special tokens
 stage data && todo "$DATA/train.jsonl" && $PY scripts/make_arith_data.py --out_dir "$DATA" --tokenizer_dir "$RUNS/tokenizer" --n_train "$N_TRAIN" \

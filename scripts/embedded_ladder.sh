@@ -10,8 +10,7 @@
 # Sizes come from env vars so a CPU smoke run can use tiny numbers:
 #   N_TRAIN=2000 UPS_STEPS=3 TRAJ_PROBLEMS=8 TRAJ_STEPS=2 RL_UPDATES=1 N_EVAL=8 BS=8 DEVICE=cpu \
 #       bash scripts/embedded_ladder.sh
-set -euo pipefail
-cd "$(dirname "$0")/.."
+source "$(dirname "$0")/stages.sh"
 OUT=${LADDER_OUT:-runs/ladder}
 MODEL=${MODEL:-checkpoints/remedi-tiny-gsm}
 N_TRAIN=${N_TRAIN:-20000}
@@ -20,24 +19,24 @@ BS=${BS:-256}
 N_EVAL=${N_EVAL:-2000}
 STEPS=${STEPS:-48}
 RL_UPDATES=${RL_UPDATES:-40}
-PY=${PY:-python3}
 STAGES=${STAGES:-"data heads traj rl eval"}
 VARIANTS=${VARIANTS:-"self_r025 self_r025_confident self_r010 mix_r025"}
-stage() { [[ " $STAGES " == *" $1 "* ]]; }
 mkdir -p "$OUT"
 DATA="$OUT/data"
 
-if stage data && [ ! -f "$DATA/train.jsonl" ]; then  # the test split does not depend on N_TRAIN (own seeds)
+if stage data && todo "$DATA/train.jsonl"; then  # the test split does not depend on N_TRAIN (own seeds)
     $PY -c "import json, os, sys; from remedi.tasks import arith
 s = arith.make_splits(int(sys.argv[2]), 1000, 3000, seed=0); os.makedirs(sys.argv[1], exist_ok=True)
-open(os.path.join(sys.argv[1], 'train.jsonl'), 'w').writelines(json.dumps(r) + '\\n' for r in s['train'])" \
+f = os.path.join(sys.argv[1], 'train.jsonl')
+with open(f + '.tmp', 'w') as o: o.writelines(json.dumps(r) + '\\n' for r in s['train'])
+os.replace(f + '.tmp', f)  # a killed run leaves no torn train.jsonl behind" \
         "$DATA" "$N_TRAIN"
 fi
 
 head() {  # name, extra flags...
     local name=$1; shift
-    [ -f "$OUT/$name.pt" ] && return 0
-    $PY remedi/train_remask_sft.py --model_name "$MODEL" --dataset "$DATA/train.jsonl" --prompt_field question \
+    todo "$OUT/$name.pt" || return 0
+    $PY remedi/train_remask_sft.py $(resume "$OUT/train_$name") --model_name "$MODEL" --dataset "$DATA/train.jsonl" --prompt_field question \
         --answer_field answer --prompt_format plain --seq_len 192 --pad_to batch --ups_arch head --ups_width 128 \
         --lambda_ups 1.0 --batch_size "$BS" --max_steps "$UPS_STEPS" --lr 1e-3 --warmup_steps 100 \
         --output_dir "$OUT/train_$name" --save_path "$OUT/$name.pt" --seed 1 "$@"
@@ -57,7 +56,7 @@ fi
 
 TRAJ_PROBLEMS=${TRAJ_PROBLEMS:-3000}
 TRAJ_STEPS=${TRAJ_STEPS:-1500}
-if stage traj && [ ! -f "$OUT/traj_entropy.pt" ]; then  # labels from the sampler's own trajectories
+if stage traj && todo "$OUT/traj_entropy.pt"; then  # labels from the sampler's own trajectories
     $PY -m remedi.training.trajectory_labels --model_name "$MODEL" --ups_head "$MODEL/ups_head.pt" \
         --dataset "$DATA/train.jsonl" --n_problems "$TRAJ_PROBLEMS" --strategy entropy --steps "$STEPS" --every 1 \
         --train_steps "$TRAJ_STEPS" --batch_size "$BS" --lr 1e-3 --save_path "$OUT/traj_entropy.pt" --seed 0 \
@@ -65,8 +64,8 @@ if stage traj && [ ! -f "$OUT/traj_entropy.pt" ]; then  # labels from the sample
 fi
 
 RL_FROM=${RL_FROM:-self_r025}
-if stage rl && [ ! -f "$OUT/rl_$RL_FROM.pt" ]; then
-    $PY remedi/train_remask_rl.py --model_name "$MODEL" --ups_head "$OUT/$RL_FROM.pt" --dataset "$DATA/train.jsonl" \
+if stage rl && todo "$OUT/rl_$RL_FROM.pt"; then
+    $PY remedi/train_remask_rl.py $(resume "$OUT/rl_run_$RL_FROM") --model_name "$MODEL" --ups_head "$OUT/$RL_FROM.pt" --dataset "$DATA/train.jsonl" \
         --format gsm8k --max_updates "$RL_UPDATES" --output_dir "$OUT/rl_run_$RL_FROM" \
         --save_ups_head "$OUT/rl_$RL_FROM.pt" --seed 4 ${RL_FLAGS:-}
 fi
