@@ -73,7 +73,6 @@ if __name__ == "__main__":  # python -m remedi.harness: run the importable modul
 import dataclasses
 import json
 import logging
-import math
 import os
 import platform
 import time

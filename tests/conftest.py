@@ -82,6 +82,40 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(scope="module")
+def model():
+    """The decoding tests' tiny model with a UPS head (``tests/test_sampler.py:_model``), one per module; a
+    module that needs another model defines its own ``model``."""
+    from tests.test_sampler import _model
+
+    return _model()
+
+
+@pytest.fixture(scope="module")
+def stream_model():
+    """The same tiny model with a stream UPS instead of the head (``tests/test_sampler.py:_stream_model``)."""
+    from tests.test_sampler import _stream_model
+
+    return _stream_model()
+
+
+@pytest.fixture(scope="module")
+def data(request, tmp_path_factory) -> Path:
+    """The test module's ``ROWS`` (question/answer records) as a jsonl file, written once per module."""
+    return write_jsonl(tmp_path_factory.mktemp("data") / "gsm_like.jsonl", request.module.ROWS)
+
+
+@pytest.fixture
+def clean_accelerate():
+    """Reset accelerate's process-wide state after the test. The training entry points reset it themselves;
+    this covers a test that builds an Accelerator by hand or stops a run half-way (opt in as for one_thread)."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+
+
 @pytest.fixture
 def gen() -> torch.Generator:
     return torch.Generator().manual_seed(1234)
@@ -93,3 +127,10 @@ def write_jsonl(path: Path, rows) -> Path:
 
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def train_argv(model_dir, data, out, *extra, seq_len: int = 64) -> list[str]:
+    """A training script's flags for a tiny CPU run on ``data`` (question/answer rows), written to ``out``."""
+    return ["--model_name", str(model_dir), "--dataset", str(data), "--prompt_field", "question", "--answer_field",
+            "answer", "--seq_len", str(seq_len), "--batch_size", "2", "--log_every", "1", "--output_dir", str(out),
+            "--device", "cpu", *extra]

@@ -3,7 +3,7 @@ import os
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from remedi.model import checkpoint as C
 from remedi.model.config import get_config

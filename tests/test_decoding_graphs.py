@@ -25,20 +25,10 @@ from remedi.decoding.sampler import (STRATEGIES, EagerDecoder, SamplerConfig,
                                      generate, layout_batch, select_top_k, threshold_step)
 from remedi.model.llada import KVCache, rope_tables
 
-from .test_fast_decoding import TGRID, _stream_model, _tcfg
+from .test_fast_decoding import TGRID, _tcfg
 from .test_sampler import GRID, IDS, PROMPTS, Spy, _gens, _model, _scfg
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def model():
-    return _model()
-
-
-@pytest.fixture(scope="module")
-def stream_model():
-    return _stream_model()
 
 
 def _records(gens, conf=True):
@@ -147,31 +137,23 @@ def static_equals_eager(model, cfg) -> None:
     assert_same(got, want, cfg)
 
 
-CACHES = [("none", 0), ("prefix", 0), ("dual", 0), ("dual", 2), ("prefix", 1)]
+# mode: (config builder, its option grid, the (cache, cache_refresh) pairs, the strategies, fixed options)
+MODES = {
+    "steps": (_scfg, GRID, [("none", 0), ("prefix", 0), ("dual", 0), ("dual", 2), ("prefix", 1)], STRATEGIES, {}),
+    "eos_gating": (_scfg, GRID, [("none", 0), ("dual", 0), ("prefix", 0)],
+                   ["llada_low_confidence", "llada_random", "ups", "tps_prob", "random"], {"eos_gating": True}),
+    "threshold": (_tcfg, TGRID, [("none", 0), ("dual", 0), ("prefix", 0), ("dual", 1)], STRATEGIES, {}),
+}
+CASES = [pytest.param(mode, strategy, g, cache, refresh, id=f"{mode}-{strategy}-{i}-{cache}{refresh}")
+         for mode, (_, grid, caches, strategies, _) in MODES.items()
+         for strategy in strategies for i, g in enumerate(grid) for cache, refresh in caches]
 
 
-@pytest.mark.parametrize("cache,refresh", CACHES)
-@pytest.mark.parametrize("g", GRID)
-@pytest.mark.parametrize("strategy", STRATEGIES)
-def test_static_equals_eager(model, strategy, g, cache, refresh):
-    cfg = _scfg(strategy, g, record_trajectory=True, cache=cache, cache_refresh=refresh)
-    static_equals_eager(model, cfg)
-
-
-@pytest.mark.parametrize("cache", ["none", "dual", "prefix"])
-@pytest.mark.parametrize("g", GRID)
-@pytest.mark.parametrize("strategy", ["llada_low_confidence", "llada_random", "ups", "tps_prob", "random"])
-def test_static_equals_eager_with_eos_gating(model, strategy, g, cache):
-    cfg = _scfg(strategy, g, record_trajectory=True, cache=cache, eos_gating=True)
-    static_equals_eager(model, cfg)
-
-
-@pytest.mark.parametrize("cache,refresh", [("none", 0), ("dual", 0), ("prefix", 0), ("dual", 1)])
-@pytest.mark.parametrize("t", TGRID)
-@pytest.mark.parametrize("strategy", STRATEGIES)
-def test_static_threshold_equals_eager(model, strategy, t, cache, refresh):
-    cfg = _tcfg(strategy, t, record_trajectory=True, cache=cache, cache_refresh=refresh)
-    static_equals_eager(model, cfg)
+@pytest.mark.parametrize("mode,strategy,g,cache,refresh", CASES)
+def test_static_equals_eager(model, mode, strategy, g, cache, refresh):
+    build, _, _, _, options = MODES[mode]
+    static_equals_eager(model, build(strategy, g, record_trajectory=True, cache=cache, cache_refresh=refresh,
+                                     **options))
 
 
 @pytest.mark.parametrize("cache", ["none", "prefix", "dual"])

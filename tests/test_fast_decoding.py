@@ -16,7 +16,6 @@ import math
 import pytest
 import torch
 
-from remedi.model.checkpoint import add_stream
 from remedi.model.loading import SpecialIds
 from remedi.model.llada import KVCache
 from remedi.decoding.sampler import (LLADA_STRATEGIES, RANDOM_STRATEGIES, REMASK_STRATEGIES, STRATEGIES, SamplerConfig,
@@ -27,26 +26,6 @@ from .test_sampler import GRID, IDS, PROMPTS, FakeModel, Spy, _gens, _model, _sc
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def model():
-    return _model()
-
-
-def _stream_model(seed=3):
-    m = _model(seed=seed)
-    m.ups_head = None
-    add_stream(m, (0, 2))
-    with torch.no_grad():
-        for lin in m.model.backprop_linears:
-            lin.weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
-    return m.eval()
-
-
-@pytest.fixture(scope="module")
-def stream_model():
-    return _stream_model()
 
 
 def _same(a, b, conf_ulps: bool = False):

@@ -25,7 +25,6 @@ import torch
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is an optional dependency (pip install 'lm-eval==0.4.13')")
 
-from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
 from remedi import eval_gsm_math as own_eval  # noqa: E402

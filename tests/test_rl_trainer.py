@@ -13,17 +13,11 @@ from remedi.rl import trainer as T
 from remedi.rl.args import RLArgs
 from remedi.train_remask_rl import main
 
-from tests.conftest import write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROWS = [{"id": f"p{i}", "question": f"Tom has {i} apples and buys {i % 7 + 2} more. How many?",
          "answer": f"{i} + {i % 7 + 2} = {i + i % 7 + 2}. #### {i + i % 7 + 2}"} for i in range(24)]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return write_jsonl(tmp_path_factory.mktemp("rl_data") / "gsm_like.jsonl", ROWS)
 
 
 @pytest.fixture(scope="module")
@@ -58,15 +52,6 @@ def make_trainer(args):
     tr = T.RLTrainer(margs, rargs)
     tr.setup()
     return tr
-
-
-@pytest.fixture
-def clean_accelerate():
-    yield
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state()
-    GradientState._reset_state()
 
 
 @pytest.mark.filterwarnings("ignore:Detected call of")  # the optimiser step is replaced by a probe

@@ -44,9 +44,15 @@ def _model(seed=0, eos_boost=3.0) -> RemeDiLM:
     return m.eval()
 
 
-@pytest.fixture(scope="module")
-def model():
-    return _model()
+def _stream_model(seed=3) -> RemeDiLM:
+    """The tiny model with a stream UPS (taps 0 and 2) instead of the head, its linears made non-trivial."""
+    m = _model(seed=seed)
+    m.ups_head = None
+    add_stream(m, (0, 2))
+    with torch.no_grad():
+        for lin in m.model.backprop_linears:
+            lin.weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+    return m.eval()
 
 
 def _gens(n, seed=0):
@@ -133,12 +139,7 @@ def test_remask_strategies_do_remask_somewhere(model):
 
 
 def test_stream_ups_with_cfg_matches_reference():
-    m = _model(seed=3)
-    m.ups_head = None
-    add_stream(m, (0, 2))
-    with torch.no_grad():
-        for lin in m.model.backprop_linears:
-            lin.weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+    m = _stream_model()
     cfg = _scfg("ups", GRID[2])
     assert [x.tokens for x in generate(m, PROMPTS, cfg, IDS, _gens(3))] == \
            [x.tokens for x in generate_ref(m, PROMPTS, cfg, IDS, _gens(3))]
@@ -188,7 +189,7 @@ def test_invariants(model, g, strategy):
         assert len(traj) == S and traj[-1]["tokens"].count(None) == 0  # no mask left
         assert IDS.mask not in x.tokens and len(x.tokens) <= G
         for n, st in enumerate(traj):
-            blk, lo, hi = st["block"], st["block"] * Lb, (st["block"] + 1) * Lb
+            lo, hi = st["block"] * Lb, (st["block"] + 1) * Lb
             assert st["span"] == [lo, hi]
             toks = st["tokens"]
             assert sum(t is not None for t in toks[lo:hi]) == K[n % s]  # K_n schedule (also for LLaDA)

@@ -23,21 +23,16 @@ from remedi.model.loading import load_for_inference
 from remedi.model.llada import RemeDiLM, UPSHead
 from remedi.train_remask_lora import main as lora_main
 from remedi.train_remask_sft import main as sft_main
-from tests.conftest import shared_data_dir, write_jsonl
+from tests.conftest import shared_data_dir, train_argv
+
+# tiny matrices: one thread is faster, and immune to spin-waiting when the CPU is shared
+pytestmark = pytest.mark.usefixtures("one_thread", "clean_accelerate")
 
 ROWS = [{"question": f"Tom has {i} apples and buys {i % 7 + 2} more. How many?",
          "answer": f"{i} + {i % 7 + 2} = {i + i % 7 + 2}. #### {i + i % 7 + 2}"} for i in range(24)]
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return write_jsonl(tmp_path_factory.mktemp("data") / "gsm_like.jsonl", ROWS)
-
-
-def base(model_dir, data, out, *extra):
-    return ["--model_name", str(model_dir), "--dataset", str(data), "--prompt_field", "question", "--answer_field",
-            "answer", "--seq_len", "64", "--batch_size", "2", "--log_every", "1", "--output_dir", str(out),
-            "--device", "cpu", *extra]
+base = train_argv
 
 
 def trainer_for(script, argv):
@@ -47,19 +42,6 @@ def trainer_for(script, argv):
     tr = Trainer(m, d, t, plan_from(e, script))
     tr.setup()
     return tr
-
-
-@pytest.fixture(autouse=True)
-def _reset_accelerate():
-    # tiny matrices: one thread is faster, and immune to spin-waiting when the CPU is shared
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state()
-    GradientState._reset_state()
 
 
 def snapshot(module):

@@ -1,5 +1,6 @@
 """Errors before work: output paths checked before the model loads, torn metrics lines, runs killed before their
 first checkpoint, divergence stops, and the no-flag demo runs of both training scripts."""
+import functools
 import json
 import logging
 import os
@@ -19,32 +20,15 @@ from remedi.training.args import DataArgs, SftArgs, TrainArgs, plan_from
 from remedi.training.loop import Diverged, NonFiniteLoss, Trainer, truncate_metrics
 from remedi.training.state import latest_checkpoint
 
-from tests.conftest import write_jsonl
+from tests.conftest import train_argv
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "clean_accelerate")
 
 ROWS = [{"question": f"Ann has {i} cards and gets {i % 4 + 1} more. How many?",
          "answer": f"{i} + {i % 4 + 1} = {2 * i % 3}. #### {i + i % 4 + 1}"} for i in range(16)]
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return write_jsonl(tmp_path_factory.mktemp("data") / "rows.jsonl", ROWS)
-
-
-@pytest.fixture(autouse=True)
-def _reset_accelerate():
-    yield
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state()
-    GradientState._reset_state()
-
-
-def base(model_dir, data, out, *extra):
-    return ["--model_name", str(model_dir), "--dataset", str(data), "--prompt_field", "question", "--answer_field",
-            "answer", "--seq_len", "48", "--batch_size", "2", "--log_every", "1", "--output_dir", str(out),
-            "--device", "cpu", *extra]
+base = functools.partial(train_argv, seq_len=48)
 
 
 def files_under(root: Path) -> set:

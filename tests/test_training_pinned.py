@@ -10,7 +10,7 @@ import torch
 from remedi.train_remask_lora import main as lora_main
 from remedi.train_remask_sft import main as sft_main
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "clean_accelerate")
 
 ROWS = [{"question": f"Sam has {i} pens and gets {i % 5 + 3} more. How many pens?",
          "answer": f"{i} + {i % 5 + 3} = {2 * i % 5 + i + 3}. #### {i + i % 5 + 3}"} for i in range(16)]
@@ -27,15 +27,6 @@ EXTRA = {
     "lora": ["--lora_r", "4", "--lora_alpha", "8", "--lora_dropout", "0.0", "--lr_lora", "1e-2", "--lr_ups", "1e-2",
              "--warmup_steps", "1"],
 }
-
-
-@pytest.fixture(autouse=True)
-def _reset_accelerate():
-    yield
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state()
-    GradientState._reset_state()
 
 
 @pytest.mark.parametrize("case", ["head", "lora"])

@@ -12,7 +12,7 @@ from remedi.training.losses import UPSMetrics, auroc
 from remedi.training.self_noise import SelfNoise, draw_self_positions, pick_tokens, self_corrupt
 from remedi.training.step import StepConfig, loss_step
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "clean_accelerate")
 MASK = 0
 
 
@@ -143,15 +143,6 @@ def test_metrics_split_self_and_random_corruptions():
 
 ROWS = [{"question": f"Bo has {i} pens and gets {i % 3 + 2} more. How many?",
          "answer": f"{i} + {i % 3 + 2} = {i + i % 3 + 2}. #### {i + i % 3 + 2}"} for i in range(12)]
-
-
-@pytest.fixture(autouse=True)
-def _reset_accelerate():
-    yield
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state()
-    GradientState._reset_state()
 
 
 @pytest.mark.parametrize("case", ["head", "stream", "lora", "confident"])
