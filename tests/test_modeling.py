@@ -3,6 +3,7 @@ import torch
 
 from remedi.model.config import LLaDAConfig, get_config
 from remedi.model.llada import KVCache, RemeDiLM, UPSHead, init_weights
+from remedi.model.loading import LORA_AUTO_TARGET
 from tests import reference_llada
 
 
@@ -127,6 +128,28 @@ def test_gradient_checkpointing_gives_same_gradients(gen):
     assert grads[0].keys() == grads[1].keys()
     for n in grads[0]:
         torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_gradient_checkpointing_recomputes_every_block(gen, lora):
+    """With checkpointing each block runs again in the backward (also when LoRA wraps the backbone)."""
+    cfg = get_config("test-tiny")
+    ids = torch.randint(0, 90, (2, 9), generator=gen)
+    calls = {}
+    for ckpt in (False, True):
+        m = make(cfg).train()
+        if lora:
+            from peft import LoraConfig, get_peft_model
+
+            m.model = get_peft_model(m.model, LoraConfig(r=2, lora_alpha=4, target_modules=LORA_AUTO_TARGET))
+        m.set_gradient_checkpointing(ckpt)
+        n = [0]
+        blocks = [mod for name, mod in m.named_modules() if type(mod).__name__ == "LLaDABlock"]
+        for b in blocks:
+            b.register_forward_pre_hook(lambda *_: n.__setitem__(0, n[0] + 1))  # recomputation may stop early
+        m(ids).logits.square().mean().backward()
+        calls[ckpt] = n[0]
+    assert calls == {False: cfg.n_layers, True: 2 * cfg.n_layers}
 
 
 @pytest.mark.parametrize("key,value", [("alibi", True), ("include_bias", True), ("weight_tying", True),

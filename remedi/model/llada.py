@@ -313,7 +313,10 @@ class RemeDiLM(nn.Module):
         self.ups_head = head
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
-        self.model.gradient_checkpointing = enabled
+        """Recompute each block in the backward instead of keeping its activations. Under LoRA ``self.model``
+        is a peft wrapper, and an attribute set on the wrapper would not reach the backbone."""
+        inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        inner.gradient_checkpointing = enabled
 
     def forward(self, input_ids, attention_mask=None, **kw) -> ModelOutput:
         out = self.model(input_ids, attention_mask, **kw)
