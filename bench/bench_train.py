@@ -45,7 +45,8 @@ from remedi.training.step import TrainStep  # noqa: E402
 CASES = ("head", "head_max", "lora", "lora_ckpt", "stream")
 
 
-def build(case: str, config: str, device: torch.device, compile_blocks: bool = False):
+def build(case: str, config: str, device: torch.device, compile_blocks: bool = False, lora_dropout: float = 0.05,
+          compile_mode: str | None = None):
     """Model + TrainStep + optimiser for one case, random weights built directly in bf16 on the GPU."""
     lm = random_model(config, ups=None, device=str(device))
     cfg = lm.config
@@ -62,7 +63,7 @@ def build(case: str, config: str, device: torch.device, compile_blocks: bool = F
         head = UPSHead(cfg.d_model, 0)
         init_weights(head, generator=torch.Generator().manual_seed(0))
         lm.attach_head(head.to(device))
-        lm.model = get_peft_model(lm.model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
+        lm.model = get_peft_model(lm.model, LoraConfig(r=16, lora_alpha=32, lora_dropout=lora_dropout,
                                                        target_modules=LORA_AUTO_TARGET))
         for p in head.parameters():
             p.requires_grad_(True)
@@ -85,7 +86,7 @@ def build(case: str, config: str, device: torch.device, compile_blocks: bool = F
         p.requires_grad_(True)
     lm.train()
     if compile_blocks:
-        lm.compile_blocks()
+        lm.compile_blocks(**({"mode": compile_mode} if compile_mode else {}))
     step = TrainStep(lm, backbone_trains=backbone_trains, label_smoothing=False)
     opt = torch.optim.AdamW(trainable, lr=1e-5)
     return lm, step, opt, sum(p.numel() for p in trainable)
@@ -104,9 +105,10 @@ def counted_flops(case: str, cfg, batch: int, seq: int) -> float:
 
 
 def time_case(acc, case: str, config: str, batch: int, seq: int, iters: int, warmup: int,
-              compile_blocks: bool = False) -> dict:
+              compile_blocks: bool = False, lora_dropout: float = 0.05, profile: int = 0,
+              compile_mode: str | None = None) -> dict:
     device = acc.device
-    lm, step_mod, opt, n_train = build(case, config, device, compile_blocks)
+    lm, step_mod, opt, n_train = build(case, config, device, compile_blocks, lora_dropout, compile_mode)
     cfg = lm.config
     model, opt = acc.prepare(step_mod, opt)
     g = torch.Generator().manual_seed(acc.process_index)
@@ -139,12 +141,26 @@ def time_case(acc, case: str, config: str, batch: int, seq: int, iters: int, war
     torch.cuda.synchronize(device)
     acc.wait_for_everyone()
     sec = (time.perf_counter() - t0) / iters
+    if profile and acc.is_main_process:  # where the step's GPU time goes: the costliest operators
+        from torch.profiler import ProfilerActivity, profile as torch_profile
+
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for i in range(2):
+                one_step(warmup + iters + i)
+            torch.cuda.synchronize(device)
+        print(f"--- {case} batch {batch}: operators by GPU time over 2 steps", flush=True)
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=profile), flush=True)
+        print(f"--- {case} batch {batch}: operators by host time over 2 steps", flush=True)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=profile), flush=True)
     peak = torch.cuda.max_memory_allocated(device) / 2**30
-    row = {"case": case + ("+compile" if compile_blocks else ""), "batch": batch, "seq": seq,
+    tag = ("+compile" + (f":{compile_mode}" if compile_mode else "")) if compile_blocks else ""
+    row = {"case": case + tag, "batch": batch, "seq": seq,
            "processes": acc.num_processes, "ms_per_step": round(sec * 1e3, 1),
            "tok_s": round(batch * seq * acc.num_processes / sec), "peak_gib": round(peak, 1),
            "trainable_m": round(n_train / 1e6, 2),
            "tflops": round(counted_flops(case, cfg, batch, seq) / sec / 1e12, 1)}
+    if case.startswith("lora"):
+        row["lora_dropout"] = lora_dropout
     del model, opt, lm, step_mod
     acc.free_memory()
     gc.collect()
@@ -161,6 +177,11 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--compile", action="store_true", help="torch.compile every block (as train --compile)")
+    ap.add_argument("--compile_mode", default=None, help="with --compile: torch.compile mode (e.g. reduce-overhead: "
+                    "CUDA graphs)")
+    ap.add_argument("--lora_dropout", type=float, default=0.05, help="lora cases: adapter dropout (RemeDi's 0.05)")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="after timing, profile 2 more steps and print the N costliest operators by GPU and by host time")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -180,7 +201,8 @@ def main(argv=None):
         fits = []
         for b in batches:
             try:
-                row = time_case(acc, case, args.config, b, args.seq, args.iters, args.warmup, args.compile)
+                row = time_case(acc, case, args.config, b, args.seq, args.iters, args.warmup, args.compile,
+                                args.lora_dropout, args.profile, args.compile_mode)
             except torch.cuda.OutOfMemoryError:
                 acc.free_memory()
                 gc.collect()
