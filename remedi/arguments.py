@@ -58,13 +58,38 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: {action.default})"
 
 
-def parse_args(dataclass_types: Sequence[type], argv: Optional[Sequence[str]] = None, description: str = "",
-               unknown_hint=None):
-    """Parse argv into one instance per dataclass type. Unknown flags are an error; ``unknown_hint(flags)``
-    may return a clearer message for them (e.g. "that is a LoRA flag: use train_remask_lora.py")."""
+def _parser(dataclass_types: Sequence[type], description: str):
+    """transformers' ``HfArgumentParser`` (argparse underneath) with two changes: a flag is never matched by a
+    prefix (``--lr`` is not ``--lr_lora``, and is not ambiguous either: it is unknown), and a parse error is a
+    ``ValueError``, which :func:`run_main` prints as one line instead of the whole usage."""
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser(list(dataclass_types), description=description, formatter_class=HelpFormatter)
+    class Parser(HfArgumentParser):
+        def error(self, message):
+            raise ValueError(f"{message} (see --help)")
+
+    return Parser(list(dataclass_types), description=description, formatter_class=HelpFormatter, allow_abbrev=False)
+
+
+def _did_you_mean(parser, flags: Sequence[str]) -> str:
+    import difflib
+
+    known = [o for a in parser._actions for o in a.option_strings if o.startswith("--") and "-" not in o[2:]]
+    out = []
+    for f in flags:
+        longer = [k for k in known if k.startswith(f)]  # what a prefix used to match
+        close = longer if 0 < len(longer) <= 3 else difflib.get_close_matches(f, known, n=1, cutoff=0.75)
+        if close:
+            out.append(f"; {f}: did you mean {' or '.join(close)}?")
+    return "".join(out)
+
+
+def parse_args(dataclass_types: Sequence[type], argv: Optional[Sequence[str]] = None, description: str = "",
+               unknown_hint=None):
+    """Parse argv into one instance per dataclass type. Unknown flags are an error that suggests the closest
+    known one; ``unknown_hint(flags)`` may return a clearer message for them (e.g. "that is a LoRA flag: use
+    train_remask_lora.py")."""
+    parser = _parser(dataclass_types, description)
     args = list(argv) if argv is not None else sys.argv[1:]
     *out, extra = parser.parse_args_into_dataclasses(args=args, return_remaining_strings=True)
     if extra:
@@ -72,7 +97,7 @@ def parse_args(dataclass_types: Sequence[type], argv: Optional[Sequence[str]] = 
         hint = unknown_hint(flags) if unknown_hint else None
         if hint:
             raise ValueError(hint)
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        raise ValueError(f"unrecognized arguments: {' '.join(extra)}{_did_you_mean(parser, flags)} (see --help)")
     return tuple(out)
 
 

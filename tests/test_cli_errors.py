@@ -20,6 +20,11 @@ def run(*args, env=None):
     (["remedi/train_remask_sft.py", "--lora_r", "4"], "--lora_r belongs to train_remask_lora.py"),
     (["remedi/train_remask_lora.py", "--save_path", "x.pt"], "--save_path belongs to train_remask_sft.py"),
     (["remedi/train_remask_sft.py", "--max_steps", "1", "--save_path", "/"], "--save_path / is a folder"),
+    # SFT's --lr used to be an ambiguous prefix of --lr_lora/--lr_ups here (a whole usage text, no hint)
+    (["remedi/train_remask_lora.py", "--lr", "1e-4"], "--lr belongs to train_remask_sft.py; here use --lr_lora/--lr_ups"),
+    (["remedi/eval_gsm_math.py", "--lora_pth", "x"], "--lora_pth: did you mean --lora_path?"),
+    (["remedi/eval_gsm_math.py", "--steps", "x"], "argument --steps: invalid int value: 'x'"),
+    (["remedi/train_remask_rl.py", "--group", "4"], "--group: did you mean --group_size?"),
 ])
 def test_user_errors_are_one_line_and_exit_2(args, says):
     p = run(*args)

@@ -180,7 +180,11 @@ def test_model_defaults_json_fills_only_flags_not_given(tmp_path):
     assert (s.steps, s.gen_length, s.block_length, s.cache, s.cache_refresh) == (32, 128, 32, "dual", 2)
     assert origin["steps"] == "command line" and origin["block_length"] == "library default"
     assert origin["gen_length"] == str(tmp_path / "defaults.json")
-    (s,) = parse_args([SamplingArgs], ["--gen_len=8", "--block_length", "8", "--steps", "8"])  # abbreviation
+    # A prefix of a flag was once taken for it (and had to count as given, or defaults.json overrode it); now it
+    # is refused, naming the flag, so a typed value can never be silently replaced.
+    with pytest.raises(ValueError, match=r"--gen_len: did you mean --gen_length\?"):
+        parse_args([SamplingArgs], ["--gen_len=8", "--block_length", "8", "--steps", "8"])
+    (s,) = parse_args([SamplingArgs], ["--gen_length=8", "--block_length", "8", "--steps", "8"])
     assert s.resolve(tmp_path / "none").gen_length == 8 and s.temperature == 0.0
 
 def _rec(i, src, correct, extracted="1", steps=64, nfe=64, remasks=2, blocks=2, seconds=0.5, toks=10):
