@@ -39,6 +39,7 @@ from remedi.model.loading import LORA_AUTO_TARGET, SpecialIds  # noqa: E402
 from remedi.rl.loss import StepStats, clean_prefix_cache, step_loss  # noqa: E402
 from remedi.rl.policy import group_advantages  # noqa: E402
 from remedi.rl.rollout import RolloutConfig, rollout  # noqa: E402
+from remedi.training.build import adamw  # noqa: E402
 from remedi.rl.trainer import ups_modules  # noqa: E402
 
 CASES = ("lora_head", "stream", "head")
@@ -116,7 +117,7 @@ def run_case(case: str, a, device: torch.device) -> dict:
     prompts = [p for p in base for _ in range(a.group)]
     cache = "prefix" if a.layout == "block_causal" else "none"
     rcfg = RolloutConfig(a.gen, a.block, a.steps, 1.2, 1.2, cache, a.layout).validate()
-    opt = torch.optim.AdamW(params, lr=3e-6)
+    opt = adamw([{"params": params}], lr=3e-6)  # as remedi/rl/trainer.py
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else \
         contextlib.nullcontext
     shared = case == "head" and a.layout == "block_causal"

@@ -40,13 +40,14 @@ from remedi.model.loading import LORA_AUTO_TARGET  # noqa: E402
 from remedi.model.llada import UPSHead, init_weights  # noqa: E402
 from remedi.training.noise import inject_noise  # noqa: E402
 from remedi.training.args import default_taps  # noqa: E402
+from remedi.training.build import adamw  # noqa: E402
 from remedi.training.step import TrainStep  # noqa: E402
 
 CASES = ("head", "head_max", "lora", "lora_ckpt", "stream")
 
 
 def build(case: str, config: str, device: torch.device, compile_blocks: bool = False, lora_dropout: float = 0.05,
-          compile_mode: str | None = None):
+          compile_mode: str | None = None, optimizer: str = "train"):
     """Model + TrainStep + optimiser for one case, random weights built directly in bf16 on the GPU."""
     lm = random_model(config, ups=None, device=str(device))
     cfg = lm.config
@@ -88,7 +89,8 @@ def build(case: str, config: str, device: torch.device, compile_blocks: bool = F
     if compile_blocks:
         lm.compile_blocks(**({"mode": compile_mode} if compile_mode else {}))
     step = TrainStep(lm, backbone_trains=backbone_trains, label_smoothing=False)
-    opt = torch.optim.AdamW(trainable, lr=1e-5)
+    # "train": the training scripts' AdamW (fused on a GPU); "foreach": torch's default kernels, for comparison
+    opt = adamw([{"params": trainable}], lr=1e-5) if optimizer == "train" else torch.optim.AdamW(trainable, lr=1e-5)
     return lm, step, opt, sum(p.numel() for p in trainable)
 
 
@@ -106,9 +108,9 @@ def counted_flops(case: str, cfg, batch: int, seq: int) -> float:
 
 def time_case(acc, case: str, config: str, batch: int, seq: int, iters: int, warmup: int,
               compile_blocks: bool = False, lora_dropout: float = 0.05, profile: int = 0,
-              compile_mode: str | None = None) -> dict:
+              compile_mode: str | None = None, optimizer: str = "train") -> dict:
     device = acc.device
-    lm, step_mod, opt, n_train = build(case, config, device, compile_blocks, lora_dropout, compile_mode)
+    lm, step_mod, opt, n_train = build(case, config, device, compile_blocks, lora_dropout, compile_mode, optimizer)
     cfg = lm.config
     model, opt = acc.prepare(step_mod, opt)
     g = torch.Generator().manual_seed(acc.process_index)
@@ -161,6 +163,7 @@ def time_case(acc, case: str, config: str, batch: int, seq: int, iters: int, war
            "tflops": round(counted_flops(case, cfg, batch, seq) / sec / 1e12, 1)}
     if case.startswith("lora"):
         row["lora_dropout"] = lora_dropout
+    row["optimizer"] = optimizer
     del model, opt, lm, step_mod
     acc.free_memory()
     gc.collect()
@@ -179,6 +182,8 @@ def main(argv=None):
     ap.add_argument("--compile", action="store_true", help="torch.compile every block (as train --compile)")
     ap.add_argument("--compile_mode", default=None, help="with --compile: torch.compile mode (e.g. reduce-overhead: "
                     "CUDA graphs)")
+    ap.add_argument("--optimizer", default="train", choices=("train", "foreach"),
+                    help="train: the training scripts' AdamW (fused on a GPU); foreach: torch's default AdamW kernels")
     ap.add_argument("--lora_dropout", type=float, default=0.05, help="lora cases: adapter dropout (RemeDi's 0.05)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="after timing, profile 2 more steps and print the N costliest operators by GPU and by host time")
@@ -202,7 +207,7 @@ def main(argv=None):
         for b in batches:
             try:
                 row = time_case(acc, case, args.config, b, args.seq, args.iters, args.warmup, args.compile,
-                                args.lora_dropout, args.profile, args.compile_mode)
+                                args.lora_dropout, args.profile, args.compile_mode, args.optimizer)
             except torch.cuda.OutOfMemoryError:
                 acc.free_memory()
                 gc.collect()

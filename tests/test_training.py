@@ -331,3 +331,21 @@ def test_two_processes_data_parallel(tiny_model_dir, data, tmp_path):
     assert (out / "ups.pt").is_file()
     # 24 rows, 2 per process: 6 optimiser steps per epoch on 2 processes (12 on one)
     assert lines[0]["epoch"] == 0 and len(json.loads((out / "args.json").read_text())) > 10
+
+
+def test_adamw_keeps_the_default_kernels_on_cpu():
+    cpu = [torch.nn.Parameter(torch.ones(3))]
+    assert not B.adamw([{"params": cpu}], lr=1e-3).defaults["fused"]  # CPU numbers stay as pinned
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_adamw_is_fused_on_a_gpu_with_the_same_update():
+    gpu = [torch.nn.Parameter(torch.randn(64, device="cuda"))]
+    ref = [torch.nn.Parameter(gpu[0].detach().clone())]
+    fused, plain = B.adamw([{"params": gpu}], lr=1e-2), torch.optim.AdamW(ref, lr=1e-2)
+    assert fused.defaults["fused"]
+    for _ in range(3):
+        for p, opt in ((gpu[0], fused), (ref[0], plain)):
+            p.grad = torch.sin(p.detach() * 3)
+            opt.step()
+    torch.testing.assert_close(gpu[0], ref[0])

@@ -53,7 +53,7 @@ from remedi.rl.policy import group_advantages
 from remedi.rl.rewards import RewardContext, get_reward
 from remedi.rl.rollout import RolloutConfig, rollout
 from remedi.session import default_ups_head, is_embedded, item_seed
-from remedi.training.build import run_to_end
+from remedi.training.build import adamw, run_to_end
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +250,7 @@ class RLTrainer(CheckpointMixin):
         groups = [{"params": self.ups_params, "lr": r.lr, "name": "ups"}]
         if self.lora_params:
             groups.append({"params": self.lora_params, "lr": r.lr_lora or r.lr, "name": "lora"})
-        opt = torch.optim.AdamW(groups, lr=r.lr, weight_decay=r.weight_decay)
+        opt = adamw(groups, lr=r.lr, weight_decay=r.weight_decay)
         w = r.warmup_steps
         self.sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda u: (u + 1) / (w + 1) if u < w else 1.0)
         if self.resume_from is not None:  # weights before prepare (DDP broadcasts them from rank 0)

@@ -315,6 +315,15 @@ def build_model(m: ModelArgs, t: TrainArgs, p: Plan, spec: ModelSpec, device: to
     return BuiltModel(lm, ups_params, backbone_params)
 
 
+def adamw(groups: list[dict], **kwargs) -> torch.optim.AdamW:
+    """AdamW over parameter groups; the fused kernel when every parameter is on a GPU (one launch for all of
+    them instead of several per tensor: on an H200 the stream UPS's 940M float32 parameters spent 20 ms a step
+    in the default kernels). Same update rule; CPU runs keep the default, so their numbers do not change."""
+    params = [q for g in groups for q in g["params"]]
+    fused = bool(params) and all(q.is_cuda for q in params)
+    return torch.optim.AdamW(groups, fused=True if fused else None, **kwargs)
+
+
 def build_optimizer(t: TrainArgs, p: Plan, built: BuiltModel, total_steps: int):
     """AdamW with one parameter group per part (backbone/LoRA, UPS), each with its lr; the LambdaLR schedule."""
     groups = []
@@ -322,5 +331,5 @@ def build_optimizer(t: TrainArgs, p: Plan, built: BuiltModel, total_steps: int):
         groups.append({"params": built.backbone_params, "lr": p.lr_backbone, "name": "backbone"})
     if built.ups_params:
         groups.append({"params": built.ups_params, "lr": p.lr_ups, "name": "ups"})
-    opt = torch.optim.AdamW(groups, lr=groups[0]["lr"], weight_decay=t.weight_decay, betas=(0.9, 0.95))
+    opt = adamw(groups, lr=groups[0]["lr"], weight_decay=t.weight_decay, betas=(0.9, 0.95))
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t, total_steps))

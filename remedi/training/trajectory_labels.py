@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from remedi.decoding.sampler import STRATEGIES, SamplerConfig, generate
 from remedi.model.loading import SpecialIds
 from remedi.training.losses import auroc
+from remedi.training.build import adamw
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +195,7 @@ def train_head(model, states: dict, steps: int, batch_size: int, lr: float,
     generator = generator or torch.Generator().manual_seed(0)
     model.eval()
     model.ups_head.train()
-    opt = torch.optim.AdamW(model.ups_head.parameters(), lr=lr, weight_decay=weight_decay)
+    opt = adamw([{"params": list(model.ups_head.parameters())}], lr=lr, weight_decay=weight_decay)
     order, pos = torch.randperm(N, generator=generator), 0
     history, win = [], {"loss": [], "scores": [], "correct": []}
     t0 = time.perf_counter()
