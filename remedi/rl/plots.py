@@ -57,7 +57,8 @@ def plot_curves(rows: Sequence[dict], out, title: str = "Remask RL") -> Path:
 
 
 def main(argv=None) -> Path:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 allow_abbrev=False)
     ap.add_argument("metrics", help="metrics.jsonl written by train_remask_rl.py")
     ap.add_argument("--out", required=True, help="PNG to write")
     ap.add_argument("--title", default="Remask RL")

@@ -68,7 +68,8 @@ def save_figure(fig, out) -> Path:
 
 
 def main(argv=None) -> Path:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 allow_abbrev=False)
     ap.add_argument("metrics", help="metrics.jsonl written by train_remask_sft.py / train_remask_lora.py")
     ap.add_argument("--out", required=True, help="PNG to write")
     a = ap.parse_args(argv)

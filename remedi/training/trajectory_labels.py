@@ -226,7 +226,8 @@ def train_head(model, states: dict, steps: int, batch_size: int, lr: float,
 # ------------------------------------------------------------------------------------------ CLI
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m remedi.training.trajectory_labels",
-                                 description="Train a head UPS on the states a sampler visits (trajectory labels).")
+                                 description="Train a head UPS on the states a sampler visits (trajectory labels).",
+                                 allow_abbrev=False)
     ap.add_argument("--model_name", required=True)
     ap.add_argument("--ups_head", default=None, help="initial head (.pt/.safetensors); omitted: a fresh UPSHead")
     ap.add_argument("--ups_width", type=int, default=128, help="width of a fresh head (no --ups_head)")
