@@ -22,13 +22,11 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-from remedi.arguments import ModelArgs
-from remedi.files import publish_checkpoint
-from remedi.files import atomic_path, write_json_atomic
+from remedi.files import atomic_path, publish_checkpoint, write_json_atomic
 from remedi.model.checkpoint import save_pretrained, save_ups, versions
 from remedi.model.config import LLaDAConfig
 from remedi.model.llada import RemeDiLM, UPSHead
-from remedi.training.args import DataArgs, LoraArgs, SftArgs, TrainArgs
+from remedi.training.args import SCRIPT_ARGS
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +34,7 @@ CKPT_FILES = ("trainable.safetensors", "trainer_state.json")
 # arguments that may change between a run and its --resume: they do not change the trajectory
 RESUME_FREE = {"resume", "stop_after_steps", "log_every", "save_every", "save_total_limit", "output_dir",
                "save_path", "save_lora_dir", "save_ups_head", "save_model_dir", "divergence_bound"}
-ARG_DEFAULTS = {f.name: f.default for cls in (ModelArgs, DataArgs, TrainArgs, SftArgs, LoraArgs)
+ARG_DEFAULTS = {f.name: f.default for types in SCRIPT_ARGS.values() for cls in types
                 for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
 
 
@@ -130,18 +128,6 @@ class Parts:
         return self.acc.is_main_process
 
 
-@contextlib.contextmanager
-def peft_free(parts: Parts):
-    """A context in which ``lm.model`` is the plain LLaDAModel (the checkpoint writers expect it)."""
-    wrapped = parts.lm.model
-    if parts.lora:
-        parts.lm.model = wrapped.get_base_model()
-    try:
-        yield parts.lm
-    finally:
-        parts.lm.model = wrapped
-
-
 def trainable_state(parts: Parts) -> dict[str, torch.Tensor]:
     """Full (gathered) float32 copies of the trainable tensors on the main process, {} elsewhere."""
     full = parts.acc.get_state_dict(parts.model)  # collective under FSDP
@@ -172,7 +158,7 @@ def save_checkpoint(parts: Parts, out: Path, step: int, pos: dict, meta: dict, k
     if parts.main:
         save_file(state, str(tmp / "trainable.safetensors"))
         if parts.lm.ups_arch is not None and not sharded:  # ready for inference (FSDP: at the end only)
-            with peft_free(parts) as lm:
+            with parts.lm.without_peft() as lm:
                 save_ups(tmp / "ups.pt", lm, extra_meta=meta)
         if parts.lora:
             parts.lm.model.save_pretrained(str(tmp / "lora"))
@@ -236,7 +222,7 @@ def export(parts: Parts, *, out: Path, ups_out: Optional[str], lora_out: Optiona
     gathered = gathered_copy(parts, cfg) if parts.fsdp else None  # collective
     if not parts.main:
         return paths
-    with (contextlib.nullcontext(gathered) if gathered is not None else peft_free(parts)) as lm:
+    with (contextlib.nullcontext(gathered) if gathered is not None else parts.lm.without_peft()) as lm:
         if lm.ups_arch is not None:
             ups_path = Path(ups_out or out / "ups.pt")
             save_ups(ups_path, lm, extra_meta=meta)
