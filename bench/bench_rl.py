@@ -40,7 +40,6 @@ from remedi.rl.loss import StepStats, clean_prefix_cache, step_loss  # noqa: E40
 from remedi.rl.policy import group_advantages  # noqa: E402
 from remedi.rl.rollout import RolloutConfig, rollout  # noqa: E402
 from remedi.training.build import adamw  # noqa: E402
-from remedi.rl.trainer import ups_modules  # noqa: E402
 
 CASES = ("lora_head", "stream", "head")
 
@@ -50,7 +49,7 @@ def build(case: str, config: str, device: str, dtype: torch.dtype):
     lm = random_model(config, ups="stream" if case == "stream" else "head", device=device, dtype=dtype)
     for p in lm.parameters():
         p.requires_grad_(False)
-    for m in ups_modules(lm):
+    for m in lm.ups_modules():
         m.to(torch.float32)  # float32 master weights for what trains, as the trainer keeps them
     if case == "lora_head":
         from peft import LoraConfig, get_peft_model
@@ -59,7 +58,7 @@ def build(case: str, config: str, device: str, dtype: torch.dtype):
                                                        target_modules=LORA_AUTO_TARGET))
     elif case not in CASES:
         raise ValueError(f"unknown case {case!r}; cases: {', '.join(CASES)}")
-    for m in ups_modules(lm):
+    for m in lm.ups_modules():
         for p in m.parameters():
             p.requires_grad_(True)
     return lm.eval(), [p for p in lm.parameters() if p.requires_grad]

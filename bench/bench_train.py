@@ -72,8 +72,7 @@ def build(case: str, config: str, device: torch.device, compile_blocks: bool = F
         lm.set_gradient_checkpointing(case == "lora_ckpt")
     elif case == "stream":
         add_stream(lm, default_taps(cfg.n_layers))
-        mm = lm.model
-        stream = [mm.blocks_upm, mm.backprop_norms, mm.backprop_linears, mm.ln_f_upm, mm.linear_confidence]
+        stream = lm.ups_modules()
         trainable = []
         for m in stream:
             m.to(torch.float32)

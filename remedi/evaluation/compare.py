@@ -16,8 +16,7 @@ from typing import Optional
 from remedi.arguments import ModelArgs, arg
 from remedi.decoding.args import SamplingArgs
 from remedi.decoding.sampler import STRATEGIES
-from remedi.files import check_writable, read_jsonl
-from remedi.files import atomic_path
+from remedi.files import atomic_path, check_writable, read_jsonl
 from remedi.session import open_session, parse_sources
 
 log = logging.getLogger("infer_compare")

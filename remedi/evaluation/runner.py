@@ -28,8 +28,7 @@ from remedi.decoding.sampler import STRATEGIES
 from remedi.evaluation import data as D
 from remedi.evaluation import results as R
 from remedi.evaluation.report import render_markdown, summarize
-from remedi.files import check_writable
-from remedi.files import atomic_path, write_json_atomic
+from remedi.files import atomic_path, check_writable, write_json_atomic
 from remedi.model.checkpoint import versions
 from remedi.session import Session, fixed_settings, open_session, parse_sources
 

@@ -16,6 +16,7 @@ Block-wise decoding reuses keys/values through :class:`KVCache`: a forward over 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -312,11 +313,34 @@ class RemeDiLM(nn.Module):
             raise ValueError(f"UPS head hidden size {head.d_model} != backbone d_model {self.config.d_model}")
         self.ups_head = head
 
+    @property
+    def backbone(self) -> "LLaDAModel":
+        """The LLaDAModel itself, also while LoRA training has wrapped ``self.model`` in a peft model."""
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
+    @contextlib.contextmanager
+    def without_peft(self):
+        """Inside the block ``self.model`` is the plain LLaDAModel (what the checkpoint writers expect)."""
+        wrapped = self.model
+        self.model = self.backbone
+        try:
+            yield self
+        finally:
+            self.model = wrapped
+
+    def ups_modules(self) -> list[nn.Module]:
+        """The UPS's modules: the head, or the stream's blocks, bridges, final norm and output (also under LoRA)."""
+        if self.ups_head is not None:
+            return [self.ups_head]
+        mm = self.backbone
+        if mm.has_stream:
+            return [mm.blocks_upm, mm.backprop_norms, mm.backprop_linears, mm.ln_f_upm, mm.linear_confidence]
+        return []
+
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
-        """Recompute each block in the backward instead of keeping its activations. Under LoRA ``self.model``
-        is a peft wrapper, and an attribute set on the wrapper would not reach the backbone."""
-        inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        inner.gradient_checkpointing = enabled
+        """Recompute each block in the backward instead of keeping its activations. Set on the backbone: under
+        LoRA an attribute set on the peft wrapper would not reach it."""
+        self.backbone.gradient_checkpointing = enabled
 
     def forward(self, input_ids, attention_mask=None, **kw) -> ModelOutput:
         out = self.model(input_ids, attention_mask, **kw)

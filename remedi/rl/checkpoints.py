@@ -12,7 +12,6 @@ of the model holding the UPS tensors), never from the sharded module.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import shutil
@@ -21,10 +20,9 @@ from typing import Optional
 
 import torch
 
-from remedi.files import atomic_path, write_json_atomic
+from remedi.files import atomic_path, publish_checkpoint, write_json_atomic
 from remedi.model.checkpoint import save_ups
 from remedi.model.llada import RemeDiLM, UPSHead
-from remedi.files import publish_checkpoint
 from remedi.training.state import restore_optimizer_and_rng, rng_state
 
 log = logging.getLogger(__name__)
@@ -43,17 +41,6 @@ def latest_checkpoint(out: Path) -> Optional[Path]:
 
 class CheckpointMixin:
     """Checkpoint and export methods of :class:`remedi.rl.trainer.RLTrainer` (which holds the state)."""
-
-    @contextlib.contextmanager
-    def _peft_free(self):
-        """``self.lm.model`` as the plain LLaDAModel (the UPS writer expects it)."""
-        wrapped = self.lm.model
-        if hasattr(wrapped, "get_base_model"):
-            self.lm.model = wrapped.get_base_model()
-        try:
-            yield self.lm
-        finally:
-            self.lm.model = wrapped
 
     def _meta(self, update: int) -> dict:
         return {"args": self.record, "rl": {"update": update, "dataset": self.data_source}}
@@ -80,7 +67,7 @@ class CheckpointMixin:
     def _write_ups(self, path: Path, update: int, full: Optional[dict]) -> None:
         """The UPS as an inference checkpoint (save_ups); from ``full`` (a gathered state dict) under FSDP."""
         if full is None:
-            with self._peft_free() as lm:
+            with self.lm.without_peft() as lm:
                 save_ups(path, lm, extra_meta=self._meta(update))
         else:
             save_ups(path, self._ups_copy(full), extra_meta=self._meta(update))

@@ -40,8 +40,7 @@ from pathlib import Path
 import torch
 
 from remedi.arguments import ModelArgs, setup_logging
-from remedi.files import append_jsonl, check_writable, read_jsonl
-from remedi.files import atomic_path, write_json_atomic
+from remedi.files import append_jsonl, atomic_path, check_writable, read_jsonl, write_json_atomic
 from remedi.model.checkpoint import load_pretrained, load_ups, versions
 from remedi.model.loading import LORA_AUTO_TARGET, load_tokenizer, pick_dtype, preflight, resolve_special_ids
 from remedi.rl.args import RLArgs, args_record, resolve_defaults
@@ -79,15 +78,6 @@ def lora_target(spec: str) -> str:
     if not names or any(n not in LORA_LINEARS for n in names):
         raise ValueError(f"--lora_target {spec!r}: use auto or a comma list of {', '.join(LORA_LINEARS)}")
     return r".*transformer\.blocks\.\d+\.(" + "|".join(names) + r")$"
-
-
-def ups_modules(lm) -> list:
-    if lm.ups_head is not None:
-        return [lm.ups_head]
-    mm = lm.model.get_base_model() if hasattr(lm.model, "get_base_model") else lm.model
-    if getattr(mm, "has_stream", False):
-        return [mm.blocks_upm, mm.backprop_norms, mm.backprop_linears, mm.ln_f_upm, mm.linear_confidence]
-    return []
 
 
 class RLTrainer(CheckpointMixin):
@@ -210,7 +200,7 @@ class RLTrainer(CheckpointMixin):
         self.lm_config = lm.config  # with the stream's taps; before peft wraps lm.model
         for p in lm.parameters():
             p.requires_grad_(False)
-        for mod in ups_modules(lm):
+        for mod in lm.ups_modules():
             mod.to(torch.float32)  # float32 master weights for what trains
         if r.train == "ups_lora":
             from peft import LoraConfig, PeftModel, get_peft_model
@@ -225,7 +215,7 @@ class RLTrainer(CheckpointMixin):
                 raise ValueError(f"--lora_path {r.lora_path} has lora_dropout {drop}: the loss forward must score "
                                  "the sampling policy exactly; re-save the adapters with lora_dropout 0")
         ups_ids = set()
-        for mod in ups_modules(lm):
+        for mod in lm.ups_modules():
             for p in mod.parameters():
                 p.requires_grad_(True)
                 ups_ids.add(id(p))

@@ -233,15 +233,6 @@ class BuiltModel:
     backbone_params: list[nn.Parameter]  # LoRA adapters or the full backbone; empty when frozen
 
 
-def ups_modules(lm: RemeDiLM) -> list[nn.Module]:
-    if lm.ups_head is not None:
-        return [lm.ups_head]
-    if lm.model.has_stream:
-        mm = lm.model
-        return [mm.blocks_upm, mm.backprop_norms, mm.backprop_linears, mm.ln_f_upm, mm.linear_confidence]
-    return []
-
-
 def wrap_lora(inner: nn.Module, p: Plan, main: bool) -> nn.Module:
     """peft adapters on the backbone's block linears (new, or continued from --load_lora_dir)."""
     from peft import LoraConfig, PeftModel, get_peft_model
@@ -287,7 +278,7 @@ def build_model(m: ModelArgs, t: TrainArgs, p: Plan, spec: ModelSpec, device: to
     elif spec.arch == "stream" and not lm.model.has_stream:
         taps = tuple(int(x) for x in t.ups_taps.split(",")) if t.ups_taps else default_taps(spec.cfg.n_layers)
         add_stream(lm, taps)
-    ups = ups_modules(lm)
+    ups = lm.ups_modules()
     for mod in ups:
         mod.to(torch.float32)
     for prm in lm.parameters():

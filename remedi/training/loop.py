@@ -29,8 +29,7 @@ from pathlib import Path
 import torch
 
 from remedi.arguments import ModelArgs, setup_logging
-from remedi.files import append_jsonl, read_jsonl
-from remedi.files import atomic_path
+from remedi.files import append_jsonl, atomic_path, read_jsonl
 from remedi.training.args import DataArgs, LoraArgs, Plan, SftArgs, TrainArgs, plan_from
 from remedi.training.build import (build_model, build_optimizer, check_outputs, derive_seed, load_data,
                                    make_accelerator, output_dir, preflight_model, run_to_end, validate_combination)
