@@ -7,11 +7,9 @@ bad command stops in seconds instead of after an 8B load or a finished run.
 """
 from __future__ import annotations
 
-import datetime
 import hashlib
 import logging
 import math
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,16 +72,6 @@ def validate_combination(t: TrainArgs, p: Plan) -> None:
                          "to --save_path/--save_ups_head)")
 
 
-def output_dir(t: TrainArgs, p: Plan, acc) -> Path:
-    """--output_dir, or runs/<script>-<time>, the same on every process."""
-    from accelerate.utils import broadcast_object_list
-
-    out = [t.output_dir or str(Path("runs") / f"{p.script}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}")]
-    if acc.num_processes > 1:
-        broadcast_object_list(out)
-    return Path(out[0])
-
-
 def check_outputs(t: TrainArgs, p: Plan, out: Path) -> None:
     """Every path the run will write, checked now: a folder given for a file (or the reverse), or a place
     that cannot be written, would otherwise fail only after the whole run, losing what it trained."""
@@ -97,44 +85,6 @@ def check_outputs(t: TrainArgs, p: Plan, out: Path) -> None:
         check_writable(p.lora_out, "--save_lora_dir", is_dir=True)
     if t.save_model_dir:
         check_writable(t.save_model_dir, "--save_model_dir", is_dir=True)
-
-
-def run_to_end(trainer) -> dict:
-    """``trainer.setup()`` then ``trainer.train()`` (Remask SFT and Remask RL alike); adds ``output_dir`` to the
-    result. With several processes it ends accelerate's training, which destroys the process group; with one it
-    resets accelerate's process-wide state, so that tests and notebooks can train several times in one process."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    try:
-        trainer.setup()
-        result = trainer.train()
-        result["output_dir"] = str(trainer.out)
-        if trainer.acc.num_processes > 1:
-            trainer.acc.end_training()
-        return result
-    finally:
-        if getattr(trainer, "acc", None) is not None and trainer.acc.num_processes == 1:
-            AcceleratorState._reset_state()
-            GradientState._reset_state()
-
-
-def make_accelerator(m: ModelArgs, t: TrainArgs, p: Plan):
-    """(Accelerator, device). CPU when asked or when there is no GPU; bf16 mixed precision on GPUs."""
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
-
-    cpu = (m.device or "").startswith("cpu") or not torch.cuda.is_available()
-    if m.device and m.device.startswith("cuda:"):
-        raise ValueError(f"--device {m.device}: pick GPUs with CUDA_VISIBLE_DEVICES (accelerate places each "
-                         "process on its own GPU); use --device cuda or cpu")
-    mp = t.mixed_precision
-    if mp == "auto":
-        mp = os.environ.get("ACCELERATE_MIXED_PRECISION") or ("no" if cpu else "bf16")
-    kw = [DistributedDataParallelKwargs(find_unused_parameters=p.mode == "alternating")]
-    acc = Accelerator(mixed_precision=mp, gradient_accumulation_steps=t.grad_accum, cpu=cpu, kwargs_handlers=kw)
-    # multi-CPU runs report "cpu:<rank>", which safetensors and some kernels reject
-    device = torch.device("cpu") if acc.device.type == "cpu" else acc.device
-    return acc, device
 
 
 @dataclass
