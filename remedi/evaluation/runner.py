@@ -28,7 +28,7 @@ from remedi.decoding.sampler import STRATEGIES
 from remedi.evaluation import data as D
 from remedi.evaluation import results as R
 from remedi.evaluation.report import render_markdown, summarize
-from remedi.files import atomic_path, check_writable, write_json_atomic
+from remedi.files import RunLock, atomic_path, check_writable, write_json_atomic
 from remedi.model.checkpoint import versions
 from remedi.session import Session, fixed_settings, open_session, parse_sources
 
@@ -261,6 +261,7 @@ def run(m: ModelArgs, s: SamplingArgs, e: EvalArgs, argv: list[str]) -> dict:
         out = Path(e.output_dir) if e.output_dir else _default_output_dir(plan.spec)
         try:
             msg = [str(out), sorted(_open_output(out, plan.fixed), key=str), None]
+            lock = RunLock(out)  # noqa: F841 - held (one eval per folder) until this function returns
             write_json_atomic(out / "config.json", {"fixed": plan.fixed, "last_run": {
                 "argv": argv, "sources": plan.sources, "steps": plan.steps, "n_items": len(plan.items),
                 "start": e.start, "max_samples": e.max_samples, "world_size": state.num_processes,

@@ -20,16 +20,14 @@ after a step.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
-from pathlib import Path
 
 import torch
 
 from remedi.arguments import ModelArgs, setup_logging
-from remedi.files import append_jsonl, atomic_path, read_jsonl
+from remedi.files import append_jsonl
 from remedi.training.args import DataArgs, LoraArgs, Plan, SftArgs, TrainArgs, plan_from
 from remedi.training.build import (build_model, build_optimizer, check_outputs, derive_seed, load_data,
                                    preflight_model, validate_combination)
@@ -38,27 +36,12 @@ from remedi.training.losses import UPSMetrics
 from remedi.training.noise import inject_noise
 from remedi.training.self_noise import SelfNoise, draw_self_positions
 from remedi.training.runtime import (Diverged, NonFiniteLoss, claim_resume_point, lock_run_folder, make_accelerator,
-                                     output_dir, run_to_end)
+                                     output_dir, run_to_end, truncate_metrics)
 from remedi.training.state import (ARG_DEFAULTS, Parts, args_record, export, latest_checkpoint, load_trainable,
                                    restore, save_checkpoint, write_args)
 from remedi.training.step import TrainStep
 
 log = logging.getLogger(__name__)
-
-
-def truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop the lines a killed run wrote after its last checkpoint; a torn last line (a kill
-    mid-write) is dropped with a warning, any other bad line is an error naming the file and line."""
-    if not path.is_file():
-        return
-    keep = []
-    for i, rec in enumerate(read_jsonl(path)):
-        if not isinstance(rec.get("step"), int):
-            raise ValueError(f"{path}: record {i + 1} has no integer 'step' ({str(rec)[:80]}); fix or remove it")
-        if rec["step"] <= step:
-            keep.append(rec)
-    with atomic_path(path) as tmp:
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
 
 
 class Trainer:

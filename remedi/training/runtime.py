@@ -10,6 +10,7 @@ the model build :mod:`remedi.training.build`.
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import os
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any, Iterable, Optional, Protocol, runtime_checkable
 
 import torch
 
-from remedi.files import RunLock, remove_stale_tmp
+from remedi.files import RunLock, atomic_path, read_jsonl, remove_stale_tmp
 from remedi.training.state import RESUME_FREE, resume_point
 
 log = logging.getLogger(__name__)
@@ -115,3 +116,19 @@ def claim_resume_point(out: Path, acc, record: dict, resume: bool, defaults: dic
             if path:
                 remove_stale_tmp(Path(path).parent, Path(path).name)
     return resume_point(out, record, resume, defaults, set(free))
+
+
+def truncate_metrics(path: Path, step: int, key: str = "step") -> None:
+    """On resume, drop the metrics lines a killed run wrote after its last checkpoint (all of them when it
+    restarts from 0); a torn last line (a kill mid-write) is dropped with a warning, any other bad line is an
+    error naming the file and line. ``key``: the record's position field (``step``; RL: ``update``)."""
+    if not path.is_file():
+        return
+    keep = []
+    for i, rec in enumerate(read_jsonl(path)):
+        if not isinstance(rec.get(key), int):
+            raise ValueError(f"{path}: record {i + 1} has no integer {key!r} ({str(rec)[:80]}); fix or remove it")
+        if rec[key] <= step:
+            keep.append(rec)
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
