@@ -53,6 +53,13 @@ def runs(tmp_path_factory):
     return made
 
 
+def killed_copy(runs, script, tmp_path):
+    """A copy of the script's killed run folder, for one case to change."""
+    out = tmp_path / "run"
+    shutil.copytree(runs[script][1], out)
+    return out
+
+
 def damage(name):
     def f(out):
         p = out / "checkpoints" / f"step-{KILL:07d}" if (out / "checkpoints" / f"step-{KILL:07d}").is_dir() else \
@@ -94,9 +101,8 @@ CASES = {"exact": lambda out: None, "no_checkpoint": no_checkpoint, "unknown_arg
 @pytest.mark.parametrize("script", list(SCRIPTS))
 def test_resume_rules_are_the_same_for_every_script(script, case, runs, tmp_path, caplog):
     """Each case resumes to the same weights as the run that never stopped, with a warning saying what it did."""
-    full, killed = runs[script]
-    out = tmp_path / "run"
-    shutil.copytree(killed, out)
+    full = runs[script][0]
+    out = killed_copy(runs, script, tmp_path)
     warning = CASES[case](out)
     with caplog.at_level(logging.WARNING):
         res = run(script, out, "--resume")
@@ -117,8 +123,7 @@ def test_resume_rules_are_the_same_for_every_script(script, case, runs, tmp_path
 
 @pytest.mark.parametrize("script", list(SCRIPTS))
 def test_a_second_run_into_a_busy_folder_is_refused(script, runs, tmp_path):
-    out = tmp_path / "run"
-    shutil.copytree(runs[script][1], out)
+    out = killed_copy(runs, script, tmp_path)
     held = RunLock(out)  # another run holds the folder
     try:
         with pytest.raises(ValueError, match=rf"is in use by another run \(pid {os.getpid()}"):
@@ -130,8 +135,7 @@ def test_a_second_run_into_a_busy_folder_is_refused(script, runs, tmp_path):
 
 @pytest.mark.parametrize("script", list(SCRIPTS))
 def test_no_complete_checkpoint_left_names_the_damaged_files(script, runs, tmp_path):
-    out = tmp_path / "run"
-    shutil.copytree(runs[script][1], out)
+    out = killed_copy(runs, script, tmp_path)
     for ck in (out / "checkpoints").iterdir():
         if ck.is_dir():
             (ck / "trainable.safetensors").write_bytes(b"\0" * 10)

@@ -17,11 +17,10 @@ from typing import Optional
 
 import torch
 
-from remedi.files import atomic_path
 from remedi.model.checkpoint import save_ups
 from remedi.model.config import LLaDAConfig
 from remedi.model.llada import RemeDiLM, UPSHead
-from remedi.training.state import write_checkpoint
+from remedi.training.state import export_lora, log_exports, write_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -90,10 +89,5 @@ def export(tr, update: int) -> dict:
     tr._write_ups(ups_path, update, full)
     paths["ups"] = str(ups_path)
     if tr.lora_params:
-        lora_dir = Path(r.save_lora_dir or tr.out / "lora")
-        with atomic_path(lora_dir, is_dir=True) as tmp:
-            tr._write_lora(tmp, full)
-        paths["lora"] = str(lora_dir)
-    for k, v in paths.items():
-        log.info("saved %s: %s", k, v)
-    return paths
+        paths["lora"] = export_lora(Path(r.save_lora_dir or tr.out / "lora"), lambda tmp: tr._write_lora(tmp, full))
+    return log_exports(paths)

@@ -18,9 +18,10 @@ What trains: ``--train ups`` (the UPS head or stream; the backbone is frozen, Lo
 into it) or ``--train ups_lora`` (UPS + peft LoRA adapters). The model is kept in eval mode (no dropout),
 so the loss forward scores exactly the policy that sampled.
 
-Faults and restarts, as in Remask SFT: output paths are checked before the model loads; checkpoints
-(:mod:`remedi.rl.checkpoints`) are atomic and ``--resume`` restores the trainable weights, optimiser,
-scheduler and RNG, and the data position follows from the update index, so a resumed run ends with the
+Faults and restarts: the same runtime as Remask SFT (:mod:`remedi.training.runtime`, :mod:`remedi.training.state`),
+so the same rules: output paths are checked before the model loads; the run folder is locked; checkpoints are
+atomic and ``--resume`` restores the trainable weights, optimiser, scheduler and RNG (falling back past a
+damaged checkpoint), and the data position follows from the update index, so a resumed run ends with the
 same weights. A non-finite loss / gradient norm, or a loss forward whose log-probs disagree with the
 rollout's (mean |log ratio| > ``--max_log_ratio`` before the step), stops the run before the optimiser
 step with a message saying what happened (every process stops together).

@@ -317,10 +317,19 @@ def export(parts: Parts, *, out: Path, ups_out: Optional[str], lora_out: Optiona
             save_model_dir(lm, Path(model_dir), tok_dir, meta["args"])
             paths["model_dir"] = model_dir
     if parts.lora:
-        lora_dir = Path(lora_out or out / "lora")
-        with atomic_path(lora_dir, is_dir=True) as tmp:
-            parts.lm.model.save_pretrained(str(tmp))
-        paths["lora"] = str(lora_dir)
+        paths["lora"] = export_lora(Path(lora_out or out / "lora"),
+                                    lambda tmp: parts.lm.model.save_pretrained(str(tmp)))
+    return log_exports(paths)
+
+
+def export_lora(lora_dir: Path, write) -> str:
+    """A LoRA folder that ``write(folder)`` fills, put in place in one rename (SFT and RL exports)."""
+    with atomic_path(lora_dir, is_dir=True) as tmp:
+        write(tmp)
+    return str(lora_dir)
+
+
+def log_exports(paths: dict) -> dict:
     for k, v in paths.items():
         log.info("saved %s: %s", k, v)
     return paths
