@@ -171,6 +171,11 @@ def layer_mounts(x, source):
 
 
 def layer_no_new_privs(x):
+    """no_new_privs (Landlock and seccomp need it) and death with the parent (bwrap does that outside)."""
+    try:
+        x.prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG = SIGKILL: a killed evaluator leaves no sample running
+    except OSError as e:
+        x.notes.append("pdeathsig: %s" % (e,))
     try:
         x.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS
         x.nnp = True
@@ -513,6 +518,7 @@ def _main(cfg):
         del nonce
         with open(cfg["prog"], "rb") as f:
             source = f.read()
+        os.environ.pop("PWD", None)  # bwrap's --chdir sets it; the program gets the parent's four variables
         layers, notes = contain(cfg, source)
         guard = "guard" not in cfg["disable"]
         if guard:

@@ -384,7 +384,7 @@ def _run(source: str, limits: Limits, disable: tuple[str, ...], exe: str, bw: st
 
     try:
         if bw:
-            workdir = f"{_bw.WORK_PARENT}/{_PREFIX}{secrets.token_hex(8)}"
+            workdir = f"{_bw.WORK_PARENT}/{_PREFIX}{os.getpid()}-{secrets.token_hex(8)}"
             prog_fd = os.memfd_create("remedi-program") if hasattr(os, "memfd_create") else \
                 os.open(tempfile.gettempdir(), os.O_TMPFILE | os.O_RDWR, 0o600)
             fds.append(prog_fd)
