@@ -383,7 +383,8 @@ def test_pass_at_k_rejects_bad_arguments(args, match):
 def test_sandbox_and_code_tasks_import_without_torch_or_evaluation():
     import subprocess
     code = ("import sys\nsys.modules['torch'] = None\nimport remedi.sandbox, remedi.tasks.code\n"
-            "bad = sorted(m for m in sys.modules if m.startswith(('remedi.evaluation', 'remedi.model', 'torch')))\n"
+            "bad = sorted(m for m, v in sys.modules.items() if v is not None\n"
+            "             and m.startswith(('remedi.evaluation', 'remedi.model', 'torch')))\n"
             "assert not bad, bad\n")
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr[-800:]

@@ -7,7 +7,7 @@ only on (seed, item id), so the results do not depend on the number of GPUs), ap
 line by line on rank 0 and writes the reports. :func:`rescore` re-checks stored completions, no model.
 
 Code formats (``--format humaneval|mbpp``, or the hub ids ``openai_humaneval`` / ``mbpp``): each batch's
-completions are executed against the problems' tests in the sandbox (:mod:`remedi.evaluation.code_exec`)
+completions are executed against the problems' tests in the sandbox (:mod:`remedi.sandbox`)
 before the batch's records are appended, ``correct`` is "the tests passed" (accuracy = pass@1), and
 ``--rescore`` re-executes the stored completions against the tests stored in each record.
 """
