@@ -172,11 +172,18 @@ def test_fcntl_setown_setsig_cannot_kill_another_process(victim, disable):
 
 # ---- 5. reads confined; reason sanitised ----------------------------------------------------------------------
 
-def test_files_outside_are_not_readable(tmp_path):
+@pytest.fixture
+def secret_file(tmp_path) -> tuple[Path, str]:
+    """A 0600 file of the evaluator's user outside the sandbox, and its (random) content."""
     secret = uuid.uuid4().hex
     s = tmp_path / "secret.txt"
     s.write_text(secret)
     s.chmod(0o600)
+    return s, secret
+
+
+def test_files_outside_are_not_readable(secret_file):
+    s, secret = secret_file
     data = ROOT.parent / "shared" / "data"
     targets = [str(s), str(ROOT / "README.md"), str(ROOT / "remedi" / "sandbox" / "runner.py"), "/etc/passwd",
                f"/proc/{os.getpid()}/cmdline", f"/proc/{os.getppid()}/environ", str(Path.home() / ".bashrc"),
@@ -195,13 +202,11 @@ def test_files_outside_are_not_readable(tmp_path):
     assert secret not in r.stdout + r.stderr
 
 
-def test_reason_carries_no_file_contents_or_outside_paths(tmp_path):
-    secret = uuid.uuid4().hex
-    s = tmp_path / "secret.txt"
-    s.write_text(secret)
+def test_reason_carries_no_file_contents_or_outside_paths(secret_file):
+    s, secret = secret_file
     # on the default path the file does not exist inside; the path in the error is redacted
     r = sb.run_program(f"open({str(s)!r}).read()\n", FAST)
-    assert r.reason.startswith("FileNotFoundError") and str(tmp_path) not in r.reason and "<path>" in r.reason
+    assert r.reason.startswith("FileNotFoundError") and str(s.parent) not in r.reason and "<path>" in r.reason
     # a program printing what it likes as its last stderr line does not choose the reason
     src = f"import sys, os\nsys.stderr.write('AssertionError: {secret}\\n')\nsys.stderr.flush()\nos._exit(1)\n"
     r = sb.run_program(src, FAST)
