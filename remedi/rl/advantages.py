@@ -69,15 +69,11 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4,
     """
     if rewards.dim() != 1:
         raise ValueError(f"rewards must be (N,), got shape {tuple(rewards.shape)}")
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
-    N = rewards.shape[0]
-    if N % group_size:
-        raise ValueError(f"the number of rewards ({N}) must be a multiple of group_size ({group_size})")
     if std not in ("group", "batch", "none"):
         raise ValueError(f"std must be 'group', 'batch' or 'none', got {std!r}")
-    r = _float(rewards)  # (N,)
-    g = r.view(-1, group_size)  # (G, group_size)
+    g = _groups(rewards, group_size)  # (G, group_size)
+    N = rewards.shape[0]
+    r = g.reshape(N)  # (N,)
     centred = g - g.mean(dim=1, keepdim=True)  # (G, group_size)
     if std == "none":
         return centred.reshape(N)
