@@ -4,7 +4,8 @@ import torch
 
 from remedi.model.loading import SpecialIds
 from remedi.rl.policy import plackett_luce_logprob, token_logprob
-from remedi.rl.rollout import GrowingKVCache, RolloutConfig, policy_logits, rollout
+from remedi.model.kv_cache import GrowingKVCache
+from remedi.rl.rollout import RolloutConfig, policy_logits, rollout
 from tests.test_block_causal import cached_reference, make
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -10,7 +10,7 @@ change the step's arithmetic), kept for later ``generate`` calls, :data:`MAX_DEC
 
 * ``x`` (B, T): the whole sequence. A step reads and writes its block through ``pos_blk`` (Lb,), the
   block's positions as a device tensor rewritten at each block start, so one graph serves every block.
-* :class:`StaticKVCache`: keys/values (R, H_kv, T, D) per layer (R = B, or 2B with CFG) allocated once;
+* :class:`~remedi.model.kv_cache.StaticKVCache`: keys/values (R, H_kv, T, D) per layer (R = B, or 2B with CFG) allocated once;
   a full forward copies into them, a partial one writes its positions with ``index_copy_``.
 * RoPE tables: the whole sequence's (computed once) and the block's (rewritten at each block start by
   the same call the model makes, so the values are bit-identical).
@@ -50,7 +50,8 @@ from typing import Optional
 
 import torch
 
-from remedi.model.llada import KVCache, RemeDiLM, rope_tables
+from remedi.model.kv_cache import StaticKVCache
+from remedi.model.llada import RemeDiLM, rope_tables
 from remedi.model.loading import SpecialIds
 from remedi.decoding.sampler import (RANDOM_STRATEGIES, SamplerConfig, StepOut, decide, gumbel_argmax,
                                      prepare_logits, unmask_schedule)
@@ -74,35 +75,6 @@ def rank_select(scores: torch.Tensor, eligible: torch.Tensor, k: torch.Tensor) -
     earlier = idx[None, :] < idx[:, None]  # (L, L): j < i
     before = (ej & ~ei) | ((ej == ei) & ((sj > si) | ((sj == si) & earlier)))  # (B, L, L): j ranks before i
     return (before.sum(-1) < k[:, None]) & eligible
-
-
-# ---------------------------------------------------------------------------------------- the cache
-class StaticKVCache(KVCache):
-    """KV cache with one preallocated (R, H_kv, T, D) buffer per layer, updated in place.
-
-    The positions a forward computes are set in ``pos`` before it runs: None for the whole sequence
-    (copied into the buffers), else a (L,) device tensor (written with ``index_copy_``). Attention then
-    reads the whole buffer, as with :class:`KVCache`. The update stays out of torch.compile's graphs
-    (a traced dictionary lookup would recompile per layer).
-    """
-
-    def __init__(self, layers, shape, dtype: torch.dtype, device) -> None:
-        super().__init__()
-        for layer in layers:
-            self.k[layer] = torch.zeros(shape, dtype=dtype, device=device)
-            self.v[layer] = torch.zeros(shape, dtype=dtype, device=device)
-        self.pos: Optional[torch.Tensor] = None
-
-    @torch.compiler.disable
-    def update(self, layer, start, k, v):
-        ck, cv = self.k[layer], self.v[layer]
-        if self.pos is None:
-            ck.copy_(k)
-            cv.copy_(v)
-        else:
-            ck.index_copy_(2, self.pos, k)
-            cv.index_copy_(2, self.pos, v)
-        return ck, cv
 
 
 # -------------------------------------------------------------------------------------- the forward

@@ -67,7 +67,7 @@ Fast decoding (every part has a flag that turns it off, and the defaults are the
   batch, a row whose block is finished draws no random numbers and is left unchanged until the other
   rows finish theirs (one host sync per step decides), so rows stay batch-independent.
 * ``compile``: ``model.compile_blocks`` once per model, with the cache's update kept out of the
-  graphs (:class:`_EagerUpdateCache`).
+  graphs (:class:`~remedi.model.kv_cache.EagerUpdateCache`).
 * ``graphs`` (:mod:`remedi.decoding.graphs`): the same algorithm on static buffers -- one fixed-size KV
   cache over the whole sequence, the block's position, schedule, EOS gate and finished rows as device
   tensors, a sort-free ranking -- so that no step of a block synchronises with the host, and on a CUDA
@@ -85,7 +85,7 @@ from typing import Optional, Sequence
 import torch
 
 from remedi.model.loading import SpecialIds
-from remedi.model.llada import KVCache
+from remedi.model.kv_cache import EagerUpdateCache, KVCache
 
 STRATEGIES = ("llada_low_confidence", "llada_random", "ups", "tps_prob", "margin", "entropy", "random")
 LLADA_STRATEGIES = ("llada_low_confidence", "llada_random")
@@ -242,25 +242,11 @@ def layout_batch(prompts: Sequence[Sequence[int]], gen_length: int, ids: Special
 def new_cache(cfg: SamplerConfig) -> Optional[KVCache]:
     """A fresh KV cache for one block (None for ``cache="none"``).
 
-    With ``compile`` the cache's update runs outside the compiled graphs (see :class:`_EagerUpdateCache`).
+    With ``compile`` the cache's update runs outside the compiled graphs (see :class:`~remedi.model.kv_cache.EagerUpdateCache`).
     """
     if cfg.cache == "none":
         return None
-    return _EagerUpdateCache() if cfg.compile else KVCache()
-
-
-class _EagerUpdateCache(KVCache):
-    """KVCache whose update is never traced by torch.compile.
-
-    Traced, the update's dictionary lookups and ``layer`` / ``start`` integers become guards, so every
-    layer and every block start compiles anew until dynamo's recompile limit sends the rest to eager
-    (measured on CPU with the tiny config). Left out of the graph, together with
-    ``allow_unspec_int_on_nn_module`` (see :func:`_compile_context`), the blocks compile a handful of times.
-    """
-
-    @torch.compiler.disable
-    def update(self, layer, start, k, v):
-        return super().update(layer, start, k, v)
+    return EagerUpdateCache() if cfg.compile else KVCache()
 
 
 def block_forward(model, x: torch.Tensor, attn: Optional[torch.Tensor], lo: int, hi: int, prompt_end: int,

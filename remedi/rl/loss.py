@@ -34,31 +34,9 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from remedi.model.block_causal import block_causal_forward, block_causal_mask, prefix_mask
-from remedi.model.llada import KVCache
+from remedi.model.kv_cache import PrefixCache
 from remedi.rl.policy import grpo_loss, plackett_luce_logprob, token_logprob
 from remedi.rl.rollout import RolloutBatch, RolloutConfig, policy_logits
-
-
-class PrefixCache(KVCache):
-    """Keys/values of the fixed [prompt | final response] half, computed once per rollout batch.
-
-    After :func:`clean_prefix_cache` fills it, a forward over the noisy half (start = P + G) attends to the
-    stored prefix and to itself, and the prefix is never overwritten, so the S step passes share it. Valid
-    only when no trainable parameter acts on the backbone's keys/values: a head UPS on a frozen backbone
-    (the stream and LoRA change them, so their passes run the whole layout).
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.frozen = False
-
-    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
-        if not self.frozen:
-            return super().update(layer, start, k, v)
-        T = self.k[layer].shape[2]
-        if start != T:
-            raise RuntimeError(f"PrefixCache: a forward at {start} does not follow the {T} cached positions")
-        return torch.cat([self.k[layer], k], dim=2), torch.cat([self.v[layer], v], dim=2)
 
 
 @torch.no_grad()

@@ -46,7 +46,7 @@ import torch
 
 from remedi.decoding.sampler import BlockCounts, layout_batch, unmask_schedule
 from remedi.model.block_causal import prefix_mask
-from remedi.model.llada import KVCache
+from remedi.model.kv_cache import GrowingKVCache
 from remedi.model.loading import SpecialIds
 from remedi.rl.policy import (order_to_mask, plackett_luce_logprob, sample_plackett_luce, sample_tokens,
                               token_logprob)
@@ -150,29 +150,6 @@ def pl_entropy(scores: torch.Tensor, temperature: float) -> torch.Tensor:
     """(B,) entropy of softmax(scores / T) over the last dim (the first PL draw's distribution)."""
     logq = torch.log_softmax(scores.float() / temperature, dim=-1)
     return -(logq.exp() * logq).sum(-1)
-
-
-class GrowingKVCache(KVCache):
-    """A KVCache that grows: a forward over [start, start + L) past the cached length appends.
-
-    Block-wise decoding keeps exactly [prompt | finished blocks | current block] in the cache, so
-    attending to every cached key is the block-causal view with no 4-D mask (key padding only).
-    """
-
-    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
-        if layer not in self.k:  # the first forward through the cache: as KVCache
-            return super().update(layer, start, k, v)
-        ck, cv = self.k[layer], self.v[layer]
-        T, end = ck.shape[2], start + k.shape[2]
-        if start > T:
-            raise RuntimeError(f"GrowingKVCache: a forward at {start} would leave a gap after {T} cached positions")
-        if end > T:
-            self.k[layer] = torch.cat([ck[:, :, :start], k], dim=2)
-            self.v[layer] = torch.cat([cv[:, :, :start], v], dim=2)
-            return self.k[layer], self.v[layer]
-        ck[:, :, start:end] = k
-        cv[:, :, start:end] = v
-        return ck, cv
 
 
 def _model_device(model) -> torch.device:
