@@ -53,28 +53,11 @@ import torch
 from remedi.model.kv_cache import StaticKVCache
 from remedi.model.llada import RemeDiLM, rope_tables
 from remedi.model.loading import SpecialIds
-from remedi.decoding.sampler import (RANDOM_STRATEGIES, SamplerConfig, StepOut, decide, gumbel_argmax,
-                                     prepare_logits, unmask_schedule)
+from remedi.decoding.step import (RANDOM_STRATEGIES, SamplerConfig, StepOut, decide, gumbel_argmax,  # noqa: F401
+                                  prepare_logits, rank_select, unmask_schedule)  # rank_select: re-exported
 
 MAX_DECODERS = 3  # static decoders (buffers + graphs) kept per model, least recently used evicted
 WARMUP = 2  # eager runs of a step before its capture (compilation, cuBLAS/Triton initialisation)
-
-
-# ------------------------------------------------------------------------------------------- ranking
-def rank_select(scores: torch.Tensor, eligible: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Bool (B, Lb): the k[b] highest-scoring eligible positions, exactly :func:`select_top_k`'s choice.
-
-    Without sorting: position i's rank is the number of positions ordered before it -- eligible ones
-    first, then higher score, then (ties) the earlier position -- from one (B, Lb, Lb) comparison.
-    """
-    L = scores.shape[1]
-    s = torch.where(eligible, scores, torch.full_like(scores, -torch.inf))
-    si, sj = s[:, :, None], s[:, None, :]  # (B, L, 1), (B, 1, L): i's row compares against every j
-    ei, ej = eligible[:, :, None], eligible[:, None, :]
-    idx = torch.arange(L, device=scores.device)
-    earlier = idx[None, :] < idx[:, None]  # (L, L): j < i
-    before = (ej & ~ei) | ((ej == ei) & ((sj > si) | ((sj == si) & earlier)))  # (B, L, L): j ranks before i
-    return (before.sum(-1) < k[:, None]) & eligible
 
 
 # -------------------------------------------------------------------------------------- the forward
