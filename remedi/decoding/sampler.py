@@ -89,7 +89,7 @@ from remedi.decoding.step import (  # noqa: F401  (re-exported: the sampler's pu
     STRATEGIES, LLADA_STRATEGIES, REMASK_STRATEGIES, RANDOM_STRATEGIES, CACHE_MODES, BlockCounts, SamplerConfig,
     StepOut, transfer_counts, unmask_schedule, layout_batch, new_cache, block_forward, prepare_logits,
     draw_candidates, gumbel_argmax, draw_uniform, eos_eot_candidates, position_scores, select_top_k,
-    threshold_confidence, threshold_step, decide)
+    threshold_confidence, threshold_step, decide, LAYOUTS, PolicyRule, policy_decide, prefill_prompt, commit_block)
 from remedi.model.loading import SpecialIds
 
 
@@ -164,19 +164,55 @@ def generate(model, prompts: list[list[int]], cfg: SamplerConfig, ids: SpecialId
 
 
 def _generate(model, prompts, cfg: SamplerConfig, ids: SpecialIds, generators) -> list[Generation]:
-    """The block loop, shared by the two decoders: :class:`EagerDecoder` (the reference step) and, with
-    ``graphs``, :class:`remedi.decoding.graphs.StaticDecoder`. The loop keeps the host's bookkeeping
-    (active rows, NFE, trajectories); the decoders own the tensors. The loop itself reads device values
-    only through ``still_running`` (threshold decoding, once a step), ``end_block`` with eos_gating (once
-    a block), the trajectory record and ``finish``; the static decoder reads none anywhere else."""
+    """The eval sampler: :func:`decode_blocks` with the eval rule, its rows cut into :class:`Generation`."""
     t0 = time.perf_counter()
+    B = len(prompts)
+    run = decode_blocks(model, prompts, cfg, ids, generators)
+    rows, per_block = run.decoder.finish()
+    remasks = [[] for _ in range(B)]
+    for blk_rows, counts in zip(run.block_rows, per_block):
+        for j, b in enumerate(blk_rows):
+            remasks[b].append(counts[j])
+    seconds = (time.perf_counter() - t0) / B
+    return [Generation(tokens=cut_at_eos(rows[b], ids.eos), nfe=run.nfe[b], remasks=sum(remasks[b]),
+                       remasks_per_block=remasks[b], seconds=seconds,
+                       trajectory=None if run.traj is None else run.traj[b]) for b in range(B)]
+
+
+@dataclass
+class BlockRun:
+    """What :func:`decode_blocks` leaves: the decoder (its final state: ``finish()``, ``x``) and the host's
+    bookkeeping (NFE per row, the rows of each computed block, trajectories), P the prompt length."""
+
+    decoder: object
+    nfe: list
+    block_rows: list
+    traj: Optional[list]
+    P: int
+
+
+def decode_blocks(model, prompts, cfg: SamplerConfig, ids: SpecialIds, generators,
+                  rule: Optional[PolicyRule] = None, on_step=None) -> BlockRun:
+    """The block loop, shared by the two decoders, the eval sampler and Remask RL rollouts.
+
+    Decoders: :class:`EagerDecoder` (the reference step) and, with ``graphs``,
+    :class:`remedi.decoding.graphs.StaticDecoder`. The selection rule is the eval rule (:func:`decide`)
+    unless ``rule`` is a :class:`PolicyRule` (:func:`policy_decide`; step schedule only, no eos_gating).
+    ``on_step(blk, n, out)`` is called after every step with its :class:`StepOut` (a rollout's recorder).
+    The loop keeps the host's bookkeeping (active rows, NFE, trajectories); the decoders own the tensors.
+    The loop itself reads device values only through ``still_running`` (threshold decoding, once a step),
+    ``end_block`` with eos_gating (once a block), the trajectory record and ``finish``; the static decoder
+    reads none anywhere else. Call it under ``torch.inference_mode()`` or ``torch.no_grad()``.
+    """
     device = next(model.parameters()).device
     B, Lb, G = len(prompts), cfg.block_length, cfg.gen_length
+    if rule is not None and (cfg.threshold is not None or cfg.eos_gating or cfg.cfg_scale > 0):
+        raise ValueError("a PolicyRule runs the step schedule only: no threshold, eos_gating or cfg_scale")
     x, attn, P = layout_batch(prompts, G, ids, device)
     if cfg.graphs:
-        dec = graphs.static_decoder(model, cfg, ids, x, attn, P)
+        dec = graphs.static_decoder(model, cfg, ids, x, attn, P, rule)
     else:
-        dec = EagerDecoder(model, cfg, ids, x, attn, P)
+        dec = EagerDecoder(model, cfg, ids, x, attn, P, rule)
     nfe_per_step = 2 if cfg.cfg_scale > 0 else 1
     nfe = [0] * B
     rstep = [0] * B  # steps each row has taken (its trajectory's step index)
@@ -197,6 +233,8 @@ def _generate(model, prompts, cfg: SamplerConfig, ids: SpecialIds, generators) -
         while n < (Lb if thresh else cfg.steps_per_block) and any(running):
             full = n == 0 or (cfg.cache_refresh > 0 and n % cfg.cache_refresh == 0)
             out = dec.step(n, full, [g if r else None for g, r in zip(gens, running)], running)
+            if on_step is not None:
+                on_step(blk, n, out)
             rows = [(j, b) for j, b in enumerate(active) if running[j]]
             if traj is not None:
                 ranked = torch.ones_like(out.masked) if cfg.remasks else out.masked
@@ -213,15 +251,7 @@ def _generate(model, prompts, cfg: SamplerConfig, ids: SpecialIds, generators) -
         done = dec.end_block(cfg.eos_gating)
         if cfg.eos_gating:
             active = [b for j, b in enumerate(active) if not done[j]]
-    rows, per_block = dec.finish()
-    remasks = [[] for _ in range(B)]
-    for blk_rows, counts in zip(block_rows, per_block):
-        for j, b in enumerate(blk_rows):
-            remasks[b].append(counts[j])
-    seconds = (time.perf_counter() - t0) / B
-    return [Generation(tokens=cut_at_eos(rows[b], ids.eos), nfe=nfe[b], remasks=sum(remasks[b]),
-                       remasks_per_block=remasks[b], seconds=seconds,
-                       trajectory=None if traj is None else traj[b]) for b in range(B)]
+    return BlockRun(dec, nfe, block_rows, traj, P)
 
 
 class EagerDecoder:
@@ -233,8 +263,11 @@ class EagerDecoder:
     """
 
     def __init__(self, model, cfg: SamplerConfig, ids: SpecialIds, x: torch.Tensor,
-                 attn: Optional[torch.Tensor], P: int):
+                 attn: Optional[torch.Tensor], P: int, rule: Optional[PolicyRule] = None):
         self.model, self.cfg, self.ids, self.x, self.attn, self.P = model, cfg, ids, x, attn, P
+        self.rule = rule
+        self.causal = cfg.layout == "block_causal"
+        self.forwards = 0  # model forwards (steps, and the block-causal cache's prefill and commits)
         self.device = x.device
         self.K = torch.tensor(unmask_schedule(cfg.block_length, cfg.steps_per_block), device=self.device)
         self.log: list[torch.Tensor] = []  # per computed block: its active rows' remask counts
@@ -246,15 +279,32 @@ class EagerDecoder:
         self.aa = None if self.attn is None else self.attn[self.idx]
         self.counts = None if self.cfg.threshold is not None else \
             transfer_counts((self.xa[:, lo:hi] == self.ids.mask).sum(1), self.cfg.steps_per_block)  # (A, s)
-        self.cache = new_cache(self.cfg)
+        if not self.causal or blk == 0:  # the block-causal cache lives across blocks (no eos_gating there)
+            self.cache = new_cache(self.cfg)
+            if self.causal and self.cache is not None:
+                prefill_prompt(self.model, self.xa, self.aa, self.P, self.cache)
+                self.forwards += 1
         self.blk_remasks = torch.zeros(len(active), dtype=torch.long, device=self.device)
 
     def step(self, n: int, full: bool, step_gens, running: list[bool]) -> StepOut:
         cfg, ids, lo, hi = self.cfg, self.ids, self.lo, self.hi
         A = len(self.active)
-        logits, ups = block_forward(self.model, self.xa, self.aa, lo, hi, self.P, cfg, ids.mask, self.cache, full)
+        logits, ups, hidden = block_forward(self.model, self.xa, self.aa, lo, hi, self.P, cfg, ids.mask, self.cache,
+                                            full, with_hidden=True)
+        self.forwards += 1
         logits = prepare_logits(logits, cfg, ids)
         cur = self.xa[:, lo:hi]
+        if self.rule is not None:
+            if ups is None:
+                raise ValueError("the model has no UPS: a rollout ranks positions by UPS logits (pass --ups_head)")
+            V = logits.shape[-1]
+            noise = {name: torch.stack([torch.rand(shape, generator=g, dtype=dt, device=g.device) for g in step_gens])
+                     .to(self.device) for name, shape, dt in self.rule.draws(cfg.block_length, V)}
+            out = policy_decide(self.rule, ids, logits, ups, cur.clone(), noise, self.K[n].expand(A), hidden)  # state kept
+            self.xa[:, lo:hi] = out.new
+            self.blk_remasks += out.remasked.sum(1)
+            self.new = out.new
+            return out
         x0 = draw_candidates(logits, cfg.temperature, step_gens)
         rand = draw_uniform(A, cfg.block_length, step_gens, self.device) if cfg.strategy in RANDOM_STRATEGIES \
             else None
@@ -263,7 +313,7 @@ class EagerDecoder:
         else:
             k = self.K[n].expand(A) if cfg.remasks else self.counts[:, n]
         run = None if all(running) else torch.tensor(running, device=self.device)[:, None]  # finished rows stay
-        new, masked, remasked, score = decide(cfg, ids, logits, ups, cur, x0, rand, k, run)
+        new, masked, remasked, score = decide(cfg, ids, logits, ups, cur, x0, rand, k, run, hidden=hidden)
         self.xa[:, lo:hi] = new
         self.blk_remasks += remasked.sum(1)
         self.new = new
@@ -282,6 +332,9 @@ class EagerDecoder:
         """Write the block back; with eos_gating, which active rows hold EOS (the rest is not computed)."""
         self.x[self.idx] = self.xa
         self.log.append(self.blk_remasks)
+        if self.causal and self.cache is not None and self.hi < self.x.shape[1]:
+            commit_block(self.model, self.xa, self.aa, self.lo, self.hi, self.cache)  # the finished block's keys
+            self.forwards += 1
         if not eos_gating:
             return None
         done = (self.xa[:, self.lo:self.hi] == self.ids.eos).any(1).tolist()

@@ -19,7 +19,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from remedi.model.kv_cache import EagerUpdateCache, KVCache
+from remedi.model.block_causal import prefix_mask
+from remedi.model.kv_cache import EagerUpdateCache, GrowingKVCache, KVCache
 from remedi.model.loading import SpecialIds
 
 STRATEGIES = ("llada_low_confidence", "llada_random", "ups", "tps_prob", "margin", "entropy", "random")
@@ -27,6 +28,7 @@ LLADA_STRATEGIES = ("llada_low_confidence", "llada_random")
 REMASK_STRATEGIES = ("ups", "tps_prob", "margin", "entropy", "random")
 RANDOM_STRATEGIES = ("llada_random", "random")
 CACHE_MODES = ("none", "prefix", "dual")
+LAYOUTS = ("bidirectional", "block_causal")
 
 
 class BlockCounts:
@@ -60,6 +62,9 @@ class SamplerConfig(BlockCounts):
     compile: bool = False  # torch.compile the transformer blocks (in place, once per model)
     graphs: bool = False  # static-buffer step, no host sync inside a block, CUDA graphs (remedi.decoding.graphs)
     graph_capture: bool = True  # with graphs on a CUDA device: capture/replay CUDA graphs (False: run it eagerly)
+    # what block j sees: the whole sequence (LLaDA's sampler) or only [prompt | blocks 0..j] (RemeDi's RL view;
+    # cache "prefix" is then exact: the prompt once, then block-only steps and one commit forward per block)
+    layout: str = "bidirectional"
 
     @property
     def remasks(self) -> bool:
@@ -109,6 +114,15 @@ class SamplerConfig(BlockCounts):
             if not 0.0 < self.remask_threshold <= self.threshold:
                 raise ValueError(f"--remask_threshold must be in (0, --threshold] = (0, {self.threshold}], got "
                                  f"{self.remask_threshold}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout {self.layout!r}: choose one of {', '.join(LAYOUTS)}")
+        if self.layout == "block_causal":
+            bad = [name for name, on in (("--cache dual", self.cache == "dual"), ("--cache_refresh", self.cache_refresh),
+                                         ("--cfg_scale", self.cfg_scale > 0), ("--threshold", self.threshold is not None),
+                                         ("--eos_gating", self.eos_gating), ("--compile", self.compile)) if on]
+            if bad:
+                raise ValueError(f"the block_causal layout runs the step schedule with cache none or prefix only; "
+                                 f"drop {', '.join(bad)}")
         if has_ups is False and self.strategy == "ups":
             raise ValueError("source 'ups' needs a UPS: pass --ups_head CHECKPOINT (or a model with a UPS "
                              "stream), or choose another source (tps_prob, margin, entropy, random, llada_*)")
@@ -157,12 +171,18 @@ def new_cache(cfg: SamplerConfig) -> Optional[KVCache]:
     """
     if cfg.cache == "none":
         return None
+    if cfg.layout == "block_causal":
+        return GrowingKVCache()  # [prompt | finished blocks | block], kept across blocks
     return EagerUpdateCache() if cfg.compile else KVCache()
 
 
 def block_forward(model, x: torch.Tensor, attn: Optional[torch.Tensor], lo: int, hi: int, prompt_end: int,
-                  cfg: SamplerConfig, mask_id: int, cache: Optional[KVCache] = None, full: bool = True):
-    """Logits (B, hi-lo, V) float32 (CFG applied) and UPS logits (B, hi-lo) or None for block [lo, hi).
+                  cfg: SamplerConfig, mask_id: int, cache: Optional[KVCache] = None, full: bool = True,
+                  with_hidden: bool = False):
+    """Logits (B, hi-lo, V) float32 (CFG applied) and UPS logits (B, hi-lo) or None for block [lo, hi);
+    with ``with_hidden`` also the block's final hidden states (B, hi-lo, d) (after ln_f; conditional rows).
+
+    The ``block_causal`` layout is :func:`block_causal_forward`. Otherwise (bidirectional):
 
     The LM head runs only on the block (``out_slice``). Without a cache, or with ``full``, the whole
     sequence is computed (a full forward also refills ``cache``). Otherwise only ``x[:, lo:]`` (prefix
@@ -171,6 +191,9 @@ def block_forward(model, x: torch.Tensor, attn: Optional[torch.Tensor], lo: int,
     forward and one cache; the unconditional copy differs only in the prompt, which a partial forward
     never covers.
     """
+    if cfg.layout == "block_causal":
+        out = block_causal_forward(model, x, attn, lo, hi, prompt_end, cfg.block_length, cache)
+        return (out.logits.float(), out.ups_logits) + ((out.hidden,) if with_hidden else ())
     if cache is None or full:
         start, inp, out_slice = 0, x, slice(lo, hi)
     elif cfg.cache == "prefix":
@@ -188,10 +211,36 @@ def block_forward(model, x: torch.Tensor, attn: Optional[torch.Tensor], lo: int,
         cond, unc = out.logits.float().chunk(2, 0)
         logits = unc + (cfg.cfg_scale + 1) * (cond - unc)
         ups = None if out.ups_logits is None else out.ups_logits.chunk(2, 0)[0]
+        hidden = out.hidden.chunk(2, 0)[0]
     else:
         out = model(inp, attn, **kw)
-        logits, ups = out.logits.float(), out.ups_logits
-    return logits, ups
+        logits, ups, hidden = out.logits.float(), out.ups_logits, out.hidden
+    return (logits, ups, hidden) if with_hidden else (logits, ups)
+
+
+def block_causal_forward(model, x: torch.Tensor, attn: Optional[torch.Tensor], lo: int, hi: int, prompt_end: int,
+                         block_length: int, cache: Optional[KVCache]):
+    """Block [lo, hi) seeing only [prompt | blocks before it | itself] (:mod:`remedi.model.block_causal`).
+
+    With a :class:`~remedi.model.kv_cache.GrowingKVCache` holding [prompt | finished blocks] (see
+    :func:`prefill_prompt` and :func:`commit_block`) only the block is computed; without a cache
+    [prompt | blocks 0..j] is recomputed under the block-causal prefix mask. The same numbers up to rounding.
+    """
+    if cache is not None:
+        return model(x[:, lo:hi], None if attn is None else attn[:, :hi], cache=cache, start=lo)
+    pm = None if attn is None else attn[:, :prompt_end].bool()
+    mask = prefix_mask(prompt_end, hi - prompt_end, block_length, pm, batch_size=x.shape[0], device=x.device)
+    return model(x[:, :hi], mask, out_slice=slice(lo, hi))
+
+
+def prefill_prompt(model, x: torch.Tensor, attn: Optional[torch.Tensor], prompt_end: int, cache: KVCache) -> None:
+    """The block-causal cache's first forward: the prompt alone (it sees only itself)."""
+    model(x[:, :prompt_end], None if attn is None else attn[:, :prompt_end], cache=cache, compute_logits=False)
+
+
+def commit_block(model, x: torch.Tensor, attn: Optional[torch.Tensor], lo: int, hi: int, cache: KVCache) -> None:
+    """Write a finished block's keys/values in its final state (what the loss layout's clean half computes)."""
+    model(x[:, lo:hi], None if attn is None else attn[:, :hi], cache=cache, start=lo, compute_logits=False)
 
 
 def prepare_logits(logits: torch.Tensor, cfg: SamplerConfig, ids: SpecialIds) -> torch.Tensor:
@@ -323,8 +372,11 @@ def threshold_step(cfg: SamplerConfig, score: torch.Tensor, masked: torch.Tensor
 
 def decide(cfg: SamplerConfig, ids: SpecialIds, logits: torch.Tensor, ups: Optional[torch.Tensor],
            cur: torch.Tensor, x0: torch.Tensor, rand: Optional[torch.Tensor], k: Optional[torch.Tensor],
-           run: Optional[torch.Tensor], select=None):
+           run: Optional[torch.Tensor], select=None, hidden: Optional[torch.Tensor] = None):
     """One step's decision for the block ``cur`` (B, Lb): (new block, masked, remasked, score).
+
+    hidden: the block's final hidden states (B, Lb, d), given by every decoder, for a scoring hook that
+    adds a learned term to :func:`position_scores` (unused by the built-in strategies).
 
     logits (B, Lb, V) prepared; x0 (B, Lb) the candidates; k (B,) the positions to keep (remask
     strategies: K_n) or to commit (LLaDA's: the step's counts), unused by threshold decoding; run (B, 1)
@@ -362,5 +414,119 @@ class StepOut:
     new: torch.Tensor  # (R, Lb) the block after the step
     remasked: torch.Tensor  # (R, Lb) bool
     score: torch.Tensor  # (R, Lb) float64
+    record: Optional[dict] = None  # a PolicyRule step: what the RL loss needs (see policy_decide)
 
 
+
+
+# ------------------------------------------------------------------------- the rollout selection rule
+TOKEN_RULES = ("sample", "greedy")
+POSITION_RULES = ("plackett_luce", "top_k")
+
+
+@dataclass(frozen=True)
+class PolicyRule:
+    """The Remask RL selection rule (RemeDi Eq. 8), used by the decoders instead of the eval rule.
+
+    tokens: ``sample`` -- x_hat ~ softmax(logits / token_temperature) at masked positions (Gumbel-max);
+    ``greedy`` -- the argmax, so only the positions are stochastic (tokens are then no action of the policy).
+    positions: ``plackett_luce`` -- the K_n kept positions are an ordered PL draw without replacement over
+    z = h / position_temperature (h the UPS logits; Gumbel-top-k); ``top_k`` -- the zero-temperature rule,
+    the K_n largest h (ties: the earlier position), i.e. the eval sampler's ``ups`` choice.
+    record_hidden: also record the block's hidden states per step (features for a frozen-backbone loss).
+
+    Random numbers, per step and row, from the row's generator: token uniforms (Lb, V) float32 when
+    sampling tokens, then PL uniforms (Lb,) float32 with ``plackett_luce`` (Gumbel noise -log(-log u)).
+    """
+
+    tokens: str = "sample"
+    token_temperature: float = 1.0
+    positions: str = "plackett_luce"
+    position_temperature: float = 1.0
+    record_hidden: bool = False
+
+    def draws(self, Lb: int, V: int) -> list:
+        """(name, shape, dtype) of the uniforms a step draws per row, in drawing order."""
+        out = []
+        if self.tokens == "sample":
+            out.append(("tok", (Lb, V), torch.float32))
+        if self.positions == "plackett_luce":
+            out.append(("pos", (Lb,), torch.float32))
+        return out
+
+
+def gumbel_noise(u: torch.Tensor) -> torch.Tensor:
+    """Standard Gumbel noise -log(-log u) from uniforms in [0, 1) (0 clamped to the smallest normal)."""
+    return -torch.log(-torch.log(u.clamp(min=torch.finfo(u.dtype).tiny)))
+
+
+def pl_logprob_sorted(z: torch.Tensor, order: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """(B,) log-prob of the first k[b] entries of ``order`` (B, L), a full permutation of the positions,
+    as ordered draws without replacement from PL(softmax(z)) over all L positions.
+
+    The positions left before draw i are exactly order[i:], so each normaliser is a suffix log-sum-exp:
+    one reversed ``logcumsumexp`` instead of k sequential ones (no host sync; used inside CUDA graphs).
+    Equals :func:`remedi.rl.policy.plackett_luce_logprob` up to float rounding (tested).
+    """
+    zs = z.gather(1, order)  # (B, L)
+    lse = torch.logcumsumexp(zs.flip(1), 1).flip(1)  # (B, L): logsumexp of order[i:]
+    take = torch.arange(z.shape[1], device=z.device)[None, :] < k[:, None]
+    return torch.where(take, zs - lse, torch.zeros_like(zs)).sum(1)
+
+
+def pl_entropy(scores: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(B,) entropy of softmax(scores / T) over the last dim (the first PL draw's distribution)."""
+    logq = torch.log_softmax(scores.float() / temperature, dim=-1)
+    return -(logq.exp() * logq).sum(-1)
+
+
+def policy_decide(rule: PolicyRule, ids: SpecialIds, logits: torch.Tensor, ups: torch.Tensor, cur: torch.Tensor,
+                  noise: dict, k: torch.Tensor, hidden: Optional[torch.Tensor] = None) -> StepOut:
+    """One rollout step for the block ``cur`` (B, Lb) under ``rule``: the next block and the step's record.
+
+    logits (B, Lb, V) prepared (mask token at -inf); ups (B, Lb) the UPS logits h, the scores the positions
+    are ranked by (a scoring hook adds its learned term to h here; ``hidden`` (B, Lb, d) is the block's
+    final hidden state); noise: the uniforms of :meth:`PolicyRule.draws` by name, (B, ...) each; k (B,)
+    the positions kept after the step (K_n). Pure tensor code (no host sync): the static decoder captures
+    it in its CUDA graphs.
+
+    record: ``state`` x_t, ``tokens`` x_hat (sampled at masked positions, copied elsewhere), ``order``
+    (B, Lb) the kept positions in draw order then -1, ``new_mask`` newly unmasked (kept and masked before),
+    ``tok_logp`` log softmax(logits / T_tok)[x_hat] on new_mask (0 elsewhere; 0 for greedy tokens),
+    ``pl_logp`` log pi_pos(order | x_t) (0 for top_k), ``pl_entropy`` (0 for top_k), ``ups`` h, and
+    ``hidden`` with ``record_hidden``.
+    """
+    B, Lb = cur.shape
+    masked = cur == ids.mask
+    if rule.tokens == "sample":
+        z_tok = logits.float() / rule.token_temperature
+        x0 = (z_tok + gumbel_noise(noise["tok"])).argmax(-1)
+    else:
+        x0 = logits.argmax(-1)
+    tok = torch.where(masked, x0, cur)
+    h = ups.float()
+    if rule.positions == "plackett_luce":
+        z = h / rule.position_temperature
+        keys = z + gumbel_noise(noise["pos"])
+    else:
+        z, keys = h, h
+    order = torch.sort(keys, dim=1, descending=True, stable=True).indices  # (B, Lb), ties: earlier position
+    take = torch.arange(Lb, device=cur.device)[None, :] < k[:, None]  # (B, Lb): the first K_n of the order
+    keep = torch.zeros_like(masked).scatter(1, order, take)
+    new = torch.where(keep, tok, torch.full_like(cur, ids.mask))
+    remasked = ~masked & ~keep
+    fresh = keep & masked
+    zero = torch.zeros(B, dtype=torch.float32, device=cur.device)
+    if rule.tokens == "sample":
+        lp = torch.log_softmax(z_tok, -1).gather(-1, tok[..., None]).squeeze(-1)
+        tok_logp = torch.where(fresh, lp, torch.zeros_like(lp))
+    else:
+        tok_logp = torch.zeros(B, Lb, dtype=torch.float32, device=cur.device)
+    stochastic = rule.positions == "plackett_luce"
+    record = {"state": cur, "tokens": tok, "order": torch.where(take, order, torch.full_like(order, -1)),
+              "new_mask": fresh, "tok_logp": tok_logp, "ups": h,
+              "pl_logp": pl_logprob_sorted(z, order, k) if stochastic else zero,
+              "pl_entropy": pl_entropy(h, rule.position_temperature) if stochastic else zero}
+    if rule.record_hidden and hidden is not None:
+        record["hidden"] = hidden
+    return StepOut(masked, new, remasked, h.double(), record)
