@@ -42,6 +42,16 @@ class BlockCounts:
     def steps_per_block(self) -> int:
         return self.steps // self.num_blocks
 
+    def check_lengths(self) -> None:
+        """ValueError unless steps, gen_length and block_length are positive integers and blocks tile gen_length."""
+        for name in ("steps", "gen_length", "block_length"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"--{name} must be a positive integer, got {v!r}")
+        if self.gen_length % self.block_length:
+            raise ValueError(f"--block_length {self.block_length} must divide --gen_length {self.gen_length} "
+                             f"(e.g. --block_length {_largest_divisor_at_most(self.gen_length, self.block_length)})")
+
 
 @dataclass
 class SamplerConfig(BlockCounts):
@@ -81,13 +91,7 @@ class SamplerConfig(BlockCounts):
         """
         if self.strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy/source {self.strategy!r}; choose from {', '.join(STRATEGIES)}")
-        for name in ("steps", "gen_length", "block_length"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"--{name} must be a positive integer, got {v!r}")
-        if self.gen_length % self.block_length:
-            raise ValueError(f"--block_length {self.block_length} must divide --gen_length {self.gen_length} "
-                             f"(e.g. --block_length {_largest_divisor_at_most(self.gen_length, self.block_length)})")
+        self.check_lengths()
         if self.steps % self.num_blocks and self.threshold is None:
             raise ValueError(f"--steps {self.steps} must be divisible by the number of blocks "
                              f"{self.num_blocks} (= --gen_length / --block_length); e.g. --steps "

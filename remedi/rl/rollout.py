@@ -83,12 +83,7 @@ class RolloutConfig(BlockCounts):
         return unmask_schedule(self.block_length, self.steps_per_block)
 
     def validate(self) -> "RolloutConfig":
-        for name in ("gen_length", "block_length", "steps"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"--{name} must be a positive integer, got {v!r}")
-        if self.gen_length % self.block_length:
-            raise ValueError(f"--block_length {self.block_length} must divide --gen_length {self.gen_length}")
+        self.check_lengths()
         if self.steps % self.num_blocks:
             raise ValueError(f"--steps {self.steps} must be a multiple of the number of blocks {self.num_blocks}")
         if self.steps_per_block > self.block_length:
