@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from remedi.model.config import LLaDAConfig
+from remedi.model.kv_cache import KVCache  # noqa: F401  (re-exported: remedi.model.llada.KVCache)
 
 
 class RMSNorm(nn.Module):
@@ -71,36 +72,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     x1, x2 = x32.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
     return (x32 * cos + rotated * sin).to(x.dtype)
-
-
-class KVCache:
-    """Keys/values of every attention layer over the whole sequence, for block-wise decoding.
-
-    Layers are addressed by an integer id (backbone block i -> i, UPS stream block k -> n_layers + k).
-    A forward over positions [start, start+L) overwrites that slice and attends over all T positions:
-    a full forward refreshes everything; a block-only forward reuses the rest as it was last computed.
-    """
-
-    def __init__(self) -> None:
-        self.k: dict[int, torch.Tensor] = {}
-        self.v: dict[int, torch.Tensor] = {}
-
-    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
-        if layer not in self.k:
-            if start != 0:
-                raise RuntimeError("KVCache: the first forward through a cache must cover the whole sequence")
-            self.k[layer], self.v[layer] = k, v
-            return k, v
-        ck, cv = self.k[layer], self.v[layer]
-        if start == 0 and k.shape[2] == ck.shape[2]:
-            self.k[layer], self.v[layer] = k, v  # full refresh: no copy
-            return k, v
-        ck[:, :, start:start + k.shape[2]] = k
-        cv[:, :, start:start + v.shape[2]] = v
-        return ck, cv
-
-    def __len__(self) -> int:
-        return len(self.k)
 
 
 class LLaDABlock(nn.Module):
