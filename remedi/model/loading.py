@@ -19,9 +19,10 @@ from remedi.model.llada import RemeDiLM
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-# The embedded default model shipped in checkpoints/ (see Local_RUN.md); every script falls back to it.
-EMBEDDED_MODEL = REPO_ROOT / "checkpoints" / "remedi-tiny-gsm"
+REPO_ROOT = Path(__file__).resolve().parents[2]  # the checkout (absent for an installed wheel: do not rely on it)
+# The embedded default model (see Local_RUN.md), package data of remedi so an installed wheel has it too; every
+# script falls back to it. checkpoints/remedi-tiny-gsm in a checkout is a symlink to this folder.
+EMBEDDED_MODEL = Path(__file__).resolve().parents[1] / "embedded" / "remedi-tiny-gsm"
 
 MASK_TOKEN, EOS_TOKEN, EOT_TOKEN, BOS_TOKEN = "<|mdm_mask|>", "<|endoftext|>", "<|eot_id|>", "<|startoftext|>"
 
