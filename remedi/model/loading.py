@@ -225,7 +225,8 @@ def load_lora(inner: torch.nn.Module, lora_path: str | os.PathLike, is_trainable
 
     plan = plan or lora_plan(lora_path, inner.config)
     fields = set(getattr(LoraConfig, "__dataclass_fields__", {}))
-    conf = {k: v for k, v in plan.config.items() if k in fields and k not in ("auto_mapping", "peft_type")}
+    drop = ("auto_mapping", "peft_type", "base_model_name_or_path")  # peft would rename the last with a warning
+    conf = {k: v for k, v in plan.config.items() if k in fields and k not in drop}
     if plan.layout != "native":  # the hub names do not match here: target exactly the modules in the file
         conf.update(target_modules=list(plan.modules), layers_pattern=None, layers_to_transform=None)
         for key in ("rank_pattern", "alpha_pattern"):
@@ -233,6 +234,7 @@ def load_lora(inner: torch.nn.Module, lora_path: str | os.PathLike, is_trainable
                          for p, v in (conf.get(key) or {}).items()}
     conf.update(inference_mode=not is_trainable, task_type=None)  # a bare PeftModel: LLaDAModel is no HF LM class
     pm = get_peft_model(inner, LoraConfig(**conf))
+    pm.peft_config["default"].base_model_name_or_path = plan.config.get("base_model_name_or_path")
     state = {plan.key_map[k]: v for k, v in load_file(str(plan.path / ADAPTER_WEIGHTS)).items()}
     wanted = {k for k in pm.state_dict() if ".lora_" in k}
     result = set_peft_model_state_dict(pm, state)

@@ -2,7 +2,7 @@
 
 A checkpoint ``<output_dir>/checkpoints/update-NNNNNN/`` holds the trainable tensors (float32
 safetensors), the optimiser and scheduler state (one file per process under FSDP), each process's RNG
-state, an inference-ready ``ups.pt`` (and ``lora/`` for --train ups_lora) and ``trainer_state.json``
+state, an inference-ready ``ups.safetensors`` (and ``lora/`` for --train ups_lora) and ``trainer_state.json``
 (update, world size). It is written into a temporary folder and renamed; then ``latest.json`` is
 replaced, so a crash during a save leaves the previous checkpoint as the latest. The data position and
 every rollout's random stream follow from the update index, so nothing else is needed to resume exactly.
@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 from remedi.files import atomic_path, publish_checkpoint, write_json_atomic
-from remedi.model.checkpoint import save_ups
+from remedi.model.checkpoint import UPS_FILE_NAME, save_lora, save_ups
 from remedi.model.llada import RemeDiLM, UPSHead
 from remedi.training.state import restore_optimizer_and_rng, rng_state
 
@@ -72,12 +72,13 @@ class CheckpointMixin:
         else:
             save_ups(path, self._ups_copy(full), extra_meta=self._meta(update))
 
-    def _write_lora(self, out_dir: Path, full: Optional[dict]) -> None:
+    def _write_lora(self, out_dir: Path, update: int, full: Optional[dict]) -> None:
+        base, meta = self.margs.model_name, self._meta(update)  # recorded in adapter_config.json and README.md
         if full is None:
-            self.lm.model.save_pretrained(str(out_dir))
+            save_lora(self.lm.model, out_dir, base, meta)
         else:  # peft keeps the lora_ tensors of a state dict relative to the PeftModel
             sd = {k.removeprefix("model."): v.cpu() for k, v in full.items() if "lora_" in k}
-            self.lm.model.save_pretrained(str(out_dir), state_dict=sd)
+            save_lora(self.lm.model, out_dir, base, meta, state_dict=sd)
 
     def save_checkpoint(self, update: int) -> None:
         from safetensors.torch import save_file
@@ -98,9 +99,9 @@ class CheckpointMixin:
         if self.main:
             state = {n: full[n].detach().float().contiguous().cpu() for n in self.trainable_names}
             save_file(state, str(tmp / "trainable.safetensors"))
-            self._write_ups(tmp / "ups.pt", update, full if self.fsdp else None)
+            self._write_ups(tmp / UPS_FILE_NAME, update, full if self.fsdp else None)
             if self.lora_params:
-                self._write_lora(tmp / "lora", full if self.fsdp else None)
+                self._write_lora(tmp / "lora", update, full if self.fsdp else None)
             write_json_atomic(tmp / "trainer_state.json", {"update": update, "world_size": self.world,
                                                            "optim_sharded": self.fsdp})
         acc.wait_for_everyone()
@@ -137,13 +138,13 @@ class CheckpointMixin:
         paths: dict = {}
         if not self.main:
             return paths
-        ups_path = Path(r.save_ups_head or self.out / "ups.pt")
+        ups_path = Path(r.save_ups_head or self.out / UPS_FILE_NAME)
         self._write_ups(ups_path, update, full)
         paths["ups"] = str(ups_path)
         if self.lora_params:
             lora_dir = Path(r.save_lora_dir or self.out / "lora")
             with atomic_path(lora_dir, is_dir=True) as tmp:
-                self._write_lora(tmp, full)
+                self._write_lora(tmp, update, full)
             paths["lora"] = str(lora_dir)
         for k, v in paths.items():
             log.info("saved %s: %s", k, v)

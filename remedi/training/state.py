@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from remedi.files import atomic_path, publish_checkpoint, write_json_atomic
-from remedi.model.checkpoint import save_pretrained, save_ups, versions
+from remedi.model.checkpoint import UPS_FILE_NAME, save_lora, save_pretrained, save_ups, versions
 from remedi.model.config import LLaDAConfig
 from remedi.model.llada import RemeDiLM, UPSHead
 from remedi.training.args import SCRIPT_ARGS
@@ -159,9 +159,9 @@ def save_checkpoint(parts: Parts, out: Path, step: int, pos: dict, meta: dict, k
         save_file(state, str(tmp / "trainable.safetensors"))
         if parts.lm.ups_arch is not None and not sharded:  # ready for inference (FSDP: at the end only)
             with parts.lm.without_peft() as lm:
-                save_ups(tmp / "ups.pt", lm, extra_meta=meta)
+                save_ups(tmp / UPS_FILE_NAME, lm, extra_meta=meta)
         if parts.lora:
-            parts.lm.model.save_pretrained(str(tmp / "lora"))
+            save_lora(parts.lm.model, tmp / "lora", parts.lm.name_or_path, meta)
         (tmp / "trainer_state.json").write_text(json.dumps(
             {"step": step, **pos, "world_size": acc.num_processes, "optim_sharded": sharded}, indent=2) + "\n")
     acc.wait_for_everyone()
@@ -224,7 +224,7 @@ def export(parts: Parts, *, out: Path, ups_out: Optional[str], lora_out: Optiona
         return paths
     with (contextlib.nullcontext(gathered) if gathered is not None else parts.lm.without_peft()) as lm:
         if lm.ups_arch is not None:
-            ups_path = Path(ups_out or out / "ups.pt")
+            ups_path = Path(ups_out or out / UPS_FILE_NAME)
             save_ups(ups_path, lm, extra_meta=meta)
             paths["ups"] = str(ups_path)
         if model_dir and (backbone_trained or lm.ups_arch == "stream"):
@@ -233,7 +233,7 @@ def export(parts: Parts, *, out: Path, ups_out: Optional[str], lora_out: Optiona
     if parts.lora:
         lora_dir = Path(lora_out or out / "lora")
         with atomic_path(lora_dir, is_dir=True) as tmp:
-            parts.lm.model.save_pretrained(str(tmp))
+            save_lora(parts.lm.model, tmp, parts.lm.name_or_path, meta)
         paths["lora"] = str(lora_dir)
     for k, v in paths.items():
         log.info("saved %s: %s", k, v)
