@@ -376,6 +376,9 @@ def save_lora(peft_model, out_dir: str | os.PathLike, base_model: Optional[str] 
     Writes into ``out_dir`` as is: callers that need atomicity pass a temporary folder (``atomic_path``).
     """
     out = Path(out_dir)
+    # The adapters never touch the embedding: say so, or peft ("auto") reloads the base config through
+    # transformers (LLaDAConfig has no from_pretrained) and may ask the hub whether it exists.
+    save_kwargs.setdefault("save_embedding_layers", False)
     peft_model.save_pretrained(str(out), **save_kwargs)
     conf_file = out / "adapter_config.json"
     conf = json.loads(conf_file.read_text())

@@ -72,8 +72,9 @@ class CheckpointMixin:
         else:
             save_ups(path, self._ups_copy(full), extra_meta=self._meta(update))
 
-    def _write_lora(self, out_dir: Path, update: int, full: Optional[dict]) -> None:
-        base, meta = self.margs.model_name, self._meta(update)  # recorded in adapter_config.json and README.md
+    def _write_lora(self, out_dir: Path, full: Optional[dict], update: Optional[int] = None) -> None:
+        base = self.margs.model_name  # recorded in adapter_config.json, with the run in README.md
+        meta = self._meta(update) if update is not None else {"args": self.record}
         if full is None:
             save_lora(self.lm.model, out_dir, base, meta)
         else:  # peft keeps the lora_ tensors of a state dict relative to the PeftModel
@@ -101,7 +102,7 @@ class CheckpointMixin:
             save_file(state, str(tmp / "trainable.safetensors"))
             self._write_ups(tmp / UPS_FILE_NAME, update, full if self.fsdp else None)
             if self.lora_params:
-                self._write_lora(tmp / "lora", update, full if self.fsdp else None)
+                self._write_lora(tmp / "lora", full if self.fsdp else None, update)
             write_json_atomic(tmp / "trainer_state.json", {"update": update, "world_size": self.world,
                                                            "optim_sharded": self.fsdp})
         acc.wait_for_everyone()
@@ -144,7 +145,7 @@ class CheckpointMixin:
         if self.lora_params:
             lora_dir = Path(r.save_lora_dir or self.out / "lora")
             with atomic_path(lora_dir, is_dir=True) as tmp:
-                self._write_lora(tmp, update, full)
+                self._write_lora(tmp, full, update)
             paths["lora"] = str(lora_dir)
         for k, v in paths.items():
             log.info("saved %s: %s", k, v)
