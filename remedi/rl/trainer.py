@@ -42,7 +42,8 @@ import torch
 from remedi.arguments import ModelArgs, setup_logging
 from remedi.files import append_jsonl, atomic_path, check_writable, read_jsonl, write_json_atomic
 from remedi.model.checkpoint import load_pretrained, load_ups, versions
-from remedi.model.loading import LORA_AUTO_TARGET, load_tokenizer, pick_dtype, preflight, resolve_special_ids
+from remedi.model.loading import (LORA_AUTO_TARGET, load_lora, load_tokenizer, pick_dtype, preflight,
+                                  resolve_special_ids)
 from remedi.rl.args import RLArgs, args_record, resolve_defaults
 from remedi.rl.checkpoints import CheckpointMixin, latest_checkpoint
 from remedi.rl.data import load_items
@@ -192,9 +193,7 @@ class RLTrainer(CheckpointMixin):
         lm = load_pretrained(self.model_dir, dtype=dtype, device=dev)
         lm.name_or_path = m.model_name
         if r.lora_path and r.train == "ups":
-            from peft import PeftModel
-
-            lm.model = PeftModel.from_pretrained(lm.model, r.lora_path).merge_and_unload()
+            lm.model = load_lora(lm.model, r.lora_path).merge_and_unload()  # also hub-layout adapters
         if self.ups_meta is not None:
             load_ups(r.ups_head, lm)
         self.lm_config = lm.config  # with the stream's taps; before peft wraps lm.model
@@ -203,10 +202,10 @@ class RLTrainer(CheckpointMixin):
         for mod in lm.ups_modules():
             mod.to(torch.float32)  # float32 master weights for what trains
         if r.train == "ups_lora":
-            from peft import LoraConfig, PeftModel, get_peft_model
+            from peft import LoraConfig, get_peft_model
 
             if r.lora_path:
-                lm.model = PeftModel.from_pretrained(lm.model, r.lora_path, is_trainable=True)
+                lm.model = load_lora(lm.model, r.lora_path, is_trainable=True)
             else:
                 lm.model = get_peft_model(lm.model, LoraConfig(r=r.lora_r, lora_alpha=r.lora_alpha, lora_dropout=0.0,
                                                                target_modules=lora_target(r.lora_target), bias="none"))

@@ -235,11 +235,13 @@ class BuiltModel:
 
 def wrap_lora(inner: nn.Module, p: Plan, main: bool) -> nn.Module:
     """peft adapters on the backbone's block linears (new, or continued from --load_lora_dir)."""
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import LoraConfig, get_peft_model
+
+    from remedi.model.loading import load_lora
 
     la = p.lora
     if la.load_lora_dir:
-        pm = PeftModel.from_pretrained(inner, la.load_lora_dir, is_trainable=True)
+        pm = load_lora(inner, la.load_lora_dir, is_trainable=True)  # also hub-layout (LLaDAModelLM) adapters
         c = pm.peft_config["default"]
         if (c.r, c.lora_alpha) != (la.lora_r, la.lora_alpha) and main:
             log.warning("--load_lora_dir %s has r=%s alpha=%s: training those (not --lora_r %s --lora_alpha %s)",
