@@ -247,9 +247,9 @@ def load_lora(inner: torch.nn.Module, lora_path: str | os.PathLike, is_trainable
     if not is_trainable:
         for p in pm.parameters():
             p.requires_grad_(False)
-    if plan.layout != "native":
-        log.info("--lora_path %s: adapter in the hub LLaDAModelLM layout, mapped onto %d native modules",
-                 lora_path, len(plan.modules))
+    c = pm.peft_config["default"]
+    log.info("LoRA adapter %s loaded: %d modules, r=%s, alpha=%s%s", lora_path, len(plan.modules), c.r, c.lora_alpha,
+             " (hub LLaDAModelLM layout, mapped onto the native model)" if plan.layout != "native" else "")
     return pm
 
 
