@@ -29,7 +29,8 @@ def main(argv=None):
     ap.add_argument("--data", default="data/arith")
     ap.add_argument("--out", default="checkpoints/remedi-tiny-gsm")
     args = ap.parse_args(argv)
-    runs, out = Path(args.runs), Path(args.out)
+    # resolved: checkpoints/remedi-tiny-gsm is a link to the package copy (remedi/embedded/), which is what to replace
+    runs, out = Path(args.runs), Path(args.out).resolve()
     model = load_pretrained(runs / "model", dtype=torch.float32)
     with atomic_path(out, is_dir=True) as tmp:
         save_pretrained(model, tmp / "stage", dtype=torch.bfloat16)
@@ -40,8 +41,10 @@ def main(argv=None):
             if f.name.startswith(("tokenizer", "special_tokens")) or f.suffix == ".jinja":
                 shutil.copy2(f, tmp / f.name)
         shutil.copy2(runs / "ups_head.pt", tmp / "ups_head.pt")
+        for name in ("ups_head.md", "ups_head_lora.pt", "ups_head_lora.md"):  # the LoRA run's head, the cards
+            if (runs / name).exists():
+                shutil.copy2(runs / name, tmp / name)
         if (runs / "ups_head_lora.pt").exists():
-            shutil.copy2(runs / "ups_head_lora.pt", tmp / "ups_head_lora.pt")
             shutil.copytree(runs / "lora_joint_adapter", tmp / "lora_joint")
         (tmp / "data").mkdir()
         for split in ("validation", "test"):

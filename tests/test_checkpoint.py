@@ -299,3 +299,109 @@ def test_files_without_checksum_load_with_a_note(tmp_path, suffix, caplog, gen):
     assert any(f"{path} has no tensor checksum" in r.getMessage() for r in caplog.records)
     ids = torch.randint(0, 90, (1, 8), generator=gen)
     torch.testing.assert_close(fresh(ids).ups_logits, m(ids).ups_logits)
+
+
+# ------------------------------------------------------------------------------ shipped UPS files, formats, cards
+def _tensor_ranges(path):
+    """(start, end) byte ranges of every tensor record's data inside a torch.save archive."""
+    import zipfile
+
+    out = []
+    with zipfile.ZipFile(path) as zf, open(path, "rb") as f:
+        for info in zf.infolist():
+            if "/data/" in info.filename:
+                f.seek(info.header_offset + 26)
+                n, m = int.from_bytes(f.read(2), "little"), int.from_bytes(f.read(2), "little")
+                start = info.header_offset + 30 + n + m
+                out.append((start, start + info.file_size))
+    return out
+
+
+@pytest.mark.parametrize("name", ["ups_head.pt", "ups_head_lora.pt"])
+def test_shipped_ups_files_carry_a_checksum_that_catches_random_bit_flips(tmp_path, name):
+    from remedi.model.loading import EMBEDDED_MODEL
+
+    shipped = EMBEDDED_MODEL / name
+    state, meta = C.read_ups(shipped)
+    assert meta[C.CHECKSUM_KEY] == {k: C.tensor_sha256(v) for k, v in state.items()}  # stored, and verified
+    blob = shipped.read_bytes()
+    ranges = _tensor_ranges(shipped)
+    rng = __import__("random").Random(0)
+
+    def flipped(i, pos):
+        """A copy of the shipped file with one random bit of byte ``pos`` flipped."""
+        bad = bytearray(blob)
+        bad[pos] ^= 1 << rng.randrange(8)
+        path = tmp_path / f"flip{i}.pt"
+        path.write_bytes(bytes(bad))
+        return path
+
+    # every bit flip inside the tensors is refused (without the checksum torch.load takes nearly all of them)
+    for i in range(120):
+        start, end = ranges[rng.randrange(len(ranges))]
+        with pytest.raises(ValueError, match="corrupt|not a readable|non-finite"):
+            C.read_ups(flipped(i, rng.randrange(start, end)))
+    # anywhere in the file: either refused, or the tensors read back are exactly the shipped ones (a flip in
+    # zip padding or in a metadata string); never different weights loaded silently
+    refused = 0
+    for i in range(120):
+        pos = rng.randrange(len(blob))
+        try:
+            got, _ = C.read_ups(flipped(i, pos))
+        except ValueError:
+            refused += 1
+        else:
+            assert set(got) == set(state) and all(torch.equal(got[k], state[k]) for k in state), pos
+    assert refused > 60  # the tensor data is most of the file
+
+
+def test_reseal_adds_a_checksum_and_keeps_tensors_and_meta(tmp_path):
+    m = _ups_model("head")
+    state, meta = C.ups_state(m)
+    old = tmp_path / "old.pt"
+    torch.save({"state_dict": {k: v.detach() for k, v in state.items()}, "meta": json.dumps({"format_version": 1,
+                **meta, "base_model": "x/y", "kind": "residual"})}, old)
+    assert C.CHECKSUM_KEY not in C.read_ups_meta(old)
+    new = C.reseal_ups(old, tmp_path / "new.safetensors")  # and converts to safetensors
+    got, got_meta = C.read_ups(new)
+    assert got_meta[C.CHECKSUM_KEY] and got_meta["kind"] == "residual" and got_meta["base_model"] == "x/y"
+    assert all(torch.equal(got[k], state[k]) for k in state)
+
+
+def test_ups_save_writes_a_model_card(tmp_path):
+    m = _ups_model("head")
+    m.name_or_path = "GSAI-ML/LLaDA-8B-Base"
+    path = C.save_ups(tmp_path / "ups.safetensors", m, extra_meta={
+        "args": {"dataset": "simplescaling/s1K-1.1", "lr": 1e-4, "lambda_ups": 1.0, "script": "train_remask_sft"},
+        "train": {"step": 7, "dataset": "simplescaling/s1K-1.1"}, "results": {"gsm8k accuracy": 0.5}})
+    card = C.ups_card_path(path).read_text()
+    assert C.ups_card_path(path).name == "ups.md"
+    assert "base_model: GSAI-ML/LLaDA-8B-Base" in card and "train_remask_sft.py" in card
+    assert "| --lr | 0.0001 |" in card and "simplescaling/s1K-1.1" in card and "| gsm8k accuracy | 0.5 |" in card
+    assert "--ups_head ups.safetensors" in card
+
+
+def test_saved_adapter_records_its_base_model_and_a_card(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from remedi.model.loading import load_lora
+
+    lm = model(get_config("test-tiny"))
+    pm = get_peft_model(lm.model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
+    out = C.save_lora(pm, tmp_path / "lora", "GSAI-ML/LLaDA-8B-Base",
+                      {"args": {"lora_r": 2, "dataset": "openai/gsm8k"}, "train": {"step": 3}})
+    conf = json.loads((out / "adapter_config.json").read_text())
+    assert conf["base_model_name_or_path"] == "GSAI-ML/LLaDA-8B-Base" and "auto_mapping" not in conf
+    card = (out / "README.md").read_text()
+    assert "More Information Needed" not in card and "base_model: GSAI-ML/LLaDA-8B-Base" in card
+    assert "openai/gsm8k" in card and "| --lora_r | 2 |" in card and "r=2, alpha=4" in card
+    fresh = model(get_config("test-tiny"))
+    assert load_lora(fresh.model, out).peft_config["default"].base_model_name_or_path == "GSAI-ML/LLaDA-8B-Base"
+
+
+def test_shipped_adapter_has_a_base_model_and_no_stale_auto_mapping():
+    from remedi.model.loading import EMBEDDED_MODEL
+
+    conf = json.loads((EMBEDDED_MODEL / "lora_joint" / "adapter_config.json").read_text())
+    assert conf["base_model_name_or_path"] and "auto_mapping" not in conf
+    assert "More Information Needed" not in (EMBEDDED_MODEL / "lora_joint" / "README.md").read_text()

@@ -96,13 +96,13 @@ def test_resume_is_exact(tiny_model_dir, data, ups, tmp_path):
     part = tmp_path / "part"
     first = main(argv(tiny_model_dir, data, ups["head"], part, "--max_updates", "4", "--save_every", "2",
                       "--stop_after_updates", "2"))
-    assert first["stopped"] and first["update"] == 2 and not (part / "ups.pt").exists()
+    assert first["stopped"] and first["update"] == 2 and not (part / "ups.safetensors").exists()
     with (part / "metrics.jsonl").open("a") as f:  # a line a killed run wrote after its last checkpoint
         f.write(json.dumps({"update": 3, "reward_mean": 9.0}) + "\n")
     second = main(argv(tiny_model_dir, data, ups["head"], part, "--max_updates", "4", "--save_every", "2",
                        "--resume"))
     assert second["update"] == 4
-    a, b = _ups_tensors(full / "ups.pt"), _ups_tensors(part / "ups.pt")
+    a, b = _ups_tensors(full / "ups.safetensors"), _ups_tensors(part / "ups.safetensors")
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
@@ -268,7 +268,7 @@ def test_two_processes_match_one(tiny_model_dir, data, ups, tmp_path):
     assert [x["update"] for x in lb] == [1, 2]
     assert la[0]["reward_mean"] == lb[0]["reward_mean"] and la[0]["remasks_per_block"] == lb[0]["remasks_per_block"]
     assert abs(la[0]["grad_norm"] - lb[0]["grad_norm"]) < 1e-4 * la[0]["grad_norm"]
-    a, b = _ups_tensors(Path(one["paths"]["ups"])), _ups_tensors(tmp_path / "two" / "ups.pt")
+    a, b = _ups_tensors(Path(one["paths"]["ups"])), _ups_tensors(tmp_path / "two" / "ups.safetensors")
     # the head's output bias shifts every score of a block equally, and Plackett-Luce is shift-invariant: its
     # gradient is 0 up to rounding, which Adam's normalisation turns into +-lr steps of either sign
     bias = [k for k in a if a[k].numel() == 1]

@@ -289,7 +289,7 @@ def test_crash_during_save_keeps_previous_checkpoint(tiny_model_dir, data, tmp_p
     with pytest.raises(OSError, match="disk full"):
         sft_main(base(tiny_model_dir, data, out, "--max_steps", "5", "--save_every", "2"))
     ck = latest_checkpoint(out)
-    assert ck.name == "step-0000002" and read_ups(ck / "ups.pt")[0]
+    assert ck.name == "step-0000002" and read_ups(ck / "ups.safetensors")[0]
     monkeypatch.setattr(st, "save_file", real)
     res = sft_main(base(tiny_model_dir, data, out, "--max_steps", "5", "--save_every", "2", "--resume"))
     assert res["step"] == 5
@@ -328,7 +328,7 @@ def test_two_processes_data_parallel(tiny_model_dir, data, tmp_path):
     assert [x["step"] for x in lines] == [1, 2, 3]
     st = json.loads((out / "checkpoints/step-0000002/trainer_state.json").read_text())
     assert st["world_size"] == 2 and (out / "checkpoints/step-0000002/rng_rank1.pt").is_file()
-    assert (out / "ups.pt").is_file()
+    assert (out / "ups.safetensors").is_file()
     # 24 rows, 2 per process: 6 optimiser steps per epoch on 2 processes (12 on one)
     assert lines[0]["epoch"] == 0 and len(json.loads((out / "args.json").read_text())) > 10
 

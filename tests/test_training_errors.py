@@ -149,14 +149,14 @@ def test_loss_far_above_the_bound_stops_and_saves_nothing(tiny_model_dir, data, 
                                        r"--divergence_bound 1e\+06.*lower the learning rate \(--lr;"):
         sft_main(base(tiny_model_dir, data, tmp_path / "r", "--max_steps", "4", "--lr", "1e10", "--save_path",
                       str(ups)))
-    assert not ups.exists() and not (tmp_path / "r" / "ups.pt").exists()
+    assert not ups.exists() and not (tmp_path / "r" / "ups.safetensors").exists()
 
 
 def test_optimiser_overflow_names_the_step(tiny_model_dir, data, tmp_path):
     with pytest.raises(Diverged, match=r"overflowed at optimiser step 1 .*lower the learning rate \(--lr_lora / "
                                        r"--lr_ups"):
         lora_main(base(tiny_model_dir, data, tmp_path / "r", "--max_steps", "3", "--lora_r", "2", "--lr_ups", "1e38"))
-    assert not (tmp_path / "r" / "ups.pt").exists() and not (tmp_path / "r" / "lora").exists()
+    assert not (tmp_path / "r" / "ups.safetensors").exists() and not (tmp_path / "r" / "lora").exists()
 
 
 def test_non_finite_weights_after_a_step_stop_the_run(tiny_model_dir, data, tmp_path):
@@ -172,7 +172,7 @@ def test_non_finite_weights_after_a_step_stop_the_run(tiny_model_dir, data, tmp_
     tr.opt.step = poisoned_step
     with pytest.raises(NonFiniteLoss, match="non-finite weights after optimiser step 1"):
         tr.train()
-    assert not (tmp_path / "r" / "ups.pt").exists()
+    assert not (tmp_path / "r" / "ups.safetensors").exists()
 
 
 # ------------------------------------------------------------------------------------------ no-flag demo

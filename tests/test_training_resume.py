@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from remedi.files import RunLock
-from remedi.model.checkpoint import read_ups
+from remedi.model.checkpoint import UPS_FILE_NAME, read_ups
 from remedi.train_remask_lora import main as lora_main
 from remedi.train_remask_rl import main as rl_main
 from remedi.train_remask_sft import main as sft_main
@@ -49,7 +49,7 @@ def runs(tmp_path_factory):
         run(script, d / f"{script}-full")
         killed = run(script, d / f"{script}-killed", stop, str(KILL))
         assert killed["stopped"]
-        made[script] = (ups_tensors(d / f"{script}-full" / "ups.pt"), d / f"{script}-killed")
+        made[script] = (ups_tensors(d / f"{script}-full" / UPS_FILE_NAME), d / f"{script}-killed")
     return made
 
 
@@ -88,7 +88,7 @@ def unknown_arg(out):  # a run saved before --seed existed: the argument counts 
 
 
 def stale_export(out):  # a kill during the final export leaves atomic_path's temporary folder
-    (out / ".ups.pt.k1ll3d.tmp").mkdir()
+    (out / f".{UPS_FILE_NAME}.k1ll3d.tmp").mkdir()
     return "left unfinished by an interrupted run"
 
 
@@ -112,7 +112,7 @@ def test_resume_rules_are_the_same_for_every_script(script, case, runs, tmp_path
     if case.startswith("damaged"):
         assert "falling back to the previous complete checkpoint" in caplog.text
     assert not list(out.glob(".*.tmp"))
-    got = ups_tensors(out / "ups.pt")
+    got = ups_tensors(out / UPS_FILE_NAME)
     assert got.keys() == full.keys()
     for k in full:
         assert torch.equal(got[k], full[k]), (script, case, k)

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 UPS_META_KEY = "remedi_meta"  # safetensors header key holding the UPS metadata (JSON)
+UPS_FILE_NAME = "ups.safetensors"  # the default name of a run's UPS file (safetensors: no pickle on the read path)
 CHECKSUM_KEY = "tensor_sha256"  # metadata key: {tensor name: sha256 hex of its raw bytes}
 _HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer*", "special_tokens_map.json",
               "*.model", "*.tiktoken", "generation_config.json"]
@@ -253,15 +254,142 @@ def save_ups(path: str | os.PathLike, model: RemeDiLM, extra_meta: Optional[dict
         log.warning("saving UPS %s with non-finite values (%s); loading it will be refused", path,
                     ", ".join(f"{k}: {n}" for k, n in bad.items()))
     meta = {"format_version": FORMAT_VERSION, **meta, "base_model": getattr(model, "name_or_path", None),
-            "versions": versions(), **(extra_meta or {}),
-            CHECKSUM_KEY: {k: tensor_sha256(tensors[k]) for k in sorted(tensors)}}
+            "versions": versions(), **(extra_meta or {})}
+    return write_ups(path, tensors, meta)
+
+
+def write_ups(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+    """Write UPS ``tensors`` with ``meta`` (a free dict) plus their ``tensor_sha256``, atomically, and a card.
+
+    ``.safetensors`` keeps the metadata in the header; any other suffix is a ``torch.save`` dict. The card
+    (:func:`ups_card_path`) describes what the metadata records.
+    """
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    meta = {**meta, CHECKSUM_KEY: {k: tensor_sha256(tensors[k]) for k in sorted(tensors)}}
     path = Path(path)
     with atomic_path(path) as tmp:
         if path.suffix == ".safetensors":
             save_file(tensors, str(tmp), metadata={UPS_META_KEY: json.dumps(meta)})
         else:
             torch.save({"state_dict": tensors, "meta": json.dumps(meta)}, tmp)
+    write_model_card(ups_card_path(path), "ups", meta, weights=path.name)
     return path
+
+
+def reseal_ups(path: str | os.PathLike, out: Optional[str | os.PathLike] = None) -> Path:
+    """Rewrite a UPS file written before checksums were stored (or convert it: ``out`` with another suffix),
+    adding ``tensor_sha256``; the tensors and every other metadata field are kept as they are."""
+    state, meta = read_ups(path, verify=False)
+    verify_ups_state(state, meta, path)  # a file that fails its own checksum is never re-sealed
+    meta.pop(CHECKSUM_KEY, None)
+    return write_ups(out or path, state, meta)
+
+
+# ------------------------------------------------------------------------------------------- model cards
+def ups_card_path(path: str | os.PathLike) -> Path:
+    """The model card written beside a UPS file: ``ups_head.pt`` -> ``ups_head.md``."""
+    return Path(path).with_suffix(".md")
+
+
+def _md_value(v: Any) -> str:
+    text = json.dumps(v) if isinstance(v, (dict, list)) else str(v)
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _is_hub_id(name: Optional[str]) -> bool:
+    return bool(name) and str(name).count("/") == 1 and not str(name).startswith((".", "/", "~")) \
+        and not Path(str(name)).exists()
+
+
+def model_card(kind: str, meta: dict[str, Any], weights: str = "") -> str:
+    """A model card (README-style markdown with hub front matter) from a save's metadata.
+
+    ``kind``: "ups" (a UPS head/stream file) or "lora" (a peft adapter folder). ``meta`` holds what the run
+    recorded: ``base_model``, the UPS architecture, ``args`` (every flag), ``train``/``rl`` (step, dataset)
+    and measured ``results``/``metrics`` when the caller has them. Nothing is invented: what is absent is left out.
+    """
+    args = meta.get("args") or {}
+    progress = meta.get("train") or meta.get("rl") or {}
+    base = meta.get("base_model") or args.get("model_name")
+    script = args.get("script") or ("train_remask_rl" if "rl" in meta else "")
+    if kind == "lora":
+        what = f"a peft LoRA adapter (r={meta.get('r')}, alpha={meta.get('lora_alpha')}) on the LLaDA backbone's " \
+               "block linears, trained with Remask SFT's TPS loss" + (" and RL" if "rl" in meta else "")
+        tags = ["llada", "remedi", "lora", "masked-diffusion"]
+    else:
+        arch = meta.get("ups_arch")
+        shape = f"MLP width {meta.get('ups_width')}" if arch == "head" else f"taps {meta.get('ups_taps')}"
+        what = f"a RemeDi Unmasking Policy Stream ({arch}, {shape}; hidden size {meta.get('hidden_size')}), the " \
+               "per-position confidence that decides which tokens stay and which are masked again"
+        if meta.get("kind"):
+            what += f"; kind {meta['kind']}"
+        tags = ["llada", "remedi", "ups", "masked-diffusion"]
+    front = ["---", "library_name: " + ("peft" if kind == "lora" else "remedi")]
+    if _is_hub_id(base):
+        front.append(f"base_model: {base}")
+    front += ["tags:"] + [f"- {t}" for t in tags] + ["---", ""]
+    lines = [f"# {'LoRA adapter' if kind == 'lora' else 'UPS'} for {base or 'a LLaDA model'}", "",
+             f"What this is: {what}. Written by LLaDA-RemeDi" + (f" ({script}.py)" if script else "") + ".", ""]
+    lines += ["## Base model", "", f"`{base}`" if base else "not recorded", ""]
+    data = {k: progress.get(k) for k in ("dataset",) if progress.get(k)}
+    data.update({k: args[k] for k in ("dataset", "subset", "split", "max_examples", "seq_len", "arith_n")
+                 if args.get(k) not in (None, "") and k not in data})
+    lines += ["## Data", ""] + ([f"- {k}: `{_md_value(v)}`" for k, v in data.items()] or ["not recorded"]) + [""]
+    steps = {k: v for k, v in progress.items() if k != "dataset"}
+    if steps:
+        lines += ["## Training", ""] + [f"- {k}: {_md_value(v)}" for k, v in steps.items()] + [""]
+    results = meta.get("results") or meta.get("metrics")
+    lines += ["## Results", ""]
+    if isinstance(results, dict) and results:
+        lines += ["| metric | value |", "|---|---|"] + [f"| {k} | {_md_value(v)} |" for k, v in results.items()]
+    else:
+        lines += ["No measured results were given with this save; evaluate it with `remedi-eval` (below)."]
+    lines += [""]
+    if args:
+        lines += ["## Arguments", "", "| flag | value |", "|---|---|"]
+        lines += [f"| --{k} | {_md_value(v)} |" for k, v in args.items() if v is not None and k != "script"]
+        lines += [""]
+    use = f"remedi-eval --model_name {base or 'MODEL'} "
+    use += f"--lora_path {weights or 'THIS_FOLDER'}" if kind == "lora" else f"--ups_head {weights or 'THIS_FILE'}"
+    lines += ["## Use", "", "```bash", use, "```", ""]
+    ver = meta.get("versions") or versions()
+    lines += ["## Software", "", ", ".join(f"{k} {v}" for k, v in ver.items()), ""]
+    return "\n".join(front + lines)
+
+
+def write_model_card(path: str | os.PathLike, kind: str, meta: dict[str, Any], weights: str = "") -> Path:
+    """Write :func:`model_card` to ``path`` atomically."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(model_card(kind, meta, weights), encoding="utf-8")
+    return path
+
+
+def save_lora(peft_model, out_dir: str | os.PathLike, base_model: Optional[str] = None,
+              meta: Optional[dict[str, Any]] = None, **save_kwargs) -> Path:
+    """``peft_model.save_pretrained`` plus what peft cannot know about the native model.
+
+    ``adapter_config.json`` gets ``base_model_name_or_path`` (the model the run used; peft reads it from a
+    transformers config, which the native LLaDAModel does not have) and loses ``auto_mapping`` (it names this
+    toolkit's module path, which ``AutoPeftModel`` cannot build from); ``README.md`` becomes a real card
+    (:func:`model_card`) instead of peft's blank template. ``save_kwargs`` go to peft (e.g. ``state_dict``).
+    Writes into ``out_dir`` as is: callers that need atomicity pass a temporary folder (``atomic_path``).
+    """
+    out = Path(out_dir)
+    # The adapters never touch the embedding: say so, or peft ("auto") reloads the base config through
+    # transformers (LLaDAConfig has no from_pretrained) and may ask the hub whether it exists.
+    save_kwargs.setdefault("save_embedding_layers", False)
+    peft_model.save_pretrained(str(out), **save_kwargs)
+    conf_file = out / "adapter_config.json"
+    conf = json.loads(conf_file.read_text())
+    conf.pop("auto_mapping", None)
+    if base_model is not None:
+        conf["base_model_name_or_path"] = str(base_model)
+    conf_file.write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n")
+    card_meta = {"base_model": conf.get("base_model_name_or_path"), "r": conf.get("r"),
+                 "lora_alpha": conf.get("lora_alpha"), **(meta or {})}
+    (out / "README.md").write_text(model_card("lora", card_meta, "THIS_FOLDER"), encoding="utf-8")
+    return out
 
 
 def _torch_load(path: Path, mmap: bool = False) -> Any:
@@ -352,7 +480,7 @@ def verify_ups_state(state: dict[str, torch.Tensor], meta: dict[str, Any], path:
     """Refuse tensors that differ from the checksums stored at save time, or that hold NaN/inf."""
     sums = meta.get(CHECKSUM_KEY)
     if sums is None:
-        # a note, not a warning: the embedded checkpoints shipped in checkpoints/ predate checksums
+        # a note, not a warning: files written before save_ups stored checksums (the shipped ones now carry one)
         log.info("%s has no tensor checksum (%s; written before save_ups stored one): loading it without an "
                  "integrity check", path, CHECKSUM_KEY)
     else:

@@ -109,7 +109,7 @@ class RLArgs:
     save_total_limit: int = arg(2, "checkpoints kept")
     resume: bool = arg(False, "continue the run in --output_dir from its latest checkpoint, exactly")
     stop_after_updates: Optional[int] = arg(None, "stop after N updates as if killed (no final export; tests)")
-    save_ups_head: Optional[str] = arg(None, "where to write the trained UPS (default <output_dir>/ups.pt)")
+    save_ups_head: Optional[str] = arg(None, "where to write the trained UPS (default <output_dir>/ups.safetensors)")
     save_lora_dir: Optional[str] = arg(None, "where to write the LoRA adapters (default <output_dir>/lora)")
 
     def __post_init__(self):

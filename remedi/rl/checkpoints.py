@@ -3,7 +3,7 @@ the inference-ready UPS file and LoRA folder, in every checkpoint and as the fin
 
 A checkpoint ``<output_dir>/checkpoints/update-NNNNNN/`` is the one every training script writes (trainable
 tensors, optimiser and scheduler, each process's RNG state, trainer_state.json with the update index), plus
-``ups.pt`` (and ``lora/`` for --train ups_lora). The data position and every rollout's random stream follow
+``ups.safetensors`` (and ``lora/`` for --train ups_lora). The data position and every rollout's random stream follow
 from the update index, so nothing else is needed to resume exactly.
 
 Under FSDP the UPS and LoRA files are written from accelerate's gathered state dict (a meta-device copy
@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from remedi.model.checkpoint import save_ups
+from remedi.model.checkpoint import UPS_FILE_NAME, save_lora, save_ups
 from remedi.model.config import LLaDAConfig
 from remedi.model.llada import RemeDiLM, UPSHead
 from remedi.training.state import export_lora, log_exports, write_checkpoint
@@ -54,12 +54,13 @@ def write_ups(path: Path, lm: RemeDiLM, cfg: LLaDAConfig, meta: dict, full: Opti
         save_ups(path, ups_copy(lm, cfg, full, lora, name), extra_meta=meta)
 
 
-def write_lora(lm: RemeDiLM, out_dir: Path, full: Optional[dict]) -> None:
+def write_lora(lm: RemeDiLM, out_dir: Path, full: Optional[dict], base: str, meta: dict) -> None:
+    """The LoRA folder with its base model recorded and a model card (save_lora); from ``full`` under FSDP."""
     if full is None:
-        lm.model.save_pretrained(str(out_dir))
+        save_lora(lm.model, out_dir, base, meta)
     else:  # peft keeps the lora_ tensors of a state dict relative to the PeftModel
         sd = {k.removeprefix("model."): v.cpu() for k, v in full.items() if "lora_" in k}
-        lm.model.save_pretrained(str(out_dir), state_dict=sd)
+        save_lora(lm.model, out_dir, base, meta, state_dict=sd)
 
 
 def save_checkpoint(tr, update: int) -> None:
@@ -69,9 +70,9 @@ def save_checkpoint(tr, update: int) -> None:
              if tr.acc.is_main_process else {})
 
     def extras(tmp: Path) -> None:
-        tr._write_ups(tmp / "ups.pt", update, full if tr.fsdp else None)
+        tr._write_ups(tmp / UPS_FILE_NAME, update, full if tr.fsdp else None)
         if tr.lora_params:
-            tr._write_lora(tmp / "lora", full if tr.fsdp else None)
+            tr._write_lora(tmp / "lora", full if tr.fsdp else None, update)
 
     write_checkpoint(tr.acc, tr.out, f"update-{update:06d}", "update-", {"update": update}, state, tr.opt, tr.sched,
                      tr.fsdp, tr.rargs.save_total_limit, extras)
@@ -85,9 +86,9 @@ def export(tr, update: int) -> dict:
     paths: dict = {}
     if not tr.acc.is_main_process:
         return paths
-    ups_path = Path(r.save_ups_head or tr.out / "ups.pt")
+    ups_path = Path(r.save_ups_head or tr.out / UPS_FILE_NAME)
     tr._write_ups(ups_path, update, full)
     paths["ups"] = str(ups_path)
     if tr.lora_params:
-        paths["lora"] = export_lora(Path(r.save_lora_dir or tr.out / "lora"), lambda tmp: tr._write_lora(tmp, full))
+        paths["lora"] = export_lora(Path(r.save_lora_dir or tr.out / "lora"), lambda tmp: tr._write_lora(tmp, full, update))
     return log_exports(paths)

@@ -205,8 +205,9 @@ class RLTrainer:
         ckpt.write_ups(path, self.lm, self.lm_config, self._meta(update), full, bool(self.lora_params),
                        self.margs.model_name)
 
-    def _write_lora(self, out_dir: Path, full) -> None:
-        ckpt.write_lora(self.lm, out_dir, full)
+    def _write_lora(self, out_dir: Path, full, update=None) -> None:
+        meta = self._meta(update) if update is not None else {"args": self.record}
+        ckpt.write_lora(self.lm, out_dir, full, self.margs.model_name, meta)
 
     def save_checkpoint(self, update: int) -> None:
         ckpt.save_checkpoint(self, update)

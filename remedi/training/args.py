@@ -151,7 +151,7 @@ class SftArgs:
     train_backbone: str = arg("none", "none (frozen backbone; trains the UPS) or full (everything); LoRA: use "
                               "train_remask_lora.py")
     save_path: Optional[str] = arg(None, "where to write the trained UPS (.pt or .safetensors; default "
-                                   "<output_dir>/ups.pt)")
+                                   "<output_dir>/ups.safetensors)")
 
     def __post_init__(self):
         if self.train_backbone == "lora":
@@ -175,7 +175,7 @@ class LoraArgs:
     alt_ratio: int = arg(4, "alternating mode: LoRA/TPS optimiser steps per UPS step")
     load_lora_dir: Optional[str] = arg(None, "continue training this peft LoRA adapter folder")
     save_lora_dir: Optional[str] = arg(None, "where to write the adapters (peft format; default <output_dir>/lora)")
-    save_ups_head: Optional[str] = arg(None, "where to write the trained UPS (default <output_dir>/ups.pt)")
+    save_ups_head: Optional[str] = arg(None, "where to write the trained UPS (default <output_dir>/ups.safetensors)")
 
     def __post_init__(self):
         if self.train_mode not in ("joint", "alternating"):

@@ -191,11 +191,13 @@ class BuiltModel:
 def attach_lora(inner: nn.Module, load_dir: Optional[str], r: int, alpha: float, dropout: float, target: str,
                 warn: bool = True, flag: str = "--load_lora_dir") -> nn.Module:
     """peft adapters on the backbone's block linears: new ones, or the trainable adapters of ``load_dir``
-    (Remask SFT's LoRA script and Remask RL's ``--train ups_lora`` alike)."""
-    from peft import LoraConfig, PeftModel, get_peft_model
+    (Remask SFT's LoRA script and Remask RL's ``--train ups_lora`` alike; hub-layout LLaDAModelLM adapters too)."""
+    from peft import LoraConfig, get_peft_model
+
+    from remedi.model.loading import load_lora
 
     if load_dir:
-        pm = PeftModel.from_pretrained(inner, load_dir, is_trainable=True)
+        pm = load_lora(inner, load_dir, is_trainable=True)
         c = pm.peft_config["default"]
         if (c.r, c.lora_alpha) != (r, alpha) and warn:
             log.warning("%s %s has r=%s alpha=%s: training those (not --lora_r %s --lora_alpha %s)",

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from remedi.files import atomic_path, publish_checkpoint, write_json_atomic
-from remedi.model.checkpoint import save_pretrained, save_ups, versions
+from remedi.model.checkpoint import UPS_FILE_NAME, save_lora, save_pretrained, save_ups, versions
 from remedi.model.config import LLaDAConfig
 from remedi.model.llada import RemeDiLM, UPSHead
 from remedi.training.args import SCRIPT_ARGS
@@ -247,9 +247,9 @@ def save_checkpoint(parts: Parts, out: Path, step: int, pos: dict, meta: dict, k
     def extras(tmp: Path) -> None:
         if parts.lm.ups_arch is not None and not parts.fsdp:  # ready for inference (FSDP: at the end only)
             with parts.lm.without_peft() as lm:
-                save_ups(tmp / "ups.pt", lm, extra_meta=meta)
+                save_ups(tmp / UPS_FILE_NAME, lm, extra_meta=meta)
         if parts.lora:
-            parts.lm.model.save_pretrained(str(tmp / "lora"))
+            save_lora(parts.lm.model, tmp / "lora", parts.lm.name_or_path, meta)
 
     state = trainable_state(parts)  # collective under FSDP
     write_checkpoint(parts.acc, out, f"step-{step:07d}", "step-", {"step": step, **pos}, state, parts.opt,
@@ -310,7 +310,7 @@ def export(parts: Parts, *, out: Path, ups_out: Optional[str], lora_out: Optiona
         return paths
     with (contextlib.nullcontext(gathered) if gathered is not None else parts.lm.without_peft()) as lm:
         if lm.ups_arch is not None:
-            ups_path = Path(ups_out or out / "ups.pt")
+            ups_path = Path(ups_out or out / UPS_FILE_NAME)
             save_ups(ups_path, lm, extra_meta=meta)
             paths["ups"] = str(ups_path)
         if model_dir and (backbone_trained or lm.ups_arch == "stream"):
@@ -318,7 +318,7 @@ def export(parts: Parts, *, out: Path, ups_out: Optional[str], lora_out: Optiona
             paths["model_dir"] = model_dir
     if parts.lora:
         paths["lora"] = export_lora(Path(lora_out or out / "lora"),
-                                    lambda tmp: parts.lm.model.save_pretrained(str(tmp)))
+                                    lambda tmp: save_lora(parts.lm.model, tmp, parts.lm.name_or_path, meta))
     return log_exports(paths)
 
 
