@@ -299,3 +299,26 @@ def test_fused_block_compiles_without_graph_breaks():
     assert c.n == 4  # the traced graph uses the fused products
     torch._dynamo.reset()
 
+
+
+# --------------------------------------------------------------------------------------- benchmark
+def test_bench_step_smoke(tmp_path, capsys):
+    """bench/bench_step.py --smoke: both variants in every mode, ratios, floor, the table last, the JSON."""
+    import json
+
+    from .test_fast_decoding import _bench
+
+    rec = _bench("bench_step").main(["--smoke", "--batches", "1,2", "--profile", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "step.json").read_text())
+    assert "partial" not in saved and not saved["skipped"] and saved["rows"] == json.loads(json.dumps(rec["rows"]))
+    rows = rec["rows"]
+    assert [(r["mode"], r["batch"], r["variant"]) for r in rows] == [
+        (m, b, v) for m in ("eager", "graphs") for b in (1, 2) for v in ("unfused", "fused")]
+    assert not any("error" in r or "probe_error" in r for r in rows), rows
+    assert all(r["tok_s"] > 0 and r["step_ms"] > 0 and r["full_ms"] > 0 and r["floor_ms"] > 0 for r in rows)
+    assert all(r["x_unfused"] == 1.0 for r in rows if r["variant"] == "unfused")
+    assert all(r["match"] == 1.0 for r in rows if r["variant"] == "fused")  # float32: the same tokens
+    assert all("tokens" not in r and r["launches_step"] == 0 for r in rows)
+    assert rec["floors"]["2"]["flops"] == 2 * rec["floors"]["1"]["flops"]
+    last = capsys.readouterr().out.strip().splitlines()
+    assert last[-len(rows) - 1].split()[:3] == ["mode", "batch", "variant"]  # the table is printed last
