@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import json
 import os
 import statistics
 import sys
@@ -39,7 +38,8 @@ import torch._dynamo
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_sampler import copy_bandwidth, forward_cost, matmul_rate, random_prompts, steady_probe  # noqa: E402
-from common import Watchdog, environment, print_table, random_model  # noqa: E402
+from common import (Watchdog, add_decoding_size_args, environment, print_table, random_model,  # noqa: E402
+                    write_run_json)
 
 from remedi.decoding import sampler as S  # noqa: E402
 from remedi.decoding.graphs import release_decoders  # noqa: E402
@@ -168,24 +168,12 @@ def summarise(record: dict) -> None:
 
 
 def _write(out_dir, record, final: bool) -> None:
-    if not out_dir:
-        return
-    path = Path(out_dir) / "step.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record if final else {**record, "partial": True}, indent=2, default=str) + "\n")
-    tmp.replace(path)
+    write_run_json(out_dir, "step.json", record, final)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="llada-8b")
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    ap.add_argument("--prompt_len", type=int, default=200)
-    ap.add_argument("--gen_length", type=int, default=256)
-    ap.add_argument("--block_length", type=int, default=32)
-    ap.add_argument("--steps", type=int, default=256)
+    add_decoding_size_args(ap)
     ap.add_argument("--cache", default="dual", choices=["prefix", "dual"])
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--modes", default="eager,compile+graphs,compile", help=f"comma list of {'|'.join(MODES)}")

@@ -13,6 +13,10 @@ right padding give the same logits for real tokens (RoPE only sees relative offs
 
 Block-wise decoding reuses keys/values through :class:`KVCache`: a forward over the slice
 ``[start, start + L)`` writes its keys/values into the cache and attends over the whole cached sequence.
+
+For decoding, :meth:`RemeDiLM.fuse_projections` makes each block run one q|k|v product and one gate|up
+product whenever autograd is off (same parameters, names and checkpoints; :mod:`remedi.model.fused`); the
+separate products stay the reference path and every training forward.
 """
 from __future__ import annotations
 
