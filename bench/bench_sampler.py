@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import json
 import os
 import statistics
 import sys
@@ -49,7 +48,8 @@ import torch
 import torch._dynamo
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Watchdog, environment, matmul_tflops, print_table, profile_counts, random_model  # noqa: E402
+from common import (Watchdog, add_decoding_size_args, environment, matmul_tflops, print_table, profile_counts,  # noqa: E402
+                    random_model, write_run_json)
 
 from remedi.model.loading import SpecialIds  # noqa: E402
 from remedi.decoding import sampler as S  # noqa: E402
@@ -404,24 +404,12 @@ def summarise(record: dict) -> None:
 
 
 def _write(out_dir, record, final: bool) -> None:
-    if not out_dir:
-        return
-    path = Path(out_dir) / "sampler.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record if final else {**record, "partial": True}, indent=2, default=str) + "\n")
-    tmp.replace(path)
+    write_run_json(out_dir, "sampler.json", record, final)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="llada-8b")
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    ap.add_argument("--prompt_len", type=int, default=200)
-    ap.add_argument("--gen_length", type=int, default=256)
-    ap.add_argument("--block_length", type=int, default=32)
-    ap.add_argument("--steps", type=int, default=256)
+    add_decoding_size_args(ap)
     ap.add_argument("--none_steps", type=int, default=64, help="steps timed for the uncached runs (then scaled)")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--ups", default="head,stream", help="comma list of head|stream (UPS of the remask runs)")

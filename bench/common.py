@@ -115,6 +115,29 @@ def write_record(path: str | None, record: dict) -> None:
         Path(path).write_text(text + "\n")
 
 
+def write_run_json(out_dir, filename: str, record: dict, final: bool) -> None:
+    """Rewrite ``out_dir/filename`` atomically (temporary file, then rename), marked partial until ``final``,
+    so a killed benchmark leaves the runs it finished."""
+    if not out_dir:
+        return
+    path = Path(out_dir) / filename
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record if final else {**record, "partial": True}, indent=2, default=str) + "\n")
+    tmp.replace(path)
+
+
+def add_decoding_size_args(ap) -> None:
+    """The flags every decoding benchmark shares: model, device, dtype, and the issue's lengths."""
+    ap.add_argument("--config", default="llada-8b")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--prompt_len", type=int, default=200)
+    ap.add_argument("--gen_length", type=int, default=256)
+    ap.add_argument("--block_length", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=256)
+
+
 def print_table(rows: list[dict], cols: list[str]) -> None:
     widths = [max(len(c), *(len(f"{r.get(c, '')}") for r in rows)) for c in cols]
     print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))

@@ -132,6 +132,7 @@ class StaticDecoder:
     def __init__(self, model: RemeDiLM, cfg: SamplerConfig, ids: SpecialIds, B: int, P: int, T: int,
                  has_mask: bool, capture: bool, rule: Optional[PolicyRule] = None):
         self.lm, self.head = model.model, model.ups_head  # not the RemeDiLM: the decoder cache is weak on it
+        model.backbone.refresh_fused()  # fused projections (remedi.model.fused) still valid, before any capture
         c = self.lm.config
         self.ids, self.B, self.P, self.T, self.Lb = ids, B, P, T, cfg.block_length
         device = next(self.lm.parameters()).device

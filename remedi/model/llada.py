@@ -13,6 +13,10 @@ right padding give the same logits for real tokens (RoPE only sees relative offs
 
 Block-wise decoding reuses keys/values through :class:`KVCache`: a forward over the slice
 ``[start, start + L)`` writes its keys/values into the cache and attends over the whole cached sequence.
+
+For decoding, :meth:`RemeDiLM.fuse_projections` makes each block run one q|k|v product and one gate|up
+product whenever autograd is off (same parameters, names and checkpoints; :mod:`remedi.model.fused`); the
+separate products stay the reference path and every training forward.
 """
 from __future__ import annotations
 
@@ -27,7 +31,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from remedi.model.config import LLaDAConfig
-from remedi.model.kv_cache import KVCache  # noqa: F401  (re-exported: remedi.model.llada.KVCache)
+from remedi.model.fused import (FusedWeights, check_fusable, check_no_unmerged_lora, fuse_block,
+                                own_storage_state_dict_hook, refresh_blocks, unfuse_block)
+from remedi.model.kv_cache import KVCache, StaticKVCache  # KVCache re-exported: remedi.model.llada.KVCache
 
 
 class RMSNorm(nn.Module):
@@ -92,13 +98,33 @@ class LLaDABlock(nn.Module):
         self.ff_proj = nn.Linear(d, cfg.mlp_hidden_size, bias=False)  # gate (SiLU)
         self.up_proj = nn.Linear(d, cfg.mlp_hidden_size, bias=False)
         self.ff_out = nn.Linear(cfg.mlp_hidden_size, d, bias=False)  # down
+        self._fused: Optional[FusedWeights] = None  # inference-time q|k|v and gate|up (remedi.model.fused)
+        self._register_state_dict_hook(own_storage_state_dict_hook)
+
+    @property
+    def is_fused(self) -> bool:
+        return self._fused is not None
+
+    def fuse_projections(self) -> None:
+        """One q|k|v and one gate|up product per forward without autograd (see :mod:`remedi.model.fused`)."""
+        fuse_block(self, f"block {self.layer_id}")
+
+    def unfuse_projections(self) -> None:
+        unfuse_block(self)
 
     def forward(self, x, rope, attn_mask=None, cache: Optional[KVCache] = None, start: int = 0):
         B, L, _ = x.shape
         h = self.attn_norm(x)
-        q = self.q_proj(h).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, L, D)
-        k = self.k_proj(h).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(h).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        f = self._fused if not torch.is_grad_enabled() else None  # training forwards: separate products
+        if f is None:
+            q, k, v = self.q_proj(h), self.k_proj(h), self.v_proj(h)
+        else:
+            q, k, v = F.linear(h, f.qkv).split(f.qkv_split, dim=-1)
+            if cache is not None and not isinstance(cache, StaticKVCache):
+                v = v.contiguous()  # a dict cache may keep v itself: not a view pinning q and k as well
+        q = q.view(B, L, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, L, D)
+        k = k.view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
@@ -109,7 +135,10 @@ class LLaDABlock(nn.Module):
         att = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=False)
         x = x + self.attn_out(att.transpose(1, 2).reshape(B, L, -1))
         h = self.ff_norm(x)
-        return x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
+        if f is None:
+            return x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
+        gate, up = F.linear(h, f.gate_up).split(f.gate_up_split, dim=-1)
+        return x + self.ff_out(F.silu(gate) * up)
 
 
 class UPSHead(nn.Module):
@@ -148,6 +177,7 @@ class LLaDAModel(nn.Module):
             ff_out=nn.Linear(cfg.d_model, cfg.embedding_size, bias=False),
         ))
         self.gradient_checkpointing = False
+        self._n_fused = 0  # blocks with fused projections (checked at every forward while > 0)
         if cfg.ups_taps:
             self._build_stream(cfg)
 
@@ -178,6 +208,32 @@ class LLaDAModel(nn.Module):
         prefixes = ("blocks_upm.", "backprop_norms.", "backprop_linears.", "ln_f_upm.", "linear_confidence.")
         return [n for n, _ in self.named_parameters() if n.startswith(prefixes)]
 
+    # ------------------------------------------------------------------------------ fused projections
+    def all_blocks(self) -> list[LLaDABlock]:
+        """Backbone blocks, then the stream's."""
+        return list(self.transformer.blocks) + list(getattr(self, "blocks_upm", []))
+
+    def fuse_projections(self) -> int:
+        """Fuse every block's q|k|v and gate|up for inference (:mod:`remedi.model.fused`); returns the count."""
+        blocks = self.all_blocks()
+        for blk in blocks:  # all checked before any is changed
+            check_fusable(blk, f"block {blk.layer_id}")
+        for blk in blocks:
+            blk.fuse_projections()
+        self._n_fused = len(blocks)
+        return self._n_fused
+
+    def unfuse_projections(self) -> None:
+        for blk in self.all_blocks():
+            blk.unfuse_projections()
+        self._n_fused = 0
+
+    def refresh_fused(self) -> int:
+        """Drop fused weights that no longer match the parameters (warns); returns the blocks still fused."""
+        if self._n_fused:
+            self._n_fused = refresh_blocks(self.all_blocks())
+        return self._n_fused
+
     # ----------------------------------------------------------------------------------------- forward
     def _run(self, block, x, rope, mask, cache, start):
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
@@ -206,6 +262,8 @@ class LLaDAModel(nn.Module):
         """
         cfg = self.config
         B, L = input_ids.shape
+        if self._n_fused:
+            self.refresh_fused()
         if cache is None and start != 0:
             raise ValueError("start > 0 needs a KVCache holding the other positions")
         mask = None
@@ -318,6 +376,27 @@ class RemeDiLM(nn.Module):
         if self.ups_head is not None:
             out.ups_logits = self.ups_head(out.hidden.detach())
         return out
+
+    def fuse_projections(self) -> "RemeDiLM":
+        """Inference-time fusion: per block one q|k|v product and one gate|up product (``ff_proj`` | ``up_proj``)
+        whenever autograd is off. Parameter names, values and checkpoints are unchanged, no memory is added
+        and in-place weight updates stay in effect; see :mod:`remedi.model.fused`. Call it after loading and
+        after merging LoRA (an unmerged peft model is refused); weights replaced later (``.to()``,
+        ``load_state_dict(assign=True)``) drop the fusion with a warning. Combine with ``compile_blocks``
+        (which then also fuses the RMSNorm and RoPE arithmetic) in either order."""
+        check_no_unmerged_lora(self.model)
+        self.backbone.fuse_projections()
+        return self
+
+    def unfuse_projections(self) -> "RemeDiLM":
+        """Undo :meth:`fuse_projections` (the weights get their own storage again)."""
+        self.backbone.unfuse_projections()
+        return self
+
+    @property
+    def fused_blocks(self) -> int:
+        """How many blocks currently run fused projections (after checking they are still valid)."""
+        return self.backbone.refresh_fused()
 
     def compile_blocks(self, **kwargs) -> "RemeDiLM":
         """torch.compile every transformer block (backbone and stream) in place.
