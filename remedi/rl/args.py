@@ -113,8 +113,13 @@ class RLArgs:
     stop_after_updates: Optional[int] = arg(None, "stop after N updates as if killed (no final export; tests)")
     save_ups_head: Optional[str] = arg(None, "where to write the trained UPS (default <output_dir>/ups.pt)")
     save_lora_dir: Optional[str] = arg(None, "where to write the LoRA adapters (default <output_dir>/lora)")
+    report_to: str = arg("none", "also send the metrics.jsonl lines to an experiment tracker (accelerate's): none, "
+                         "tensorboard (event files in <output_dir>/tracking), wandb or trackio")
 
     def __post_init__(self):
+        from remedi.tracking import check_report_to
+
+        check_report_to(self.report_to)
         checks = [
             (self.train in TRAIN_MODES, f"--train {self.train!r}: choose {' or '.join(TRAIN_MODES)}"),
             (self.clip_mode in CLIP_MODES, f"--clip_mode {self.clip_mode!r}: choose {' or '.join(CLIP_MODES)}"),

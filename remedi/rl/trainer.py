@@ -44,6 +44,7 @@ from remedi.files import append_jsonl, atomic_path, check_writable, read_jsonl, 
 from remedi.model.checkpoint import load_pretrained, load_ups, versions
 from remedi.model.loading import LORA_AUTO_TARGET, load_tokenizer, pick_dtype, preflight, resolve_special_ids
 from remedi.rl.args import RLArgs, args_record, resolve_defaults
+from remedi.tracking import log_metrics
 from remedi.rl.checkpoints import CheckpointMixin, latest_checkpoint
 from remedi.rl.data import load_items
 from remedi.rl.loss import StepStats, clean_prefix_cache, step_logprobs, step_loss
@@ -58,7 +59,7 @@ log = logging.getLogger(__name__)
 
 SCRIPT = "train_remask_rl"
 _RESUME_FREE = {"resume", "stop_after_updates", "save_every", "save_total_limit", "output_dir", "save_ups_head",
-                "save_lora_dir", "max_updates", "device"}
+                "save_lora_dir", "max_updates", "device", "report_to"}
 LORA_LINEARS = ("q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out")
 
 
@@ -393,6 +394,7 @@ class RLTrainer(CheckpointMixin):
             update += 1
             if self.main:
                 append_jsonl(metrics_path, [rec])
+                log_metrics(self, rec, update)
                 bar.set_postfix({"reward": f"{rec['reward_mean']:.3f}", "acc": f"{rec['accuracy']:.3f}",
                                  "remask/blk": f"{rec['remasks_per_block']:.1f}"})
             bar.update(1)

@@ -97,6 +97,8 @@ class TrainArgs:
     save_total_limit: int = arg(2, "keep this many most recent checkpoints")
     resume: bool = arg(False, "continue the run in --output_dir from its latest checkpoint, exactly")
     log_every: int = arg(10, "optimiser steps per metrics.jsonl line")
+    report_to: str = arg("none", "also send the metrics.jsonl lines to an experiment tracker (accelerate's): none, "
+                         "tensorboard (event files in <output_dir>/tracking), wandb or trackio")
     save_model_dir: Optional[str] = arg(None, "write the trained backbone (+stream) in hub layout with the "
                                         "tokenizer, loadable with --model_name DIR (for --train_backbone full)")
     stop_after_steps: Optional[int] = arg(None, "stop after this many optimiser steps as if killed (no final "
@@ -104,6 +106,9 @@ class TrainArgs:
 
     def __post_init__(self):
         check_r_incorrect(self.r_incorrect)
+        from remedi.tracking import check_report_to
+
+        check_report_to(self.report_to)
         checks = [
             (self.ups_arch in ("head", "stream", "none"), f"--ups_arch {self.ups_arch!r}: choose head, stream or none"),
             (self.mask_schedule in SCHEDULES, f"--mask_schedule {self.mask_schedule!r}: choose {', '.join(SCHEDULES)}"),

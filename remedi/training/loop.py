@@ -37,6 +37,7 @@ from remedi.training.data import collate, micro_batches
 from remedi.training.losses import UPSMetrics
 from remedi.training.noise import inject_noise
 from remedi.training.self_noise import SelfNoise, draw_self_positions
+from remedi.tracking import log_metrics
 from remedi.training.state import (Parts, args_record, export, latest_checkpoint, load_trainable, restore,
                                    resume_point, save_checkpoint, write_args)
 from remedi.training.step import TrainStep
@@ -301,6 +302,7 @@ class Trainer:
             sums[k] = 0 if isinstance(sums[k], int) else 0.0
         if self.main:
             append_jsonl(self.out / "metrics.jsonl", [rec])
+            log_metrics(self, rec, step)
             post = {"loss": f"{rec['loss']:.4f}", "tok/s": f"{rec['tokens_per_s']:.0f}"}
             if rec.get("auroc_unmasked") is not None:
                 post["auroc"] = f"{rec['auroc_unmasked']:.3f}"
