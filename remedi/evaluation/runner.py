@@ -50,8 +50,8 @@ class EvalArgs:
     format: Optional[str] = arg(None, f"answer format: {' | '.join(FORMATS)} (humaneval/mbpp: scored by running "
                                 "the tests in a sandbox); default guessed from the dataset")
     sources: Optional[str] = arg(None, "comma list of strategies (" + ", ".join(STRATEGIES) + "); default "
-                                 "llada_low_confidence, plus ups,tps_prob,random when a UPS is given; the embedded model: "
-                                 "llada_low_confidence,tps_prob,margin,random,ups")
+                                 "llada_low_confidence, plus ups,tps_prob,entropy,random when a UPS is given; the "
+                                 "embedded model: llada_low_confidence,tps_prob,margin,entropy,random,ups")
     steps_list: Optional[str] = arg(None, "comma list of step counts to sweep (accuracy vs NFE); default: --steps")
     fewshot: int = arg(0, "few-shot exemplars from the train split (Base models)")
     fewshot_file: Optional[str] = arg(None, "where few-shot exemplars come from (default: the dataset's train split)")
@@ -67,8 +67,8 @@ class EvalArgs:
     output_dir: Optional[str] = arg(None, "default runs/eval-<dataset>-<timestamp>; rerun with the same folder "
                                     "to resume")
     rescore: Optional[str] = arg(None, "re-check the completions of an earlier results.jsonl; loads no model")
-    trajectory_out: Optional[str] = arg("auto", "folder for a trajectory picture (PNG + HTML) of the first item "
-                                        "per source; auto: <output_dir>/trajectories, none: no pictures")
+    trajectory_out: Optional[str] = arg("auto", "folder for a trajectory picture (PNG) per source of the first item "
+                                        "that some source got right; auto: <output_dir>/trajectories, none: no pictures")
     n_boot: int = arg(2000, "paired bootstrap resamples")
 
     def __post_init__(self):
@@ -104,8 +104,8 @@ def _csv(s: Optional[str]) -> list[str]:
 
 def _default_sources(has_ups: bool, embedded: bool) -> list[str]:
     if has_ups and embedded:
-        return ["llada_low_confidence", "tps_prob", "margin", "random", "ups"]
-    return ["llada_low_confidence"] + (["ups", "tps_prob", "random"] if has_ups else [])
+        return ["llada_low_confidence", "tps_prob", "margin", "entropy", "random", "ups"]
+    return ["llada_low_confidence"] + (["ups", "tps_prob", "entropy", "random"] if has_ups else [])
 
 
 def plan_run(m: ModelArgs, s: SamplingArgs, e: EvalArgs) -> Plan:
@@ -302,7 +302,7 @@ def run(m: ModelArgs, s: SamplingArgs, e: EvalArgs, argv: list[str]) -> dict:
         traj_dir = {"auto": out / "trajectories", "none": None, "": None}.get(
             e.trajectory_out, Path(e.trajectory_out) if e.trajectory_out else None)
         if traj_dir is not None and state.is_main_process:
-            _trajectories(plan, traj_dir)
+            _trajectories(plan, traj_dir, R.read_results(out / "results.jsonl"))
     state.wait_for_everyone()
     if state.num_processes > 1:  # no collectives follow; rank 0 writes the reports alone
         state.destroy_process_group()
@@ -315,17 +315,26 @@ def run(m: ModelArgs, s: SamplingArgs, e: EvalArgs, argv: list[str]) -> dict:
                           "steps": plan.steps, "note": plan.note, "output_dir": str(out)})
 
 
-def _trajectories(plan: Plan, out: Path) -> None:
-    """A picture of the first item's decoding per source, with its prompt, gold answer and verdict."""
+def picture_item(plan: Plan, records: list[dict]):
+    """The item the trajectory pictures show: the first one (in run order) that at least one source got right
+    at the first step count, so the pictures can show a right decoding beside wrong ones; else the first item."""
+    right = {str(r["id"]) for r in records if r.get("correct") and r.get("steps") == plan.steps[0]}
+    return next((it for it in plan.items if it.id in right), plan.items[0])
+
+
+def _trajectories(plan: Plan, out: Path, records: list[dict]) -> None:
+    """A picture of one item's decoding per source (see :func:`picture_item`), with its prompt, what the model
+    answered, the gold answer and the verdict."""
     from remedi.decoding.trajectory import draw_trajectory
 
-    session, it = plan.session, plan.items[0]
+    session, it = plan.session, picture_item(plan, records)
     out.mkdir(parents=True, exist_ok=True)
     for src in plan.sources:
         gen = session.generate([plan.prompts[it.id][0]], src, [it.id], plan.steps[0], record_trajectory=True)[0]
         completion = session.tokenizer.decode(gen.tokens, skip_special_tokens=True)
         verdict = R.make_record(it, src, plan.steps[0], "", completion, plan.spec.fmt)
         path = out / f"trajectory-{src}-{it.id}.png"
-        draw_trajectory(gen, session.tokenizer, path, title=f"{src}, item {it.id}",
-                        prompt=it.question, gold=it.gold, correct=verdict["correct"])
+        answer = verdict["extracted"] if verdict.get("extracted") is not None else completion
+        draw_trajectory(gen, session.tokenizer, path, title=f"{src}, item {it.id}, {plan.steps[0]} steps",
+                        prompt=it.question, gold=it.gold, correct=verdict["correct"], answer=answer)
         log.info("trajectory of %s with %s: %s", it.id, src, path)
