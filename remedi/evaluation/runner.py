@@ -170,11 +170,12 @@ def write_reports(out: Path, records: list, title: str, n_boot: int, seed: int, 
     from remedi.evaluation.plots import has_steps_sweep, plot_accuracy, plot_accuracy_vs_nfe
 
     summary = summarize(records, n_boot=n_boot, seed=seed)
+    model = model_title(extra.get("config") or {})
     files = {"results": str(extra.pop("results")), "summary.json": str(out / "summary.json"),
              "summary.md": str(out / "summary.md"),
-             "accuracy.png": str(plot_accuracy(summary, out / "accuracy.png", title))}
+             "accuracy.png": str(plot_accuracy(summary, out / "accuracy.png", title, model))}
     if has_steps_sweep(summary):
-        files["accuracy_vs_nfe.png"] = str(plot_accuracy_vs_nfe(summary, out / "accuracy_vs_nfe.png", title))
+        files["accuracy_vs_nfe.png"] = str(plot_accuracy_vs_nfe(summary, out / "accuracy_vs_nfe.png", title, model))
     summary = {**summary, **extra, "files": files}
     write_json_atomic(out / "summary.json", summary)
     md = render_markdown(summary, title)
@@ -182,6 +183,19 @@ def write_reports(out: Path, records: list, title: str, n_boot: int, seed: int, 
         tmp.write_text(md)
     print(md + "\n" + "\n".join(f"{k}: {v}" for k, v in files.items()))
     return summary
+
+
+def model_title(fixed: dict) -> Optional[str]:
+    """A reader's name for the model of a run (folder names, never machine paths): model, + UPS, + LoRA."""
+    if not fixed.get("model_name"):
+        return None
+    name = lambda p: Path(str(p)).name if Path(str(p)).expanduser().exists() else str(p)  # noqa: E731
+    out = name(fixed["model_name"])
+    if fixed.get("ups_head"):
+        out += f" + UPS {Path(str(fixed['ups_head'])).name}"
+    if fixed.get("lora_path"):
+        out += f" + LoRA {Path(str(fixed['lora_path'])).name}"
+    return out
 
 
 def dataset_title(spec: D.DatasetSpec) -> str:
