@@ -232,9 +232,11 @@ class RLTrainer(CheckpointMixin):
                           if r.kl_coef > 0 else None)
         if self.main:
             n = sum(p.numel() for p in self.ups_params + self.lora_params)
-            log.info("model %s: UPS %s (%s), trains %s: %d parameters (%.2fM LoRA); frozen dtype %s", m.model_name,
-                     lm.ups_arch, r.ups_head or "model's own stream", r.train, n,
-                     sum(p.numel() for p in self.lora_params) / 1e6, dtype)
+            n_lora = sum(p.numel() for p in self.lora_params)
+            what = (f"the UPS ({n:,} parameters; backbone frozen)" if not n_lora else
+                    f"the UPS and LoRA adapters ({n:,} parameters, {n_lora:,} of them LoRA)")
+            log.info("model %s: UPS %s (%s); training %s; frozen weights in %s", m.model_name, lm.ups_arch,
+                     r.ups_head or "model's own stream", what, dtype)
 
     def _build_optimizer(self) -> None:
         r = self.rargs
