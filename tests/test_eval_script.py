@@ -213,7 +213,9 @@ def test_user_command_parses():
     assert (s.steps, s.gen_length, s.block_length, s.eos_gating, s.temperature) == (128, 128, 16, True, 0.0)
     assert (e.dataset, e.subset, e.split, e.format, e.max_samples, e.infer_bs) == \
         ("openai/gsm8k", "main", "test", "gsm8k", 50, 1)
-    assert ge._default_sources(True, False) == ["llada_low_confidence", "ups", "tps_prob", "random"]
+    assert ge._default_sources(True, False) == ["llada_low_confidence", "ups", "tps_prob", "entropy", "random"]
+    # the main job (embedded model) includes entropy, the README's best heuristic
+    assert "entropy" in ge._default_sources(True, True)
     assert ge._default_sources(False, False) == ["llada_low_confidence"]
 
 
