@@ -12,6 +12,13 @@ from typing import Optional
 from remedi.files import atomic_path
 
 
+def no_paths(text: str) -> str:
+    """A title without machine paths: every absolute or home-relative path becomes its last component."""
+    import re
+
+    return re.sub(r"(?<!\S)[~/][^\s,;:()]*", lambda m: Path(m.group().rstrip("/")).name or m.group(), text)
+
+
 def _pyplot():
     import matplotlib
 
@@ -43,7 +50,7 @@ def run_title(summary: dict, title: str = "", model: Optional[str] = None) -> st
              f"{', '.join(map(str, steps))} steps" if steps else "",
              (f"mean NFE {min(nfe):.1f}" + (f"\u2013{max(nfe):.1f}" if max(nfe) - min(nfe) >= 0.05 else "")) if nfe
              else ""]
-    return "\n".join(x for x in (title, "; ".join(f for f in facts if f)) if x)
+    return no_paths("\n".join(x for x in (title, "; ".join(f for f in facts if f)) if x))
 
 
 def plot_accuracy(summary: dict, path: str | os.PathLike, title: str = "", model: Optional[str] = None) -> Path:
