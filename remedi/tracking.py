@@ -19,6 +19,8 @@ log = logging.getLogger(__name__)
 REPORT_TO = ("none", "tensorboard", "wandb", "trackio")
 PROJECT = "remedi"
 TRACKING_DIR = "tracking"
+REPORT_TO_HELP = ("also send the metrics.jsonl lines to an experiment tracker (accelerate's): none, tensorboard "
+                  "(event files in <output_dir>/tracking), wandb or trackio")
 _PACKAGE = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}
 
 

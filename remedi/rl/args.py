@@ -27,6 +27,7 @@ from typing import Optional
 
 from remedi.arguments import arg
 from remedi.rl.rewards import REWARDS
+from remedi.tracking import REPORT_TO_HELP
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +114,7 @@ class RLArgs:
     stop_after_updates: Optional[int] = arg(None, "stop after N updates as if killed (no final export; tests)")
     save_ups_head: Optional[str] = arg(None, "where to write the trained UPS (default <output_dir>/ups.pt)")
     save_lora_dir: Optional[str] = arg(None, "where to write the LoRA adapters (default <output_dir>/lora)")
-    report_to: str = arg("none", "also send the metrics.jsonl lines to an experiment tracker (accelerate's): none, "
-                         "tensorboard (event files in <output_dir>/tracking), wandb or trackio")
+    report_to: str = arg("none", REPORT_TO_HELP)
 
     def __post_init__(self):
         from remedi.tracking import check_report_to
