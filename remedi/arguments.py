@@ -8,6 +8,11 @@ A field whose value a model folder may supply (``defaults.json``) defaults to ``
 given. :func:`fill_defaults` later fills such fields from the model folder, then from the library
 default, and logs where each value came from; validation that depends on those values runs after it.
 No script re-reads ``sys.argv`` to learn what the user typed.
+
+``--config FILE`` (YAML or JSON, one mapping of flag name -> value) works for every script that parses here:
+the file's values become the parser's defaults, so a flag on the command line beats the file. A training
+run's own ``args.json`` is such a file (its bookkeeping keys are skipped), so ``--config runs/x/args.json``
+replays the run. A key that is no flag of the script is an error naming the closest flag.
 """
 from __future__ import annotations
 
@@ -68,7 +73,76 @@ def _parser(dataclass_types: Sequence[type], description: str):
         def error(self, message):
             raise ValueError(f"{message} (see --help)")
 
-    return Parser(list(dataclass_types), description=description, formatter_class=HelpFormatter, allow_abbrev=False)
+    parser = Parser(list(dataclass_types), description=description, formatter_class=HelpFormatter,
+                    allow_abbrev=False)
+    parser.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE",
+                        help="YAML or JSON file of flag values (e.g. a run's args.json, or configs/*.yaml); flags "
+                             "given on the command line override it")
+    return parser
+
+
+RECORD_KEYS = ("script", "versions", "resolved_from")
+"""Keys of a run's args.json that are bookkeeping, not flags: skipped when it is read back with --config."""
+
+
+def _split_config(args: list[str]) -> tuple[Optional[str], list[str]]:
+    """Take ``--config FILE`` / ``--config=FILE`` out of ``args``."""
+    path, rest, i = None, [], 0
+    while i < len(args):
+        a = args[i]
+        if a == "--config" or a.startswith("--config="):
+            if path is not None:
+                raise ValueError("--config is given twice; pass one file (flags on the command line override it)")
+            if a == "--config":
+                if i + 1 >= len(args) or args[i + 1].startswith("--"):
+                    raise ValueError("--config needs a file: --config run.yaml (or a run's args.json)")
+                path, i = args[i + 1], i + 2
+                continue
+            path = a.split("=", 1)[1]
+        else:
+            rest.append(a)
+        i += 1
+    return path, rest
+
+
+def read_config(path: str | os.PathLike) -> dict:
+    """A --config file as a dict: ``.json`` as JSON, anything else as YAML (which also reads JSON)."""
+    import json
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"--config {path} does not exist; give a .yaml or .json file of flag values")
+    text = p.read_text(encoding="utf-8")
+    try:
+        if p.suffix == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as e:  # the parser's message, on one line
+        raise ValueError(f"--config {path} is not valid {'JSON' if p.suffix == '.json' else 'YAML'}: "
+                         f"{' '.join(str(e).split())}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path} must hold a mapping of flag name -> value, got a {type(data).__name__}")
+    return {str(k).lstrip("-"): v for k, v in data.items() if str(k) not in RECORD_KEYS}
+
+
+def _apply_config(parser, path: str, unknown_hint=None) -> None:
+    """Make the file's values the parser's defaults (so command-line flags still win)."""
+    import difflib
+
+    values = read_config(path)
+    dests = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", "config")}
+    for key in values:
+        if key not in dests:
+            hint = unknown_hint([f"--{key}"]) if unknown_hint else None
+            close = difflib.get_close_matches(key, list(dests), n=1, cutoff=0.5)
+            where = f"; {hint}" if hint else (f"; did you mean --{close[0]}?" if close else "")
+            raise ValueError(f"--config {path}: unknown key {key!r} (no flag --{key} in this script){where}")
+    parser.set_defaults(**values)
 
 
 def _did_you_mean(parser, flags: Sequence[str]) -> str:
@@ -86,11 +160,13 @@ def _did_you_mean(parser, flags: Sequence[str]) -> str:
 
 def parse_args(dataclass_types: Sequence[type], argv: Optional[Sequence[str]] = None, description: str = "",
                unknown_hint=None):
-    """Parse argv into one instance per dataclass type. Unknown flags are an error that suggests the closest
-    known one; ``unknown_hint(flags)`` may return a clearer message for them (e.g. "that is a LoRA flag: use
+    """Parse argv into one instance per dataclass type (``--config FILE`` supplies defaults, see the module
+    docstring). Unknown flags are an error that suggests the closest known one; ``unknown_hint(flags)`` may return a clearer message for them (e.g. "that is a LoRA flag: use
     train_remask_lora.py")."""
     parser = _parser(dataclass_types, description)
-    args = list(argv) if argv is not None else sys.argv[1:]
+    config, args = _split_config(list(argv) if argv is not None else sys.argv[1:])
+    if config is not None:
+        _apply_config(parser, config, unknown_hint)
     *out, extra = parser.parse_args_into_dataclasses(args=args, return_remaining_strings=True)
     if extra:
         flags = sorted({a.split("=", 1)[0] for a in extra if a.startswith("-")}) or extra
@@ -134,8 +210,9 @@ USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryEr
 
 
 def run_main(main, argv: Optional[Sequence[str]] = None) -> None:
-    """Run a script's ``main(argv)``: a user error prints ``error: <message>`` and exits with code 2 (as
-    argparse does for a bad flag); ``--debug`` or ``REMEDI_DEBUG=1`` shows the full traceback instead."""
+    """Run a script's ``main(argv)``: a user error prints the one line ``error: <message>`` and exits with code 2
+    (as argparse does for a bad flag); ``--debug`` or ``REMEDI_DEBUG=1`` shows the full traceback instead (the
+    README and ``--help`` say so, the error does not repeat it)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("REMEDI_DEBUG", "") not in ("", "0")
     try:
@@ -146,5 +223,5 @@ def run_main(main, argv: Optional[Sequence[str]] = None) -> None:
         msg = str(e) or type(e).__name__
         if isinstance(e, OSError) and e.filename and str(e.filename) not in msg:
             msg = f"{msg}: {e.filename}"
-        print(f"error: {msg}\n(run with --debug or REMEDI_DEBUG=1 for the traceback)", file=sys.stderr)
+        print("error: " + " ".join(msg.split()), file=sys.stderr)
         raise SystemExit(2) from None

@@ -54,6 +54,11 @@ def default_ups_head(model_name: str) -> Optional[str]:
     return str(path) if is_embedded(model_name) and path.is_file() else None
 
 
+def usable_sources(has_ups: bool) -> list[str]:
+    """Every sampler strategy a model can decode with: all of them, ``ups`` only with a UPS."""
+    return [s for s in STRATEGIES if s != "ups" or has_ups]
+
+
 def parse_sources(text: Optional[str], has_ups: bool, default: Sequence[str]) -> list[str]:
     """A comma list of sampler strategies, checked (unknown names, duplicates, ups without a UPS)."""
     if text is None:
@@ -155,3 +160,92 @@ def fixed_settings(session: Session) -> dict:
     """The settings every result of a run shares (written beside results, checked on resume)."""
     return {"model_name": session.model_name, "ups_head": session.ups_head, "lora_path": session.lora_path,
             "seed": session.seed, **{k: v for k, v in dataclasses.asdict(session.sampling).items() if k != "steps"}}
+
+
+# ------------------------------------------------------------------------------------- the notebook API
+@dataclass
+class Decoded:
+    """What one source made of one prompt: the text, the counts, and (when recorded) the trajectory."""
+    source: str
+    text: str
+    tokens: list
+    nfe: int
+    remasks: int
+    seconds: float
+    generation: Generation
+    tokenizer: object = dataclasses.field(repr=False, default=None)
+
+    @property
+    def trajectory(self) -> Optional[list]:
+        """One dict per step (see :class:`remedi.decoding.sampler.Generation`); None unless recorded."""
+        return self.generation.trajectory
+
+    def draw(self, png, html=None, title: Optional[str] = None, prompt: Optional[str] = None) -> dict:
+        """The trajectory picture (and optionally the HTML page) of this decoding."""
+        from remedi.decoding.trajectory import draw_trajectory
+
+        return draw_trajectory(self.generation, self.tokenizer, png, html, title=title or f"source {self.source}",
+                               prompt=prompt, answer=self.text)
+
+
+class Remedi:
+    """A loaded model for notebooks: load once, then text in, text out, per source (see :func:`load`)."""
+
+    def __init__(self, session: Session):
+        self.session = session
+
+    @property
+    def sources(self) -> list[str]:
+        """Every source this model can decode with (``ups`` only with a UPS)."""
+        return usable_sources(self.session.has_ups)
+
+    @property
+    def tokenizer(self):
+        return self.session.tokenizer
+
+    def generate(self, text: str, sources: Optional[Sequence[str] | str] = None, *, trajectory: bool = True,
+                 steps: Optional[int] = None, item_id: str = "0") -> dict[str, Decoded]:
+        """Decode ``text`` with each source (default: all of :attr:`sources`); returns {source: Decoded}.
+
+        The random stream comes from (seed, ``item_id``): prompt 0 of ``infer_compare.py --prompt TEXT`` with the
+        same seed and sampling settings decodes the same tokens."""
+        if not isinstance(text, str):
+            raise TypeError("generate() takes one prompt string; call it once per prompt")
+        names = ",".join(sources) if isinstance(sources, (list, tuple)) else sources
+        chosen = parse_sources(names, self.session.has_ups, self.sources)
+        prompt = self.session.encode(text)
+        self.session.check_prompts(chosen, [len(prompt)], [steps])
+        out = {}
+        for src in chosen:
+            g = self.session.generate([prompt], src, [item_id], steps, record_trajectory=trajectory)[0]
+            out[src] = Decoded(src, self.tokenizer.decode(g.tokens, skip_special_tokens=True), list(g.tokens), g.nfe,
+                               g.remasks, g.seconds, g, self.tokenizer)
+        return out
+
+    def __repr__(self) -> str:
+        s = self.session
+        return (f"Remedi({s.model_name!r}, ups={s.ups_head or ('stream' if s.cfg.ups_taps else None)!r}, "
+                f"lora={s.lora_path!r}, gen_length={s.sampling.gen_length}, block_length={s.sampling.block_length}, "
+                f"steps={s.sampling.steps})")
+
+
+def load(model_name: Optional[str] = None, *, ups_head: Optional[str] = None, lora_path: Optional[str] = None,
+         chat: Optional[bool] = None, seed: int = 0, device: Optional[str] = None, dtype: str = "auto",
+         **sampling) -> Remedi:
+    """Load a model once for interactive use: ``remedi.load().generate("Ann has 3 pens ...")``.
+
+    ``model_name``: hub id or local folder (default: the embedded tiny model, with its own UPS). ``sampling``:
+    any sampler flag by name (``steps=48``, ``gen_length=96``, ``cache="dual"``, ...); the model folder's
+    defaults.json fills the rest, as in the scripts."""
+    names = {f.name for f in dataclasses.fields(SamplingArgs)}
+    unknown = sorted(set(sampling) - names)
+    if unknown:
+        import difflib
+
+        close = {k: difflib.get_close_matches(k, sorted(names), n=1) for k in unknown}
+        raise ValueError("remedi.load: unknown sampling setting(s) " + ", ".join(
+            f"{k!r}" + (f" (did you mean {c[0]!r}?)" if c else "") for k, c in close.items())
+            + f"; known: {', '.join(sorted(names))}")
+    session = open_session(str(model_name or EMBEDDED_MODEL), SamplingArgs(**sampling), ups_head=ups_head,
+                           lora_path=lora_path, chat=chat, seed=seed)
+    return Remedi(session.load(device, dtype))

@@ -22,8 +22,22 @@ from remedi.rl.trainer import run
 
 
 def main(argv=None) -> dict:
+    import logging
+    import sys
+
+    from remedi.arguments import setup_logging
+    from remedi.training.demo import RL_DEMO, rl_summary
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    log = logging.getLogger("train_remask_rl")
+    if not argv:
+        setup_logging()
+        log.info(RL_DEMO)
     margs, rargs = parse_args([ModelArgs, RLArgs], argv, description=__doc__)
-    return run(margs, rargs)
+    result = run(margs, rargs)
+    if not argv:
+        log.info(rl_summary(result))
+    return result
 
 
 if __name__ == "__main__":

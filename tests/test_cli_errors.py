@@ -32,6 +32,19 @@ def test_user_errors_are_one_line_and_exit_2(args, says):
     assert "Traceback" not in p.stderr
     errors = [line for line in p.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and says in errors[0], p.stderr[-2000:]
+    assert p.stderr.splitlines()[-1] == errors[0]  # the error is the last line: no second hint line after it
+
+
+@pytest.mark.parametrize("script, says", [
+    ("remedi/eval_gsm_math.py", "unknown key 'stepz' (no flag --stepz in this script); did you mean --steps?"),
+    ("remedi/train_remask_rl.py", "unknown key 'stepz'"),
+])
+def test_a_bad_config_file_is_one_line_before_any_work(tmp_path, script, says):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("stepz: 3\n")
+    p = run(script, "--config", str(cfg))
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == [p.stderr.strip()], p.stderr[-2000:]
+    assert p.stderr.startswith("error: --config") and says in p.stderr
 
 
 def test_debug_shows_the_traceback():

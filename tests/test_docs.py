@@ -47,8 +47,10 @@ def doc_commands():
 
 
 @pytest.mark.parametrize("doc, script, argv", doc_commands(), ids=lambda v: v if isinstance(v, str) else None)
-def test_documented_command_parses(doc, script, argv):
+def test_documented_command_parses(doc, script, argv, monkeypatch):
     from remedi.arguments import parse_args
+
+    monkeypatch.chdir(REPO)  # --config paths in the docs are relative to the checkout
 
     parsers = _parsers()
     assert script in parsers, f"{doc} runs {script}, which is not one of the scripts"

@@ -213,7 +213,9 @@ def test_user_command_parses():
     assert (s.steps, s.gen_length, s.block_length, s.eos_gating, s.temperature) == (128, 128, 16, True, 0.0)
     assert (e.dataset, e.subset, e.split, e.format, e.max_samples, e.infer_bs) == \
         ("openai/gsm8k", "main", "test", "gsm8k", 50, 1)
-    assert ge._default_sources(True, False) == ["llada_low_confidence", "ups", "tps_prob", "random"]
+    assert ge._default_sources(True, False) == ["llada_low_confidence", "ups", "tps_prob", "entropy", "random"]
+    # the main job (embedded model) includes entropy, the README's best heuristic
+    assert "entropy" in ge._default_sources(True, True)
     assert ge._default_sources(False, False) == ["llada_low_confidence"]
 
 
@@ -248,13 +250,13 @@ def test_embedded_defaults_arith_task_and_ups(tmp_path, monkeypatch):
     out = tmp_path / "run"
     # --model_name stands for ModelArgs' default (the real embedded path); explicit --steps beats defaults.json
     summary = script.main(["--model_name", str(emb), "--output_dir", str(out), "--steps", "8"])
-    assert summary["sources"] == ["llada_low_confidence", "tps_prob", "margin", "random", "ups"]
+    assert summary["sources"] == ["llada_low_confidence", "tps_prob", "margin", "entropy", "random", "ups"]
     cfg = summary["config"]
     assert (cfg["dataset"], cfg["prompt_style"], cfg["gen_length"], cfg["block_length"]) == \
         (str(emb / "data" / "test.jsonl"), "arith", 8, 4)
     assert summary["steps"] == [8] and cfg["ups_head"] == str(emb / "ups_head.pt")
     recs = R.read_results(out / "results.jsonl")
-    assert len(recs) == 15 and recs[0]["prompt"] == arith.prompt(rows[0]["question"])
+    assert len(recs) == 18 and recs[0]["prompt"] == arith.prompt(rows[0]["question"])
     assert recs[0]["meta"] == {"n_ops": 1}
 
 
@@ -274,3 +276,28 @@ def test_fewshot_math_and_trajectories(tiny_model_dir, tmp_path):
                              "Question: What is 0 + 0?\nAnswer:")
     assert rec["gold"] == "0"
     assert list((tmp_path / "traj").glob("trajectory-tps_prob-*.png"))
+
+
+def test_plot_titles_carry_no_machine_paths_and_name_model_steps_nfe():
+    from remedi.evaluation.plots import no_paths, run_title
+    from remedi.evaluation.runner import model_title
+
+    assert no_paths("RL of m on /home/u/data/my.jsonl: reward") == "RL of m on my.jsonl: reward"
+    assert no_paths("on openai/gsm8k (test)") == "on openai/gsm8k (test)"
+    summary = {"groups": [{"steps": 48, "mean_nfe": 40.0}, {"steps": 48, "mean_nfe": 48.0}]}
+    assert run_title(summary, "arith", "tiny") == "arith\nmodel tiny; 48 steps; mean NFE 40.0\u201348.0"
+    assert model_title({"model_name": "GSAI-ML/LLaDA-8B-Base", "ups_head": "/abs/dir/ups.pt"}) == \
+        "GSAI-ML/LLaDA-8B-Base + UPS ups.pt"
+
+
+def test_trajectory_pictures_show_an_item_some_source_got_right():
+    from types import SimpleNamespace
+
+    from remedi.evaluation.runner import picture_item
+
+    items = [SimpleNamespace(id=f"q{i}") for i in range(3)]
+    plan = SimpleNamespace(items=items, steps=[48, 24])
+    recs = [{"id": "q0", "steps": 48, "correct": False}, {"id": "q0", "steps": 24, "correct": True},
+            {"id": "q1", "steps": 48, "correct": False}, {"id": "q2", "steps": 48, "correct": True}]
+    assert picture_item(plan, recs).id == "q2"  # q0 is right only at another step count
+    assert picture_item(plan, recs[:3]).id == "q0"  # nobody right: the first item

@@ -16,6 +16,11 @@ from remedi.model.checkpoint import load_pretrained, save_ups
 from remedi.model.config import get_config
 from remedi.model.llada import RemeDiLM, UPSHead, init_weights
 from remedi.decoding.args import SamplingArgs
+from remedi.decoding.sampler import STRATEGIES
+from remedi.model.loading import EMBEDDED_MODEL
+
+needs_embedded = pytest.mark.skipif(not (EMBEDDED_MODEL / "defaults.json").is_file(),
+                                    reason="the embedded model is not in checkpoints/")
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["--steps", "8", "--gen_length", "16", "--block_length", "8"]
@@ -47,12 +52,12 @@ def test_end_to_end_with_ups(tiny_model_dir, ups_path, tmp_path, capsys):
                                "--prompt", "Janet has 3 apples.", "--prompt", "Write a Python function.", *SMALL,
                                "--temperature", "0.0", "--cfg_scale", "0.0", "--mask_id", "0", "--logits_eos_inf",
                                "--confidence_eos_eot_inf", "--output_jsonl", str(out), "--trajectory_out", str(traj),
-                               "--batch_size", "2"])
+                               "--batch_size", "2", "--sources", "ups,tps_prob,random"])
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     assert lines == json.loads(json.dumps(recs))
     assert [(r["prompt"][:5], r["source"]) for r in lines] == [
         ("Janet", "ups"), ("Janet", "tps_prob"), ("Janet", "random"),
-        ("Write", "ups"), ("Write", "tps_prob"), ("Write", "random")]
+        ("Write", "ups"), ("Write", "tps_prob"), ("Write", "random")]  # --sources ups,tps_prob,random
     for r in lines:
         assert {"prompt", "source", "text", "generated_ids", "nfe", "remasks", "remasks_per_block", "seconds"} <= set(r)
         assert r["nfe"] == 8 and len(r["generated_ids"]) == 16 and all(isinstance(t, int) for t in r["generated_ids"])
@@ -80,8 +85,9 @@ def test_default_sources_and_prompts_file(tiny_model_dir, tmp_path):
                                       + json.dumps({"prompt": "Give a brief plan"}) + "\n")
     recs = infer_compare.main(["--model_name", str(tiny_model_dir), "--prompts_file", str(tmp_path / "p.txt"),
                                *SMALL, "--chat"])
-    assert [r["source"] for r in recs[:5]] == list(compare.TRAINING_FREE_SOURCES)
-    assert len(recs) == 2 * 5 and recs[0]["chat"] is True
+    free = ["llada_low_confidence", "llada_random", "tps_prob", "margin", "entropy", "random"]  # every source but ups
+    assert [r["source"] for r in recs[:6]] == free
+    assert len(recs) == 2 * 6 and recs[0]["chat"] is True and "correct" not in recs[0]
     recs = infer_compare.main(["--model_name", str(tiny_model_dir), "--prompts_file", str(tmp_path / "p.jsonl"),
                                "--prompt", "first", *SMALL, "--sources", "margin", "--no_chat"])
     assert [r["prompt"] for r in recs] == ["first", "How many apples?", "Give a brief plan"]
@@ -178,3 +184,45 @@ def test_trajectory_of_a_gated_generation(tmp_path, strategy):
         assert a["n_pos"] == 8 * len(g.remasks_per_block) and len(g.trajectory) == g.nfe
         assert all(fs is not None for fs in a["final_step"])
         assert analyse(g.trajectory)["final"][:len(g.tokens)] == g.tokens
+
+
+def test_interactive_mode_reads_prompts_until_an_empty_line(tiny_model_dir, tmp_path, capsys):
+    import io
+
+    from remedi.arguments import ModelArgs, parse_args
+
+    out = tmp_path / "chat.jsonl"
+    m, s, c = parse_args([ModelArgs, SamplingArgs, compare.CompareArgs],
+                         ["--model_name", str(tiny_model_dir), *SMALL, "--sources", "entropy,llada_low_confidence",
+                          "--interactive", "--output_jsonl", str(out)])
+    recs = compare.run_compare(m, s, c, stdin=io.StringIO("Janet has 3 apples.\nThe answer is\n\nnever read\n"))
+    assert [(r["prompt"], r["source"]) for r in recs] == [
+        ("Janet has 3 apples.", "entropy"), ("Janet has 3 apples.", "llada_low_confidence"),
+        ("The answer is", "entropy"), ("The answer is", "llada_low_confidence")]
+    printed = capsys.readouterr().out
+    assert printed.count("prompt> ") == 3 and "never read" not in printed and "--- entropy:" in printed
+    assert len(out.read_text().splitlines()) == 4
+    # the loop's prompt i draws like the batch mode's prompt i (same seed scheme): prompt 1 here = prompt 1 there
+    batch = infer_compare.main(["--model_name", str(tiny_model_dir), *SMALL, "--sources", "entropy",
+                                "--prompt", "x", "--prompt", "The answer is", "--temperature", "0.9"])
+    loop = compare.run_compare(*parse_args([ModelArgs, SamplingArgs, compare.CompareArgs],
+                                           ["--model_name", str(tiny_model_dir), *SMALL, "--sources", "entropy",
+                                            "--prompt", "x", "--interactive", "--temperature", "0.9"]),
+                               stdin=io.StringIO("The answer is\nquit\n"))
+    assert loop[1]["generated_ids"] == batch[1]["generated_ids"]
+    # end of input ends the loop too
+    assert compare.run_compare(m, s, c, stdin=io.StringIO("")) == []
+
+
+@needs_embedded
+def test_no_arguments_decodes_the_first_test_problem_with_every_source_and_grades_it(monkeypatch, tmp_path, capsys):
+    monkeypatch.chdir(tmp_path)  # the demo saves under runs/
+    recs = infer_compare.main(["--steps", "24"])
+    assert [r["source"] for r in recs] == list(STRATEGIES)  # entropy and llada_low_confidence included
+    assert {r["id"] for r in recs} == {"arith-test-00000"} and all("correct" in r for r in recs)
+    gold = recs[0]["gold"]
+    printed = capsys.readouterr().out
+    right = [r["source"] for r in recs if r["correct"]]
+    assert f"gold answer: {gold}; right: {', '.join(right) if right else 'none'}" in printed
+    saved = list((tmp_path / "runs").glob("infer_compare-*.jsonl"))
+    assert len(saved) == 1 and [json.loads(x)["source"] for x in saved[0].read_text().splitlines()] == list(STRATEGIES)

@@ -148,3 +148,36 @@ def test_eval_refuses_a_training_folder_and_titles_without_paths(tiny_model_dir,
     summary = eval_gsm_math.main([*common, "--output_dir", str(tmp_path / "ev")])
     title = (tmp_path / "ev" / "summary.md").read_text().splitlines()[0]
     assert str(tmp_path) not in title and "one.jsonl" in title and summary["files"]["accuracy.png"]
+
+
+@needs_embedded
+def test_notebook_api_load_once_text_in_text_out_per_source(tmp_path):
+    import remedi
+
+    m = remedi.load(steps=24)
+    assert "ups" in m.sources and "entropy" in m.sources
+    question = "Ann has 12 pens. Ann buys 30 more pens. How many pens does Ann have?"
+    out = m.generate(question, sources=["entropy", "ups"])
+    assert list(out) == ["entropy", "ups"]
+    for src, d in out.items():
+        assert d.source == src and d.text == m.tokenizer.decode(d.tokens, skip_special_tokens=True)
+        assert d.nfe <= 24 and len(d.trajectory) == d.nfe  # one trajectory step per forward (no CFG)
+    # the same prompt through the script: prompt 0 with the same seed decodes the same tokens
+    recs = infer_compare.main(["--prompt", question, "--steps", "24", "--sources", "entropy,ups"])
+    assert [r["generated_ids"] for r in recs] == [out["entropy"].tokens, out["ups"].tokens]
+    facts = out["ups"].draw(tmp_path / "t.png")
+    assert (tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG" and facts["n_steps"] == len(out["ups"].trajectory)
+    with pytest.raises(ValueError, match="unknown source"):
+        m.generate(question, sources="best")
+    with pytest.raises(ValueError, match="'stepz' \\(did you mean 'steps'\\?\\)"):
+        remedi.load(stepz=3)
+
+
+def test_rl_demo_summary_lists_its_files_and_the_eval_command():
+    from remedi.training.demo import RL_DEMO, rl_summary
+
+    assert "demo" in RL_DEMO
+    text = rl_summary({"update": 4, "output_dir": "runs/x", "paths": {"ups": "runs/x/ups.pt",
+                                                                     "curves": "runs/x/curves.png"}})
+    assert "runs/x/metrics.jsonl" in text and "curves: runs/x/curves.png" in text
+    assert "python remedi/eval_gsm_math.py --ups_head runs/x/ups.pt" in text

@@ -4,7 +4,9 @@ The picture is a grid: x = generated position, y = step (time runs downwards). A
 position is masked, coloured once it holds the token it ends with -- the colour is the step at which that
 final token was unmasked -- and orange while it holds a token that is later taken back. A red x marks a
 remask (a token masked again at that step), so one sees where the policy changed its mind. The final
-tokens are written under each panel in the same colours.
+tokens are written under each panel, horizontally, on a box of their colour (dark boxes get white text, so
+late, yellow tokens stay readable); a dashed line marks where a new block starts. Every panel has the same
+column width, so the panels line up.
 
 Long generations wrap: positions are cut into panels of about 64 (whole blocks where blocks are short),
 and each panel shows only the steps of its own blocks (before them its positions are all masked, after
@@ -74,12 +76,44 @@ def _shorten(text: str, n: int = 110) -> str:
     return flat if len(flat) <= n else flat[: n - 1] + "\u2026"
 
 
+BOUNDARY_RGB = (0.15, 0.15, 0.15)
+LABEL_CHARS = 6  # token labels in the PNG are cut to this many characters
+COLUMN_INCHES = 0.26  # width of one position in the PNG
+
+
+def _label_rows(labels: list[str]) -> list[int]:
+    """Row 0 for every label that does not overlap the one before it in that row, else the first row free."""
+    char = 8 * 0.6 / 72 / COLUMN_INCHES  # width of one 8-pt monospace character, in columns
+    right: list[float] = []  # rightmost edge used so far in each row
+    out = []
+    for x, text in enumerate(labels):
+        half = (len(text) * char + 0.15) / 2
+        row = next((r for r, edge in enumerate(right) if x - half >= edge), len(right))
+        right[row:row + 1] = [x + half]
+        out.append(row)
+    return out
+
+
+def _short_label(tokenizer, tid: Optional[int]) -> str:
+    """The PNG's label: a word's leading space dropped (a bare space stays visible as \u2423)."""
+    s = _label(tokenizer, tid, LABEL_CHARS + 1)
+    s = s[1:] if s.startswith(" ") and s.strip() else s
+    return s if len(s) <= LABEL_CHARS else s[: LABEL_CHARS - 1] + "\u2026"
+
+
+def _text_on(rgb) -> str:
+    """Black or white, whichever reads better on ``rgb``."""
+    r, g, b = rgb[:3]
+    return "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"
+
+
 def draw_trajectory(gen, tokenizer, out_png, out_html=None, title: str = "", prompt: Optional[str] = None,
-                    gold: Optional[str] = None, correct: Optional[bool] = None) -> dict:
+                    gold: Optional[str] = None, correct: Optional[bool] = None, answer: Optional[str] = None) -> dict:
     """Write the PNG (and optionally the HTML page) for one ``Generation``; returns :func:`analyse`'s facts.
 
-    ``prompt``, ``gold`` and ``correct`` (when known) are printed in the title, so the picture says what
-    was asked, what the right answer is and whether this decoding got it.
+    ``prompt``, ``answer`` (what the model answered: the extracted answer, else its text), ``gold`` and
+    ``correct`` (when known) are printed in the title, so the picture says what was asked, what the model
+    answered, what the right answer is and whether this decoding got it.
     """
     import matplotlib
 
@@ -98,7 +132,8 @@ def draw_trajectory(gen, tokenizer, out_png, out_html=None, title: str = "", pro
     panels = _panels(traj, a["n_pos"])
     heights = [min(6.0, max(1.6, 0.09 * (s1 - s0) + 1.0)) for _, _, s0, s1 in panels]
     max_w = max(hi - lo for lo, hi, _, _ in panels)
-    fig_w = 2.2 + 0.19 * max_w
+    labels = [_short_label(tokenizer, t) for t in a["final"]]
+    fig_w = 2.4 + COLUMN_INCHES * max_w
     fig, axes = plt.subplots(len(panels), 1, figsize=(fig_w, sum(heights) + 1.2 + 0.2 * len(panels)),
                              gridspec_kw=dict(height_ratios=heights), squeeze=False, layout="constrained")
     for ax, (lo, hi, s0, s1) in zip(axes[:, 0], panels):
@@ -108,15 +143,18 @@ def draw_trajectory(gen, tokenizer, out_png, out_html=None, title: str = "", pro
                 st = a["state"][n][p]
                 img[r, c] = MASKED_RGB if st == 0 else DISCARDED_RGB if st == 2 else cmap(norm(a["final_step"][p]))[:3]
         ax.imshow(img, aspect="auto", interpolation="nearest", extent=(lo - 0.5, hi - 0.5, s1 - 0.5, s0 - 0.5))
+        ax.set_xlim(lo - 0.5, lo + max_w - 0.5)  # every panel as wide as the widest: equal column widths
         rm = [(p, n) for p, n in a["remasks"] if lo <= p < hi and s0 <= n < s1]
         if rm:
             ax.scatter([p for p, _ in rm], [n for _, n in rm], marker="x", s=18, linewidths=1.1, color=REMASK_RGB)
-        ax.set_xticks(range(lo, hi))
-        ax.set_xticklabels([_label(tokenizer, a["final"][p]) for p in range(lo, hi)], rotation=90,
-                           fontsize=6.5, family="monospace")
-        for p, t in zip(range(lo, hi), ax.get_xticklabels()):
-            if a["final_step"][p] is not None:
-                t.set_color(cmap(norm(a["final_step"][p])))
+        ax.set_xticks(range(lo, hi), [""] * (hi - lo))
+        ax.tick_params(axis="x", which="major", length=2)
+        rows = _label_rows(labels[lo:hi])
+        for p, row in zip(range(lo, hi), rows):  # horizontal labels; one that would overlap goes one row down
+            rgb = cmap(norm(a["final_step"][p]))[:3] if a["final_step"][p] is not None else MASKED_RGB
+            ax.annotate(labels[p], xy=(p, 0), xycoords=("data", "axes fraction"), xytext=(0, -5 - 14 * row),
+                        textcoords="offset points", ha="center", va="top", fontsize=8, family="monospace",
+                        color=_text_on(rgb), bbox=dict(facecolor=rgb, edgecolor="none", pad=1.0))
         top = ax.secondary_xaxis("top")
         top.set_xticks([p for p in range(lo, hi) if p % 8 == 0])
         top.tick_params(labelsize=7)
@@ -126,20 +164,22 @@ def draw_trajectory(gen, tokenizer, out_png, out_html=None, title: str = "", pro
         ax.set_yticks(sorted(set(starts) | {s1 - 1}))
         for n in starts:
             if n > s0:
-                ax.axhline(n - 0.5, color="white", linewidth=0.8)
+                ax.axhline(n - 0.5, color=BOUNDARY_RGB, linewidth=0.9, linestyle="--")
     info = f"NFE {gen.nfe}, remasks {gen.remasks}, {len(gen.tokens)} tokens kept"
     lines = [title] if title else []
     if prompt:
         lines.append(f"prompt: {_shorten(prompt)}")
-    if gold is not None or correct is not None:
-        verdict = "" if correct is None else ("answer correct" if correct else "answer wrong")
-        lines.append(", ".join(x for x in (f"gold answer {gold}" if gold is not None else "", verdict) if x))
+    if answer is not None or gold is not None or correct is not None:
+        verdict = "" if correct is None else ("correct" if correct else "wrong")
+        said = f"model answered {_shorten(answer, 60)!r}" if answer is not None else ""
+        lines.append(", ".join(x for x in (said, f"gold answer {gold}" if gold is not None else "", verdict) if x))
     fig.suptitle("\n".join(lines + [info]), fontsize=10)
     fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=axes[:, 0].tolist(), aspect=40,
                  pad=0.01, label="step at which the final token was unmasked")
     handles = [Patch(color=MASKED_RGB, label="masked"), Patch(color=DISCARDED_RGB, label="token later remasked"),
-               Line2D([], [], marker="x", linestyle="", color=REMASK_RGB, label="remask event")]
-    fig.legend(handles=handles, loc="outside lower center", fontsize=8, frameon=False, ncol=3)
+               Line2D([], [], marker="x", linestyle="", color=REMASK_RGB, label="remask event"),
+               Line2D([], [], color=BOUNDARY_RGB, linestyle="--", linewidth=0.9, label="block boundary (next block starts)")]
+    fig.legend(handles=handles, loc="outside lower center", fontsize=8, frameon=False, ncol=4)
     out_png = Path(out_png)
     with atomic_path(out_png) as tmp:
         fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")

@@ -61,6 +61,32 @@ def summarize(records: Sequence[dict], n_boot: int = 2000, seed: int = 0) -> dic
     return {"groups": rows, "pairs": pairs, "n_records": len(records), "metric": "pass@1" if code else "accuracy"}
 
 
+LEARNED = ("ups",)
+"""Sources that are learned; every other source is a training-free heuristic."""
+
+
+def best_heuristic(summary: dict, steps=None) -> Optional[dict]:
+    """The group of the most accurate training-free source at ``steps`` (the reference of the paired plot)."""
+    rows = [g for g in summary["groups"] if g["source"] not in LEARNED and g["steps"] == steps]
+    return max(rows, key=lambda g: g["accuracy"]) if rows else None
+
+
+def differences_vs(summary: dict, ref: dict) -> list[dict]:
+    """Every other group at ref's step count against ``ref``: {label, diff = acc(group) - acc(ref), bootstrap 95%
+    CI, McNemar p, n}, on the items both ran (the paired comparison, oriented group minus reference)."""
+    out = []
+    for p in summary["pairs"]:
+        if p["steps"] != ref["steps"] or ref["label"] not in (p["a"], p["b"]):
+            continue
+        if p["a"] == ref["label"]:
+            other, d, lo, hi = p["b"], -p["diff"], -p["diff_hi"], -p["diff_lo"]
+        else:
+            other, d, lo, hi = p["a"], p["diff"], p["diff_lo"], p["diff_hi"]
+        out.append({"label": other, "diff": d, "lo": lo, "hi": hi, "p_value": p["p_value"], "n": p["n"]})
+    order = [g["label"] for g in summary["groups"]]
+    return sorted(out, key=lambda x: order.index(x["label"]))
+
+
 def _samples(recs) -> Optional[dict]:
     """{base item id: [correct, ...]} when every id is '<id>#<k>' (eval --n_samples > 1), else None."""
     by_item: dict = {}
@@ -108,12 +134,14 @@ def _pass_at_k_lines(summary: dict) -> list[str]:
 def render_markdown(summary: dict, title: str = "") -> str:
     lines = [f"## {title}", ""] if title else []
     metric = summary.get("metric", "accuracy")
-    lines += [f"| source | n | {metric} | 95% CI | coverage | mean NFE | remasks/block | tok/s |",
+    lines += [f"| source | n | {metric} | 95% CI | coverage | mean NFE | remasks/block | wall-clock tok/s |",
               "|---|---:|---:|---|---:|---:|---:|---:|"]
     for g in summary["groups"]:
         lines.append(f"| {g['label']} | {g['n']} | {g['accuracy']:.3f} | [{g['ci_lo']:.3f}, {g['ci_hi']:.3f}] | "
                      f"{g['coverage']:.3f} | {_f(g['mean_nfe'], '.1f')} | {_f(g['remasks_per_block'], '.2f')} | "
                      f"{_f(g['tokens_per_s'], '.1f')} |")
+    lines += ["", "wall-clock tok/s: generated tokens per second of wall time in this run, on this machine; it moves "
+              "with machine load and batch size, so it is no property of a source (compare mean NFE instead)."]
     if any("status" in g for g in summary["groups"]):
         lines += ["", "Sandbox outcomes: " + "; ".join(
             f"{g['label']}: " + ", ".join(f"{k} {v}" for k, v in g.get("status", {}).items())

@@ -50,8 +50,8 @@ class EvalArgs:
     format: Optional[str] = arg(None, f"answer format: {' | '.join(FORMATS)} (humaneval/mbpp: scored by running "
                                 "the tests in a sandbox); default guessed from the dataset")
     sources: Optional[str] = arg(None, "comma list of strategies (" + ", ".join(STRATEGIES) + "); default "
-                                 "llada_low_confidence, plus ups,tps_prob,random when a UPS is given; the embedded model: "
-                                 "llada_low_confidence,tps_prob,margin,random,ups")
+                                 "llada_low_confidence, plus ups,tps_prob,entropy,random when a UPS is given; the "
+                                 "embedded model: llada_low_confidence,tps_prob,margin,entropy,random,ups")
     steps_list: Optional[str] = arg(None, "comma list of step counts to sweep (accuracy vs NFE); default: --steps")
     fewshot: int = arg(0, "few-shot exemplars from the train split (Base models)")
     fewshot_file: Optional[str] = arg(None, "where few-shot exemplars come from (default: the dataset's train split)")
@@ -67,8 +67,8 @@ class EvalArgs:
     output_dir: Optional[str] = arg(None, "default runs/eval-<dataset>-<timestamp>; rerun with the same folder "
                                     "to resume")
     rescore: Optional[str] = arg(None, "re-check the completions of an earlier results.jsonl; loads no model")
-    trajectory_out: Optional[str] = arg("auto", "folder for a trajectory picture (PNG + HTML) of the first item "
-                                        "per source; auto: <output_dir>/trajectories, none: no pictures")
+    trajectory_out: Optional[str] = arg("auto", "folder for a trajectory picture (PNG) per source of the first item "
+                                        "that some source got right; auto: <output_dir>/trajectories, none: no pictures")
     n_boot: int = arg(2000, "paired bootstrap resamples")
     allow_weak_sandbox: bool = arg(False, "score humaneval/mbpp even where the code sandbox lacks a required layer "
                                    "(bubblewrap, seccomp, ...): generated code could then read or harm this machine")
@@ -106,8 +106,8 @@ def _csv(s: Optional[str]) -> list[str]:
 
 def _default_sources(has_ups: bool, embedded: bool) -> list[str]:
     if has_ups and embedded:
-        return ["llada_low_confidence", "tps_prob", "margin", "random", "ups"]
-    return ["llada_low_confidence"] + (["ups", "tps_prob", "random"] if has_ups else [])
+        return ["llada_low_confidence", "tps_prob", "margin", "entropy", "random", "ups"]
+    return ["llada_low_confidence"] + (["ups", "tps_prob", "entropy", "random"] if has_ups else [])
 
 
 def plan_run(m: ModelArgs, s: SamplingArgs, e: EvalArgs) -> Plan:
@@ -174,11 +174,12 @@ def write_reports(out: Path, records: list, title: str, n_boot: int, seed: int, 
     from remedi.evaluation.plots import has_steps_sweep, plot_accuracy, plot_accuracy_vs_nfe
 
     summary = summarize(records, n_boot=n_boot, seed=seed)
+    model = model_title(extra.get("config") or {})
     files = {"results": str(extra.pop("results")), "summary.json": str(out / "summary.json"),
              "summary.md": str(out / "summary.md"),
-             "accuracy.png": str(plot_accuracy(summary, out / "accuracy.png", title))}
+             "accuracy.png": str(plot_accuracy(summary, out / "accuracy.png", title, model))}
     if has_steps_sweep(summary):
-        files["accuracy_vs_nfe.png"] = str(plot_accuracy_vs_nfe(summary, out / "accuracy_vs_nfe.png", title))
+        files["accuracy_vs_nfe.png"] = str(plot_accuracy_vs_nfe(summary, out / "accuracy_vs_nfe.png", title, model))
     summary = {**summary, **extra, "files": files}
     write_json_atomic(out / "summary.json", summary)
     md = render_markdown(summary, title)
@@ -186,6 +187,19 @@ def write_reports(out: Path, records: list, title: str, n_boot: int, seed: int, 
         tmp.write_text(md)
     print(md + "\n" + "\n".join(f"{k}: {v}" for k, v in files.items()))
     return summary
+
+
+def model_title(fixed: dict) -> Optional[str]:
+    """A reader's name for the model of a run (folder names, never machine paths): model, + UPS, + LoRA."""
+    if not fixed.get("model_name"):
+        return None
+    name = lambda p: Path(str(p)).name if Path(str(p)).expanduser().exists() else str(p)  # noqa: E731
+    out = name(fixed["model_name"])
+    if fixed.get("ups_head"):
+        out += f" + UPS {Path(str(fixed['ups_head'])).name}"
+    if fixed.get("lora_path"):
+        out += f" + LoRA {Path(str(fixed['lora_path'])).name}"
+    return out
 
 
 def dataset_title(spec: D.DatasetSpec) -> str:
@@ -321,7 +335,7 @@ def run(m: ModelArgs, s: SamplingArgs, e: EvalArgs, argv: list[str]) -> dict:
         traj_dir = {"auto": out / "trajectories", "none": None, "": None}.get(
             e.trajectory_out, Path(e.trajectory_out) if e.trajectory_out else None)
         if traj_dir is not None and state.is_main_process:
-            _trajectories(plan, traj_dir)
+            _trajectories(plan, traj_dir, R.read_results(out / "results.jsonl"))
     state.wait_for_everyone()
     if state.num_processes > 1:  # no collectives follow; rank 0 writes the reports alone
         state.destroy_process_group()
@@ -334,17 +348,26 @@ def run(m: ModelArgs, s: SamplingArgs, e: EvalArgs, argv: list[str]) -> dict:
                           "steps": plan.steps, "note": plan.note, "output_dir": str(out)})
 
 
-def _trajectories(plan: Plan, out: Path) -> None:
-    """A picture of the first item's decoding per source, with its prompt, gold answer and verdict."""
+def picture_item(plan: Plan, records: list[dict]):
+    """The item the trajectory pictures show: the first one (in run order) that at least one source got right
+    at the first step count, so the pictures can show a right decoding beside wrong ones; else the first item."""
+    right = {str(r["id"]) for r in records if r.get("correct") and r.get("steps") == plan.steps[0]}
+    return next((it for it in plan.items if it.id in right), plan.items[0])
+
+
+def _trajectories(plan: Plan, out: Path, records: list[dict]) -> None:
+    """A picture of one item's decoding per source (see :func:`picture_item`), with its prompt, what the model
+    answered, the gold answer and the verdict."""
     from remedi.decoding.trajectory import draw_trajectory
 
-    session, it = plan.session, plan.items[0]
+    session, it = plan.session, picture_item(plan, records)
     out.mkdir(parents=True, exist_ok=True)
     for src in plan.sources:
         gen = session.generate([plan.prompts[it.id][0]], src, [it.id], plan.steps[0], record_trajectory=True)[0]
         completion = session.tokenizer.decode(gen.tokens, skip_special_tokens=True)
         verdict = R.make_record(it, src, plan.steps[0], "", completion, plan.spec.fmt)
         path = out / f"trajectory-{src}-{it.id}.png"
-        draw_trajectory(gen, session.tokenizer, path, title=f"{src}, item {it.id}",
-                        prompt=it.question, gold=it.gold, correct=verdict["correct"])
+        answer = verdict["extracted"] if verdict.get("extracted") is not None else completion
+        draw_trajectory(gen, session.tokenizer, path, title=f"{src}, item {it.id}, {plan.steps[0]} steps",
+                        prompt=it.question, gold=it.gold, correct=verdict["correct"], answer=answer)
         log.info("trajectory of %s with %s: %s", it.id, src, path)

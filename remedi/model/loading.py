@@ -305,9 +305,21 @@ def load_model(model_dir: Path, cfg: LLaDAConfig, ups_head: Optional[str] = None
     model = load_pretrained(model_dir, dtype=pick_dtype(dtype, dev), device=dev)
     if lora_path:
         model.model = load_lora(model.model, lora_path).merge_and_unload()
+        log.info("LoRA adapter %s loaded and merged into the backbone: %s", lora_path, _adapter_summary(lora_path))
     if ups_head:
         load_ups(ups_head, model)
     return model.eval()
+
+
+def _adapter_summary(lora_path) -> str:
+    """Rank, alpha and target modules from a peft folder's adapter_config.json (what the log says was merged)."""
+    try:
+        cfg = json.loads((Path(lora_path) / "adapter_config.json").read_text())
+    except (OSError, ValueError):
+        return "(no readable adapter_config.json)"
+    targets = cfg.get("target_modules")
+    targets = ", ".join(sorted(targets)) if isinstance(targets, list) else str(targets)
+    return f"rank {cfg.get('r')}, alpha {cfg.get('lora_alpha')}, modules {targets}"
 
 
 def load_for_inference(model_name: str, ups_head: Optional[str] = None, lora_path: Optional[str] = None,

@@ -26,6 +26,7 @@ from typing import Optional
 from remedi.arguments import arg, fill_defaults
 from remedi.decoding.args import MODEL_DEFAULTS_FILE, model_sampling_defaults
 from remedi.rl.rewards import REWARDS
+from remedi.tracking import REPORT_TO_HELP
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +112,12 @@ class RLArgs:
     stop_after_updates: Optional[int] = arg(None, "stop after N updates as if killed (no final export; tests)")
     save_ups_head: Optional[str] = arg(None, "where to write the trained UPS (default <output_dir>/ups.safetensors)")
     save_lora_dir: Optional[str] = arg(None, "where to write the LoRA adapters (default <output_dir>/lora)")
+    report_to: str = arg("none", REPORT_TO_HELP)
 
     def __post_init__(self):
+        from remedi.tracking import check_report_to
+
+        check_report_to(self.report_to)
         checks = [
             (self.train in TRAIN_MODES, f"--train {self.train!r}: choose {' or '.join(TRAIN_MODES)}"),
             (self.clip_mode in CLIP_MODES, f"--clip_mode {self.clip_mode!r}: choose {' or '.join(CLIP_MODES)}"),

@@ -86,4 +86,4 @@ def load_items(rargs, tokenizer, model_name: str, seed: int, max_prompt_len: Opt
         hint = (f": --gen_length leaves {max(max_prompt_len, 0)} tokens of the model's max_sequence_length for the "
                 "prompt; lower --gen_length" if too_long == len(items) and max_prompt_len is not None else "")
         raise ValueError(f"{source}: no usable prompts (of {len(items)}; {too_long} too long){hint}")
-    return out, f"{source} ({fmt}, {style} prompts)"
+    return out, f"{source}, answers checked in {fmt} format, {style} prompts"

@@ -52,7 +52,9 @@ def plot_curves(rows: Sequence[dict], out, title: str = "Remask RL") -> Path:
     cx = bx.twinx()
     cx.plot(u, [r["pl_entropy"] for r in rows], marker=marker, color="tab:green", label="PL entropy")
     cx.set_ylabel("entropy of softmax(h / T_pos) (nats)", color="tab:green")
-    fig.suptitle(title)
+    from remedi.evaluation.plots import no_paths
+
+    fig.suptitle(no_paths(title))
     return save_figure(fig, out)
 
 

@@ -42,6 +42,7 @@ from remedi.files import append_jsonl, check_writable, read_jsonl
 from remedi.model.loading import load_model, load_tokenizer, pick_dtype, preflight, resolve_special_ids
 from remedi.rl import checkpoints as ckpt
 from remedi.rl.args import RLArgs
+from remedi.tracking import log_metrics
 from remedi.rl.data import load_items
 from remedi.rl.loss import StepStats, clean_prefix_cache, step_logprobs, step_loss
 from remedi.rl.plots import plot_curves
@@ -59,7 +60,7 @@ log = logging.getLogger(__name__)
 
 SCRIPT = "train_remask_rl"
 RESUME_FREE = {"resume", "stop_after_updates", "save_every", "save_total_limit", "output_dir", "save_ups_head",
-               "save_lora_dir", "max_updates", "device"}
+               "save_lora_dir", "max_updates", "device", "report_to"}
 """Arguments that may change between an RL run and its --resume (they do not change the trajectory)."""
 ARG_DEFAULTS = dataclass_defaults(ModelArgs, RLArgs)
 
@@ -182,9 +183,11 @@ class RLTrainer:
                           if r.kl_coef > 0 else None)
         if self.main:
             n = sum(p.numel() for p in self.ups_params + self.lora_params)
-            log.info("model %s: UPS %s (%s), trains %s: %d parameters (%.2fM LoRA); frozen dtype %s", m.model_name,
-                     lm.ups_arch, r.ups_head or "model's own stream", r.train, n,
-                     sum(p.numel() for p in self.lora_params) / 1e6, dtype)
+            n_lora = sum(p.numel() for p in self.lora_params)
+            what = (f"the UPS ({n:,} parameters; backbone frozen)" if not n_lora else
+                    f"the UPS and LoRA adapters ({n:,} parameters, {n_lora:,} of them LoRA)")
+            log.info("model %s: UPS %s (%s); training %s; frozen weights in %s", m.model_name, lm.ups_arch,
+                     r.ups_head or "model's own stream", what, dtype)
 
     def _build_optimizer(self) -> None:
         r = self.rargs
@@ -367,6 +370,7 @@ class RLTrainer:
             update += 1
             if self.main:
                 append_jsonl(metrics_path, [rec])
+                log_metrics(self, rec, update)
                 bar.set_postfix({"reward": f"{rec['reward_mean']:.3f}", "acc": f"{rec['accuracy']:.3f}",
                                  "remask/blk": f"{rec['remasks_per_block']:.1f}"})
             bar.update(1)

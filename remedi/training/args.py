@@ -16,6 +16,7 @@ from remedi.model.loading import LORA_AUTO_TARGET
 from remedi.training.noise import INCORRECT_SOURCES, SCHEDULES, check_r_incorrect
 from remedi.training.self_noise import NOISE_SOURCES, SELF_SELECT
 from remedi.training.data import KNOWN
+from remedi.tracking import REPORT_TO_HELP
 
 
 @dataclass
@@ -97,6 +98,7 @@ class TrainArgs:
     save_total_limit: int = arg(2, "keep this many most recent checkpoints")
     resume: bool = arg(False, "continue the run in --output_dir from its latest checkpoint, exactly")
     log_every: int = arg(10, "optimiser steps per metrics.jsonl line")
+    report_to: str = arg("none", REPORT_TO_HELP)
     save_model_dir: Optional[str] = arg(None, "write the trained backbone (+stream) in hub layout with the "
                                         "tokenizer, loadable with --model_name DIR (for --train_backbone full)")
     stop_after_steps: Optional[int] = arg(None, "stop after this many optimiser steps as if killed (no final "
@@ -104,6 +106,9 @@ class TrainArgs:
 
     def __post_init__(self):
         check_r_incorrect(self.r_incorrect)
+        from remedi.tracking import check_report_to
+
+        check_report_to(self.report_to)
         checks = [
             (self.ups_arch in ("head", "stream", "none"), f"--ups_arch {self.ups_arch!r}: choose head, stream or none"),
             (self.mask_schedule in SCHEDULES, f"--mask_schedule {self.mask_schedule!r}: choose {', '.join(SCHEDULES)}"),

@@ -61,6 +61,26 @@ def summary(result: dict) -> str:
     return "\n".join(lines)
 
 
+RL_DEMO = ("no flags given: running the Remask RL demo (the embedded model and its shipped UPS head, a few GRPO "
+           "updates on generated arithmetic problems, about a minute on a CPU; too short to improve the head: it shows "
+           "the loop and its files). Pass any flag to train your own run; the LLaDA-8B recipe is "
+           "configs/llada8b_rl.yaml")
+
+
+def rl_summary(result: dict) -> str:
+    """The log lines the RL demo ends with: what it wrote and how to evaluate the result."""
+    out = result.get("output_dir", "?")
+    paths = {k: v for k, v in result.get("paths", {}).items() if v}
+    lines = [f"RL demo finished after {result.get('update')} updates; it wrote:",
+             f"  metrics.jsonl: {out}/metrics.jsonl (one line per update: reward, accuracy, remasks, ...)",
+             f"  args.json: {out}/args.json (replay with --config {out}/args.json --output_dir NEW)"]
+    lines += [f"  {k}: {v}" for k, v in paths.items()]
+    if "ups" in paths:
+        lines.append(f"evaluate it against the heuristics: python remedi/eval_gsm_math.py --ups_head {paths['ups']} "
+                     "--max_samples 50 --sources entropy,tps_prob,ups")
+    return "\n".join(lines)
+
+
 def run_script(script: str, argv, description: str) -> dict:
     """A training script's main: parse ``argv`` (the demo recipe when it is empty), train, report."""
     import sys

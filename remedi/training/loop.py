@@ -35,6 +35,7 @@ from remedi.training.data import collate, micro_batches
 from remedi.training.losses import UPSMetrics
 from remedi.training.noise import inject_noise
 from remedi.training.self_noise import SelfNoise, draw_self_positions
+from remedi.tracking import log_metrics
 from remedi.training.runtime import (Diverged, NonFiniteLoss, claim_resume_point, lock_run_folder, make_accelerator,
                                      output_dir, run_to_end, truncate_metrics)
 from remedi.training.state import (ARG_DEFAULTS, Parts, args_record, export, latest_checkpoint, load_trainable,
@@ -282,6 +283,7 @@ class Trainer:
             sums[k] = 0 if isinstance(sums[k], int) else 0.0
         if self.main:
             append_jsonl(self.out / "metrics.jsonl", [rec])
+            log_metrics(self, rec, step)
             post = {"loss": f"{rec['loss']:.4f}", "tok/s": f"{rec['tokens_per_s']:.0f}"}
             if rec.get("auroc_unmasked") is not None:
                 post["auroc"] = f"{rec['auroc_unmasked']:.3f}"

@@ -17,7 +17,7 @@ PANELS = [
     ("UPS accuracy", ["ups_acc_clean", "ups_acc_incorrect", "ups_acc_masked"]),
     ("UPS AUROC", ["auroc_unmasked", "auroc_masked", "auroc_self", "auroc_random"]),
     ("learning rate", None),  # every lr_* key
-    ("tokens/s", ["tokens_per_s"]),
+    ("wall-clock tokens/s (moves with machine load)", ["tokens_per_s"]),
     ("grad norm", ["grad_norm"]),
 ]
 

@@ -56,7 +56,10 @@ def run_to_end(trainer: Trainer) -> dict:
 
     try:
         trainer.setup()
-        result = trainer.train()
+        from remedi.tracking import track
+
+        with track(trainer):  # --report_to: a no-op for none
+            result = trainer.train()
         result["output_dir"] = str(trainer.out)
         if trainer.acc.num_processes > 1:
             trainer.acc.end_training()

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 CKPT_FILES = ("trainable.safetensors", "trainer_state.json")
 # arguments that may change between a run and its --resume: they do not change the trajectory
 RESUME_FREE = {"resume", "stop_after_steps", "log_every", "save_every", "save_total_limit", "output_dir",
-               "save_path", "save_lora_dir", "save_ups_head", "save_model_dir", "divergence_bound"}
+               "save_path", "save_lora_dir", "save_ups_head", "save_model_dir", "divergence_bound", "report_to"}
 
 
 def dataclass_defaults(*types) -> dict:
