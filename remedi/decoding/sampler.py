@@ -294,6 +294,9 @@ def block_forward(model, x: torch.Tensor, attn: Optional[torch.Tensor], lo: int,
     else:
         out = model(inp, attn, **kw)
         logits, ups = out.logits.float(), out.ups_logits
+    policy = getattr(model, "ups_policy", None)
+    if policy is not None and ups is not None and cfg.strategy == "ups":  # residual UPS: a scorer, see decide
+        ups = policy.bind(ups, cfg)
     return logits, ups
 
 
@@ -421,7 +424,10 @@ def decide(cfg: SamplerConfig, ids: SpecialIds, logits: torch.Tensor, ups: Optio
     select = select or select_top_k
     masked = cur == ids.mask
     tok = torch.where(masked, x0, cur) if cfg.remasks else x0
-    score = position_scores(cfg.strategy, logits, tok, ups, rand)
+    if callable(ups) and cfg.strategy == "ups":  # a residual UPS bound to this step (remedi.policy.residual)
+        score = ups(logits, tok, masked, k)
+    else:
+        score = position_scores(cfg.strategy, logits, tok, ups, rand)
     if cfg.confidence_eos_eot_inf:
         stop = eos_eot_candidates(x0, ids)
         score = score.masked_fill(masked & stop if cfg.remasks else stop, -torch.inf)
@@ -482,6 +488,8 @@ def generate(model, prompts: list[list[int]], cfg: SamplerConfig, ids: SpecialId
         from remedi.decoding.graphs import check_static_model
 
         check_static_model(model)
+        if getattr(model, "ups_policy", None) is not None and cfg.strategy == "ups":
+            raise ValueError("--graphs does not run a residual UPS policy yet: decode it without --graphs")
     if not cfg.compile:
         return _generate(model, prompts, cfg, ids, generators)
     compile_model(model)

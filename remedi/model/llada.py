@@ -295,6 +295,7 @@ class RemeDiLM(nn.Module):
         super().__init__()
         self.model = LLaDAModel(cfg)
         self.ups_head = ups_head
+        self.ups_policy = None  # a residual UPS (remedi.policy.residual) on top of the head/stream, or None
 
     @property
     def config(self) -> LLaDAConfig:
@@ -346,6 +347,8 @@ class RemeDiLM(nn.Module):
         out = self.model(input_ids, attention_mask, **kw)
         if self.ups_head is not None:
             out.ups_logits = self.ups_head(out.hidden.detach())
+        if self.ups_policy is not None:  # residual UPS: (B, L, 1 + r) base logit + hidden projection
+            out.ups_logits = self.ups_policy.model_features(out.ups_logits, out.hidden.detach())
         return out
 
     def compile_blocks(self, **kwargs) -> "RemeDiLM":
