@@ -20,6 +20,7 @@ import dataclasses
 import json
 import logging
 import pickle
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -50,6 +51,10 @@ class SearchArgs:
     block_length: int = arg(32, "block length")
     batch_size: int = arg(512, "problems per forward batch")
     search_seed: int = arg(0, "seed of the problem stream and of CMA-ES")
+    init: str = arg("", "starting weights other than zero, e.g. 'base=1' (the no-anchor ablation starts from the "
+                    "base head's ranking)")
+    max_seconds: float = arg(0.0, "stop after the generation that passes this wall time (0: no limit); rerun "
+                             "with the same --out to continue")
 
     def __post_init__(self):
         for name in ("problems", "popsize", "generations", "steps", "batch_size"):
@@ -63,16 +68,19 @@ class SearchArgs:
 
 def cma_search(objective: Callable[[list, int], Sequence[float]], dim: int, sigma: float, generations: int,
                popsize: int, seed: int, state: Optional[dict] = None,
-               on_generation: Optional[Callable[[dict, dict], None]] = None) -> dict:
-    """Maximise ``objective(candidates, generation) -> scores`` (higher is better) from x0 = 0 with CMA-ES.
+               on_generation: Optional[Callable[[dict, dict], None]] = None, x0: Optional[Sequence[float]] = None,
+               deadline: Optional[float] = None) -> dict:
+    """Maximise ``objective(candidates, generation) -> scores`` (higher is better) from ``x0`` (default 0).
 
     ``state`` (what ``on_generation`` received last) resumes a search; ``on_generation(record, state)`` is
-    called after every generation with that generation's record and the resumable state. Returns the state.
+    called after every generation with that generation's record and the resumable state. ``deadline``
+(time.monotonic value): stop after the first generation that ends past it. Returns the state.
     """
     import cma
 
     if state is None:
-        es = cma.CMAEvolutionStrategy([0.0] * dim, sigma, {"popsize": popsize, "seed": seed + 1, "verbose": -9})
+        start = list(x0) if x0 is not None else [0.0] * dim
+        es = cma.CMAEvolutionStrategy(start, sigma, {"popsize": popsize, "seed": seed + 1, "verbose": -9})
         state = {"es": pickle.dumps(es), "generation": 0, "best": None}
     while state["generation"] < generations:
         es = pickle.loads(state["es"])
@@ -89,6 +97,8 @@ def cma_search(objective: Callable[[list, int], Sequence[float]], dim: int, sigm
         state = {"es": pickle.dumps(es), "generation": gen + 1, "best": best}
         if on_generation is not None:
             on_generation(rec, state)
+        if deadline is not None and time.monotonic() > deadline:
+            break
     return state
 
 
@@ -116,8 +126,8 @@ def plot_curve(history: list[dict], path: Path, title: str) -> Path:
 
 
 def _same_run(settings: dict) -> dict:
-    """The settings a resumed search must share (--generations may grow: the search continues)."""
-    return {**settings, "search": {k: v for k, v in settings["search"].items() if k != "generations"}}
+    """The settings a resumed search must share (--generations may grow, --max_seconds change)."""
+    return {**settings, "search": {k: v for k, v in settings["search"].items() if k not in ("generations", "max_seconds")}}
 
 
 def main(argv=None) -> dict:
@@ -166,14 +176,14 @@ def main(argv=None) -> dict:
     def score(cands, gen):
         items = train_problems(a.problems, a.search_seed, gen, banned)
         prompts = objective.encode(items)
-        anchor = objective.accuracy([0.0] * dim, items, prompts)
+        anchor = objective.accuracy(x0, items, prompts)
         bar.update(1)
         accs = []
         for c in cands:
             accs.append(objective.accuracy(c, items, prompts))
             bar.update(1)
-        extra.update(anchor_accuracy=anchor, accuracies=accs)
-        return [x - anchor for x in accs]  # gain over the anchor on the same problems
+        extra.update(anchor_accuracy=anchor, accuracies=accs)  # "anchor": the starting weights x0
+        return [x - anchor for x in accs]  # gain over the start (the anchor) on the same problems
 
     def save(rec, st):
         rec = {**rec, **extra}
@@ -192,10 +202,18 @@ def main(argv=None) -> dict:
                    f"{a.problems} fresh problems a generation, {a.steps} steps")
         bar.set_postfix(anchor=f"{rec['anchor_accuracy']:.3f}", best=f"{max(rec['accuracies']):.3f}")
 
-    state = cma_search(score, dim, a.sigma, a.generations, a.popsize, a.search_seed, state, save)
+    cols = policy.feature_columns() + ["bias"]
+    x0 = [0.0] * dim
+    for part in filter(None, (p.strip() for p in a.init.split(","))):
+        name, _, val = part.partition("=")
+        if name not in cols or not val:
+            raise ValueError(f"--init {part!r}: expected column=value with a column of {', '.join(cols)}")
+        x0[cols.index(name)] = float(val)
+    deadline = time.monotonic() + a.max_seconds if a.max_seconds > 0 else None
+    state = cma_search(score, dim, a.sigma, a.generations, a.popsize, a.search_seed, state, save, x0, deadline)
     bar.close()
     best = state["best"]
-    print(f"best gain over {a.anchor} on its generation's problems: {best['score']:+.3f} (generation "
+    print(f"best gain over the start ({a.anchor} anchor) on its generation's problems: {best['score']:+.3f} (generation "
           f"{best['generation']}); wrote {out / 'ups_best.pt'} and {out / 'ups_mean.pt'}")
     return {"best": best, "history": history, "out": str(out)}
 
