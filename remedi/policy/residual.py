@@ -183,11 +183,7 @@ def build_residual(spec: dict, state: dict[str, torch.Tensor], d_model: int, pat
                              seed=int(spec.get("seed", 0)))
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{path}: the residual UPS spec is not valid ({e}); re-save it") from None
-    want = policy.state_dict()
-    problems = sorted(set(want) ^ set(state))
-    problems += [f"{k}: {tuple(v.shape)} vs {tuple(want[k].shape)}" for k, v in state.items()
-                 if k in want and v.shape != want[k].shape]
-    if problems:
-        raise ValueError(f"{path}: residual UPS tensors do not match its spec: {problems[:6]}")
-    policy.load_state_dict({k: v.to(want[k].dtype) for k, v in state.items()})
+    from remedi.model.checkpoint import _load_exact  # the names/shapes check every UPS part gets
+
+    _load_exact(policy, state, path)
     return policy
