@@ -1,7 +1,20 @@
-"""One Remask-RL update on random-weight LLaDA-8B (bf16) on one GPU: rollout speed, update time, memory.
+"""Remask-RL speed: one update on random-weight LLaDA-8B (bf16), or rollouts alone on the eager vs graph decoder.
 
     python bench/bench_rl.py --out bench/results/rl_h200.json     # one H200, three cases, a few minutes
     python bench/bench_rl.py --smoke                              # CPU, tiny config (tests run this)
+    python bench/bench_rl.py --speed --out bench/results/rl_rollouts_h200.json   # embedded model, batch 8/64/256
+    python bench/bench_rl.py --speed --smoke --out /tmp/rl_speed.json            # CPU, tiny (tests run this)
+
+``--speed``: rollouts alone (:func:`remedi.rl.rollout.rollout`, the sampler's engine with the rollout rule)
+on the embedded model (:data:`remedi.model.loading.EMBEDDED_MODEL` with its UPS head, in float32 as the RL trainer
+runs it), random-token prompts of ``--prompt_len``,
+for every batch of ``--batches`` and every decoder of ``--decoders`` side by side in one run: ``eager``
+(the reference step) and ``graphs`` (static buffers; CUDA graphs on a GPU, the same step uncaptured on a
+CPU). Each (batch, decoder) runs ``--warmup`` untimed rollouts (graph capture) then ``--iters`` timed ones.
+Reported: rollouts/s, rollout tok/s (generated tokens / s), forwards, the speed-up over the in-run eager
+row of the same batch, and whether the decoder's rollouts equal the eager ones token for token (same
+seeds; exact in float32, up to rounding in bf16). Settings default to the embedded model's eval budget:
+gen 96, block 32, 48 steps, the bidirectional layout, tokens and positions sampled at T 1.0.
 
 An update is what remedi.rl.trainer runs per optimiser step, with the library's own pieces: the rollout
 (:func:`remedi.rl.rollout.rollout`: prompts x group rollouts, block-causal KV cache, joint token / PL
@@ -23,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import sys
 import time
@@ -145,6 +159,56 @@ def run_case(case: str, a, device: torch.device) -> dict:
     return row
 
 
+def speed_rows(a, device: torch.device) -> list[dict]:
+    """The ``--speed`` table: rollouts/s of each decoder at each batch (see the module docstring)."""
+    if a.smoke:
+        lm = random_model("test-tiny", ups="head", device=str(device), dtype=torch.float32).eval()
+        c = lm.config
+        ids = SpecialIds(mask=c.mask_token_id, eos=c.eos_token_id, pad=c.pad_token_id)
+    else:
+        from remedi.model.loading import EMBEDDED_MODEL, load_for_inference
+
+        loaded = load_for_inference(str(EMBEDDED_MODEL), ups_head=str(EMBEDDED_MODEL / "ups_head.pt"),
+                                    device=str(device), dtype="float32")
+        lm, ids = loaded.model, loaded.ids
+    cache = "prefix" if a.layout == "block_causal" else "none"
+    base = RolloutConfig(a.gen, a.block, a.steps, a.temperature, a.temperature, cache, a.layout).validate()
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for batch in a.batches:
+        prompts = [torch.randint(10, min(lm.config.vocab_size, 30000), (a.prompt_len,), generator=g).tolist()
+                   for _ in range(batch)]
+        finals = {}
+        for dec in a.decoders:
+            rcfg = dataclasses.replace(base, graphs=dec == "graphs")
+
+            def run(seed):
+                gens = [torch.Generator(device=device).manual_seed(seed * 100003 + i) for i in range(batch)]
+                return rollout(lm, prompts, rcfg, ids, gens)
+
+            for w in range(a.warmup):
+                run(1000 + w)
+            sync(device)
+            t0 = time.perf_counter()
+            for i in range(a.iters):
+                out = run(i)
+            sync(device)
+            sec = (time.perf_counter() - t0) / a.iters
+            finals[dec] = out.final
+            row = {"batch": batch, "decoder": dec, "rollout_s": round(sec, 4),
+                   "rollouts_per_s": round(batch / sec, 2), "rollout_tok_s": round(batch * a.gen / sec, 1),
+                   "forwards": out.forwards}
+            if "eager" in finals and dec != "eager":
+                eager = next(r for r in rows if r["batch"] == batch and r["decoder"] == "eager")
+                row["speedup_vs_eager"] = round(eager["rollout_s"] / sec, 2)
+                row["rows_equal_eager"] = f"{int((finals[dec] == finals['eager']).all(1).sum())}/{batch}"
+            elif dec == "eager":
+                row["speedup_vs_eager"] = 1.0
+            rows.append(row)
+            print(row, flush=True)
+    return rows
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="llada-8b")
@@ -160,8 +224,17 @@ def main(argv=None) -> dict:
     ap.add_argument("--warmup", type=int, default=1, help="untimed updates first (CUDA/cuBLAS warm-up)")
     ap.add_argument("--iters", type=int, default=2, help="timed updates (averaged)")
     ap.add_argument("--smoke", action="store_true", help="CPU, test-tiny config, tiny sizes (a test runs this)")
+    ap.add_argument("--speed", action="store_true", help="rollouts alone: eager vs graph decoder at --batches "
+                    "on the embedded model (see the module docstring)")
+    ap.add_argument("--batches", default="8,64,256", help="--speed: comma list of rollout batch sizes")
+    ap.add_argument("--decoders", default="eager,graphs", help="--speed: comma list of eager, graphs")
+    ap.add_argument("--temperature", type=float, default=None,
+                    help="--speed: T_tok = T_pos of the rollouts (default 1.0)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
+    a.argv = argv
+    if a.speed:
+        return speed_main(a)
     if a.smoke:
         a.config, a.prompts, a.group, a.prompt_len, a.gen, a.block, a.steps, a.warmup, a.iters = \
             "test-tiny", 2, 2, 6, 16, 8, 8, 0, 1
@@ -192,6 +265,43 @@ def main(argv=None) -> dict:
               "rows": rows}
     write_record(a.out, record)
     print_table(rows, cols)
+    return record
+
+
+def speed_main(a) -> dict:
+    """``--speed``: check the flags, pick the device, run :func:`speed_rows`, write the record."""
+    try:
+        a.batches = [int(b) for b in a.batches.split(",")]
+    except ValueError:
+        raise SystemExit(f"error: --batches {a.batches!r} must be a comma list of integers, e.g. 8,64,256")
+    a.decoders = a.decoders.split(",")
+    bad = [d for d in a.decoders if d not in ("eager", "graphs")]
+    if bad or any(b < 1 for b in a.batches):
+        raise SystemExit(f"error: --decoders takes eager and/or graphs (got {a.decoders}); --batches positive "
+                         f"integers (got {a.batches})")
+    a.temperature = 1.0 if a.temperature is None else a.temperature
+    defaults = {"gen": 96, "block": 32, "steps": 48, "layout": "bidirectional", "prompt_len": 64, "iters": 2}
+    for k, v in defaults.items():  # the embedded model's eval budget unless given
+        if f"--{k}" not in (sys.argv if a.argv is None else a.argv):
+            setattr(a, k, v)
+    if a.smoke:
+        a.gen, a.block, a.steps, a.prompt_len, a.iters, a.warmup = 16, 8, 8, 6, 1, 1
+        if "--batches" not in (sys.argv if a.argv is None else a.argv):
+            a.batches = [2, 4]
+        device = torch.device("cpu")
+        torch.set_num_threads(1)
+    else:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        torch.backends.cuda.matmul.allow_tf32 = False  # float32 rollouts, as the RL trainer on the embedded model
+    RolloutConfig(a.gen, a.block, a.steps, a.temperature, a.temperature, "none", a.layout).validate()
+    rows = speed_rows(a, device)
+    record = {"bench": "rl_rollouts", **environment(), "smoke": a.smoke, "device": str(device),
+              "settings": {k: getattr(a, k) for k in ("batches", "decoders", "prompt_len", "gen", "block", "steps",
+                                                      "layout", "temperature", "warmup", "iters")},
+              "rows": rows}
+    write_record(a.out, record)
+    print_table(rows, ["batch", "decoder", "rollout_s", "rollouts_per_s", "rollout_tok_s", "forwards",
+                       "speedup_vs_eager", "rows_equal_eager"])
     return record
 
 

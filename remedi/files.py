@@ -131,3 +131,55 @@ def publish_checkpoint(tmp: Path, root: Path, name: str, record: dict, prefix: s
         shutil.rmtree(old, ignore_errors=True)
     log.info("checkpoint %s", final)
     return final
+
+
+# ------------------------------------------------------------------------------------------ run folders
+LOCK_NAME = ".lock"
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``<folder>/.lock`` holding this process's pid, so that two runs never write
+    into one folder (their checkpoints and metrics lines would interleave). The lock goes with the process:
+    a killed run leaves a stale file, never a held lock. :meth:`release` is idempotent."""
+
+    def __init__(self, folder: str | os.PathLike, flag: str = "--output_dir"):
+        import fcntl
+
+        self.path = Path(folder) / LOCK_NAME
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(self.path, "a+")
+        try:
+            fcntl.flock(self._f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._f.seek(0)
+            holder = self._f.read().strip() or "unknown"
+            self._f.close()
+            raise ValueError(f"{flag} {folder} is in use by another run (pid {holder}, lock {self.path}): wait for "
+                             f"it to finish (or stop it), or choose another {flag}") from None
+        self._f.seek(0)
+        self._f.truncate()
+        self._f.write(f"{os.getpid()}\n")
+        self._f.flush()
+
+    def release(self) -> None:
+        if self._f is not None and not self._f.closed:
+            self._f.close()  # closing the file drops the flock
+
+
+def remove_stale_tmp(folder: str | os.PathLike, name: str | None = None) -> list[Path]:
+    """Remove the temporary siblings a killed run left in ``folder``: the ``.<name>.<random>.tmp`` of
+    :func:`atomic_path` (any name, or only ``name``'s) and a checkpoint's ``.<name>.tmp``. Call it only while
+    holding the folder's :class:`RunLock` (a live run's temporaries look the same)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    pattern = f".{name}.*tmp" if name else ".*.tmp"
+    gone = []
+    for p in sorted(folder.glob(pattern)):
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        gone.append(p)
+        log.warning("removed %s, left unfinished by an interrupted run", p)
+    return gone

@@ -170,6 +170,32 @@ def test_rescore_reexecutes_code(code_model_dir, tmp_path, fake_sampler, monkeyp
         R.rescore_records([{"id": "x", "completion": "pass"}], "humaneval")
 
 
+def test_weak_sandbox_is_refused_before_the_model_loads(code_model_dir, tmp_path, fake_sampler, monkeypatch,
+                                                         capsys):
+    """Issue 21 item 7: without bubblewrap the eval stops with one error line naming the layer and the flag."""
+    from remedi import sandbox
+    from remedi.arguments import run_main
+
+    data = _write(tmp_path / "he.jsonl", HUMANEVAL)
+    monkeypatch.setenv("REMEDI_BWRAP", "none")
+    loads, real_load = [], session.Session.load
+    monkeypatch.setattr(session.Session, "load", lambda self, *a, **k: (loads.append(a), real_load(self, *a, **k))[1])
+    argv = ["--model_name", str(code_model_dir), "--dataset", str(data), "--output_dir", str(tmp_path / "run"),
+            "--sources", "llada_low_confidence", *SAMPLING]
+    with pytest.raises(SystemExit) as ex:
+        run_main(script.main, argv)
+    err = capsys.readouterr().err
+    assert ex.value.code == 2 and loads == [] and not (tmp_path / "run" / "results.jsonl").exists()
+    [line] = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert "pidns" in line and "--allow_weak_sandbox" in line
+    try:
+        script.main(argv + ["--allow_weak_sandbox"])
+    finally:
+        sandbox.accept_weak_host(False)
+    recs = _records(tmp_path / "run")
+    assert loads and {i: (r["correct"], r["status"]) for i, r in recs.items()} == HE_EXPECTED
+
+
 def test_code_datasets_resolve_and_prompt(tmp_path):
     he = D.resolve_dataset("openai_humaneval")
     assert (he.kind, he.fmt, he.subset) == ("hub", "humaneval", None)

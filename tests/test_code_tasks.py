@@ -15,7 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from remedi.evaluation.code_exec import Limits  # noqa: E402
+from remedi.sandbox import Limits  # noqa: E402
 from remedi.tasks import code as ct  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the sandbox targets Linux")

@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from remedi.decoding import graphs
-from remedi.decoding.graphs import StaticDecoder, StaticKVCache, rank_select, static_forward
+from remedi.decoding.graphs import StaticDecoder, rank_select, static_forward
+from remedi.model.kv_cache import StaticKVCache
 from remedi.decoding.sampler import (STRATEGIES, EagerDecoder, SamplerConfig,
                                      generate, layout_batch, select_top_k, threshold_step)
 from remedi.model.llada import KVCache, rope_tables

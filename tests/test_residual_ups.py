@@ -1,5 +1,6 @@
 """The residual UPS (remedi.policy): a zero residual is its anchor token for token, features match a slow
 reference, the file round-trips through save_ups/load_ups (head and stream, 8B-like shapes), old files load."""
+import dataclasses
 import json
 
 import pytest
@@ -64,17 +65,61 @@ def test_unmask_only_twin_never_remasks(embedded, prompts):
     assert all(g.remasks == 0 for g in gens) and sum(g.remasks for g in entropy) > 0
 
 
-def test_residual_refuses_threshold_and_graphs(embedded, prompts):
+def test_residual_refuses_threshold(embedded, prompts):
     attach_policy(embedded.model, new_residual(embedded.model, embedded.tokenizer))
     try:
         with pytest.raises(ValueError, match="--threshold"):
             generate(embedded.model, prompts[:1], SamplerConfig(strategy="ups", gen_length=32, block_length=32,
                                                                 threshold=0.9), embedded.ids)
-        with pytest.raises(ValueError, match="--graphs"):
-            generate(embedded.model, prompts[:1], SamplerConfig(strategy="ups", gen_length=32, block_length=32,
-                                                                steps=16, graphs=True), embedded.ids)
     finally:
         attach_policy(embedded.model, None)
+
+
+@pytest.mark.parametrize("g", ["linear", "attention"])
+@pytest.mark.parametrize("cache", ["none", "dual"])
+def test_static_decoder_equals_eager_with_a_nonzero_residual(embedded, prompts, g, cache):
+    """--graphs runs the residual (its score is pure tensor code inside the static step): token for token and
+    remask for remask the eager decoder's, for a residual that moves the decisions (hidden projection too)."""
+    policy = new_residual(embedded.model, embedded.tokenizer, features=FEATURES, hidden_rank=3, g=g)
+    policy.set_linear_weights(torch.randn(policy.weight.numel() + 1, generator=torch.Generator().manual_seed(2)))
+    if g == "attention":
+        with torch.no_grad():
+            policy.out.copy_(torch.randn(policy.attn_dim, generator=torch.Generator().manual_seed(3)))
+    entropy, _ = _decode(embedded, prompts, "entropy", cache=cache)
+    attach_policy(embedded.model, policy)
+    try:
+        cfg = SamplerConfig(strategy="ups", gen_length=64, block_length=32, steps=32, cache=cache)
+        eager = generate(embedded.model, prompts, cfg, embedded.ids)
+        static = generate(embedded.model, prompts, dataclasses.replace(cfg, graphs=True, graph_capture=False),
+                          embedded.ids)
+    finally:
+        attach_policy(embedded.model, None)
+    assert [x.tokens for x in static] == [x.tokens for x in eager]
+    assert [x.remasks_per_block for x in static] == [x.remasks_per_block for x in eager]
+    assert [x.tokens for x in eager] != entropy  # the residual is not its anchor here
+
+
+def test_slip_oracle_flags_false_results_and_refuses_graphs(embedded, prompts):
+    from remedi.policy.slip import SlipOracle, false_result_positions
+
+    assert false_result_positions(["1", "2", "+", "3", "=", "1", "6"]) == [5, 6]
+    assert false_result_positions(["1", "2", "+", "3", "=", "1", "5"]) == []
+    oracle = SlipOracle(embedded.tokenizer, embedded.model.config.vocab_size)
+    attach_policy(embedded.model, oracle)
+    try:
+        with pytest.raises(ValueError, match="without --graphs"):
+            generate(embedded.model, prompts[:1], SamplerConfig(strategy="ups", gen_length=32, block_length=32,
+                                                                steps=16, graphs=True), embedded.ids)
+        tok = embedded.tokenizer("7 + 5 = 13 and 2 + 2 = 4")["input_ids"]
+        logits = torch.zeros(2, len(tok), embedded.model.config.vocab_size)
+        tokens = torch.tensor([tok, tok[::-1]])
+        score = oracle.score(logits, tokens, torch.zeros_like(tokens, dtype=torch.bool), None)
+    finally:
+        attach_policy(embedded.model, None)
+    low = (score[0] < -1e5).nonzero().squeeze(1).tolist()
+    pieces = [embedded.tokenizer.decode([t]) for t in tok]
+    assert "".join(pieces[i] for i in low).strip() == "13"
+    assert not (score[1] < -1e5).any()
 
 
 def test_token_types_and_features_match_the_slow_reference(embedded):
@@ -130,9 +175,14 @@ def test_residual_file_round_trip_8b_shapes(tmp_path, stream, embedded):
     assert torch.equal(fresh.ups_policy.linear_weights(), policy.linear_weights())
     x = torch.randint(1, V - 1000, (2, 40), generator=torch.Generator().manual_seed(0))
     x[:, 24:] = model.config.mask_token_id
-    a, b = model(x).ups_logits, fresh.eval()(x).ups_logits
-    assert a.shape == (2, 40, 5)
-    torch.testing.assert_close(a, b)
+    a, b = model(x), fresh.eval()(x)
+    assert a.ups_logits.shape == (2, 40)  # the forward is the base UPS's; the residual scores in decide()
+    torch.testing.assert_close(a.ups_logits, b.ups_logits)
+    masked, keep = x == model.config.mask_token_id, torch.full((2,), 20)
+    sa = policy.score(a.logits, x, masked, keep, a.ups_logits, a.hidden)
+    sb = fresh.ups_policy.score(b.logits, x, masked, keep, b.ups_logits, b.hidden)
+    torch.testing.assert_close(sa, sb)
+    assert sa.dtype == torch.float64 and not torch.equal(sa, position_scores("entropy", a.logits, x, None, None))
     # a plain head file (no residual) still loads and leaves no policy
     plain = RemeDiLM(model.config.replace(ups_taps=()), UPSHead(model.config.d_model, 0))
     head_path = save_ups(tmp_path / "head.pt", plain)

@@ -139,3 +139,47 @@ def test_step_stats_weights_by_counts():
     assert r["pl_ratio_min"] == 0.9 and r["pl_ratio_max"] == 1.2 and r["pl_clip_frac"] == 0.25
     assert r["tok_abs_log_ratio"] == 0.0
     assert set(StepStats("joint").record()) >= {"joint_ratio_mean", "joint_clip_frac", "tok_ratio_mean"}
+
+
+@pytest.mark.parametrize("layout, cache", [("block_causal", "prefix"), ("bidirectional", "none")])
+def test_cached_feature_loss_equals_the_recomputed_one(layout, cache):
+    """Head UPS on a frozen backbone: the loss from the rollout's recorded hidden states (no second forward)
+    has the recomputed loss's log-probs and gradients."""
+    from remedi.rl.loss import cached_step_logprobs
+
+    m = make("head")
+    for n, p in m.named_parameters():
+        p.requires_grad_(n.startswith("ups_head."))
+    c = cfg(gen_length=24, steps=12, layout=layout, cache=cache, record_hidden=True)
+    b = rollout(m, PROMPTS, c, IDS, gens(4))
+    assert b.hidden.shape == (4, 3, 4, 8, m.config.d_model)
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    grads = []
+    for features in (False, True):
+        m.zero_grad(set_to_none=True)
+        for i in range(c.steps_per_block):
+            if features:
+                tok, pl = cached_step_logprobs(m, b, i, c)
+                assert torch.equal(tok, b.tok_logp[:, :, i])
+                assert (pl - b.pl_logp[:, :, i]).abs().max() < 1e-5
+            step_loss(m, b, i, adv, c, IDS.mask, normaliser=4.0, features=features)[0].backward()
+        grads.append(_grads(m))
+    assert grads[0] and set(grads[0]) == set(grads[1])
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-4)
+    with pytest.raises(ValueError, match="record_hidden"):
+        cached_step_logprobs(m, rollout(m, PROMPTS, cfg(), IDS, gens(4)), 0, cfg())
+
+
+def test_greedy_token_rollouts_train_the_positions_only():
+    """tokens=greedy: no token terms in the loss, the PL terms carry the gradient."""
+    m = make("head")
+    c = cfg(gen_length=24, steps=12, tokens="greedy", temperature=0.0)
+    b = rollout(m, PROMPTS, c, IDS, gens(4))
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    loss, st = step_loss(m, b, 1, adv, c, IDS.mask, normaliser=4.0)
+    assert st["n_tok"] == 0 and st["n_pl"] == 4 * 3 and abs(st["pl_ratio_mean"] - 1) < 1e-5
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in m.named_parameters() if "ups_head" in n)
+    with pytest.raises(ValueError, match="no random action"):
+        step_loss(m, b, 1, adv, cfg(tokens="greedy", positions="top_k"), IDS.mask, normaliser=4.0)

@@ -1,10 +1,13 @@
 """Remask-RL rollouts: recorded trajectories are self-consistent, cache == exact mode, rows batch-independent."""
+from dataclasses import replace
+
 import pytest
 import torch
 
 from remedi.model.loading import SpecialIds
 from remedi.rl.policy import plackett_luce_logprob, token_logprob
-from remedi.rl.rollout import GrowingKVCache, RolloutConfig, policy_logits, rollout
+from remedi.model.kv_cache import GrowingKVCache
+from remedi.rl.rollout import RolloutConfig, policy_logits, rollout
 from tests.test_block_causal import cached_reference, make
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -151,3 +154,73 @@ def test_model_without_ups_is_refused():
 
     with pytest.raises(ValueError, match="no UPS"):
         rollout(RemeDiLM(get_config("test-tiny")).eval(), PROMPTS[:1], cfg(), IDS, gens(1))
+
+
+# --------------------------------------------------------------------- the rollout on the sampler's engine
+@pytest.mark.parametrize("graphs", [False, True])
+@pytest.mark.parametrize("arch", ["head", "stream"])
+def test_greedy_tokens_and_top_k_positions_are_the_eval_sampler(arch, graphs):
+    """Greedy tokens + the zero-temperature position rule = the eval sampler's ups strategy, token for token
+    (eager, and the static-buffer decoder, which runs uncaptured on CPU)."""
+    from remedi.decoding.sampler import SamplerConfig, cut_at_eos, generate
+
+    m = make(arch)
+    c = cfg(layout="bidirectional", cache="none", gen_length=24, steps=12, tokens="greedy", positions="top_k",
+            temperature=0.0, ups_temperature=0.0, graphs=graphs)
+    b = rollout(m, PROMPTS, c, IDS, gens(4))
+    ref = generate(m, PROMPTS, SamplerConfig(strategy="ups", steps=12, gen_length=24, block_length=8, graphs=graphs),
+                   IDS)
+    assert [cut_at_eos(row, IDS.eos) for row in b.final.tolist()] == [g.tokens for g in ref]
+    assert b.remasks.sum(1).tolist() == [g.remasks for g in ref] and sum(g.remasks for g in ref) > 0
+    assert (b.tok_logp == 0).all() and (b.pl_logp == 0).all()  # no random action, no log-probs
+    # the seed plays no part
+    assert torch.equal(rollout(m, PROMPTS, c, IDS, gens(4, seed=7)).final, b.final)
+
+
+@pytest.mark.parametrize("layout, cache", [("block_causal", "prefix"), ("block_causal", "none"),
+                                           ("bidirectional", "none")])
+@pytest.mark.parametrize("arch", ["head", "stream"])
+def test_static_decoder_rollout_equals_eager(arch, layout, cache):
+    """The static-buffer decoder (the CUDA-graph step, uncaptured on CPU) records the same rollout as eager."""
+    m = make(arch)
+    c = cfg(layout=layout, cache=cache, gen_length=24, steps=12, record_hidden=True)
+    e = rollout(m, PROMPTS, c, IDS, gens(4))
+    s = rollout(m, PROMPTS, replace(c, graphs=True), IDS, gens(4))
+    for name in ("final", "states", "tokens", "orders", "new_mask", "remasks"):
+        assert torch.equal(getattr(e, name), getattr(s, name)), name
+    for name in ("tok_logp", "pl_logp", "pl_entropy", "ups", "hidden"):
+        torch.testing.assert_close(getattr(e, name), getattr(s, name), atol=1e-5, rtol=1e-5)
+    assert e.forwards == s.forwards == (1 + 3 * 4 + 2 if cache == "prefix" else 3 * 4)  # 3 blocks x 4 steps
+
+
+def test_greedy_tokens_leave_only_the_positions_random():
+    m = make("head")
+    c = cfg(tokens="greedy", temperature=0.0)
+    a, b = rollout(m, PROMPTS, c, IDS, gens(4)), rollout(m, PROMPTS, c, IDS, gens(4, seed=50))
+    assert not torch.equal(a.orders, b.orders)  # positions still sampled
+    assert (a.tok_logp == 0).all() and (a.pl_logp < 0).all()
+    # every committed token is the argmax of its step's forward: tokens differ only through the positions
+    first = a.states[:, 0, 0]  # block 0, step 0: the same input state for both seeds
+    assert torch.equal(first, b.states[:, 0, 0]) and torch.equal(a.tokens[:, 0, 0], b.tokens[:, 0, 0])
+    with pytest.raises(ValueError, match="temperature"):
+        cfg(tokens="sample", temperature=0.0).validate()
+    cfg(positions="top_k", ups_temperature=0.0).validate()  # the zero-temperature rule needs no T_pos
+
+
+def test_sorted_pl_logprob_equals_the_sequential_one():
+    from remedi.decoding.step import pl_logprob_sorted
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(5, 9, generator=g) * 4
+    order = torch.stack([torch.randperm(9, generator=g) for _ in range(5)])
+    k = torch.tensor([0, 1, 4, 8, 9])
+    got = pl_logprob_sorted(h / 0.7, order, k)
+    ref = plackett_luce_logprob(h, torch.where(torch.arange(9)[None] < k[:, None], order, -1), temperature=0.7)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    assert got[0] == 0 and got[1] < 0
+
+
+@pytest.mark.parametrize("kw, msg", [({"tokens": "x"}, "rollout_tokens"), ({"positions": "x"}, "rollout_positions")])
+def test_rule_validation(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        cfg(**kw).validate()

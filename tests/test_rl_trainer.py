@@ -9,9 +9,11 @@ import torch
 from remedi.arguments import ModelArgs
 from remedi.model.checkpoint import add_stream, load_pretrained, read_ups, save_ups
 from remedi.model.llada import UPSHead, init_weights
+from remedi.model import loading
 from remedi.rl import trainer as T
 from remedi.rl.args import RLArgs
 from remedi.train_remask_rl import main
+from remedi.training.runtime import Diverged, NonFiniteLoss
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -174,7 +176,7 @@ def test_bad_output_path_fails_before_the_model_loads(flag, make_bad, msg, tiny_
                                                       monkeypatch):
     def boom(*a, **k):
         raise AssertionError("the model was loaded")
-    monkeypatch.setattr(T, "load_pretrained", boom)
+    monkeypatch.setattr(loading, "load_pretrained", boom)
     bad = make_bad(tmp_path)
     args = argv(tiny_model_dir, data, ups["head"], tmp_path / "out") + [flag, str(bad)]
     with pytest.raises(ValueError, match=msg):
@@ -185,7 +187,7 @@ def test_existing_run_needs_resume(tiny_model_dir, data, ups, tmp_path, monkeypa
     out = tmp_path / "out"
     out.mkdir()
     (out / "args.json").write_text("{}")
-    monkeypatch.setattr(T, "load_pretrained", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    monkeypatch.setattr(loading, "load_pretrained", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
     with pytest.raises(ValueError, match="already holds a run"):
         main(argv(tiny_model_dir, data, ups["head"], out))
 
@@ -198,7 +200,7 @@ def test_divergence_and_non_finite_stop_with_a_message(tiny_model_dir, data, ups
         b.pl_logp += 3.0
         return b
     monkeypatch.setattr(T, "rollout", shifted)
-    with pytest.raises(T.DivergenceError, match="disagree with the rollout"):
+    with pytest.raises(Diverged, match="disagree with the rollout"):
         main(argv(tiny_model_dir, data, ups["head"], tmp_path / "a"))
     monkeypatch.setattr(T, "rollout", real)
     real_loss = T.step_loss
@@ -208,7 +210,7 @@ def test_divergence_and_non_finite_stop_with_a_message(tiny_model_dir, data, ups
         st["loss"] = float("nan")
         return loss * float("nan"), st
     monkeypatch.setattr(T, "step_loss", nan_loss)
-    with pytest.raises(T.NonFiniteError, match="non-finite loss at update 1"):
+    with pytest.raises(NonFiniteLoss, match="non-finite loss at update 1"):
         main(argv(tiny_model_dir, data, ups["head"], tmp_path / "b"))
 
 

@@ -10,7 +10,7 @@ change the step's arithmetic), kept for later ``generate`` calls, :data:`MAX_DEC
 
 * ``x`` (B, T): the whole sequence. A step reads and writes its block through ``pos_blk`` (Lb,), the
   block's positions as a device tensor rewritten at each block start, so one graph serves every block.
-* :class:`StaticKVCache`: keys/values (R, H_kv, T, D) per layer (R = B, or 2B with CFG) allocated once;
+* :class:`~remedi.model.kv_cache.StaticKVCache`: keys/values (R, H_kv, T, D) per layer (R = B, or 2B with CFG) allocated once;
   a full forward copies into them, a partial one writes its positions with ``index_copy_``.
 * RoPE tables: the whole sequence's (computed once) and the block's (rewritten at each block start by
   the same call the model makes, so the values are bit-identical).
@@ -50,66 +50,24 @@ from typing import Optional
 
 import torch
 
-from remedi.model.llada import KVCache, RemeDiLM, rope_tables
+from remedi.model.kv_cache import StaticKVCache
+from remedi.model.llada import RemeDiLM, rope_tables
 from remedi.model.loading import SpecialIds
-from remedi.decoding.sampler import (RANDOM_STRATEGIES, SamplerConfig, StepOut, decide, gumbel_argmax,
-                                     prepare_logits, unmask_schedule)
+from remedi.decoding.step import (RANDOM_STRATEGIES, PolicyRule, SamplerConfig, StepOut, decide,  # noqa: F401
+                                  gumbel_argmax, policy_decide, prepare_logits, rank_select,
+                                  unmask_schedule, ups_scorer)  # rank_select: re-exported
+from remedi.model.block_causal import prefix_mask
 
 MAX_DECODERS = 3  # static decoders (buffers + graphs) kept per model, least recently used evicted
 WARMUP = 2  # eager runs of a step before its capture (compilation, cuBLAS/Triton initialisation)
 
 
-# ------------------------------------------------------------------------------------------- ranking
-def rank_select(scores: torch.Tensor, eligible: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Bool (B, Lb): the k[b] highest-scoring eligible positions, exactly :func:`select_top_k`'s choice.
-
-    Without sorting: position i's rank is the number of positions ordered before it -- eligible ones
-    first, then higher score, then (ties) the earlier position -- from one (B, Lb, Lb) comparison.
-    """
-    L = scores.shape[1]
-    s = torch.where(eligible, scores, torch.full_like(scores, -torch.inf))
-    si, sj = s[:, :, None], s[:, None, :]  # (B, L, 1), (B, 1, L): i's row compares against every j
-    ei, ej = eligible[:, :, None], eligible[:, None, :]
-    idx = torch.arange(L, device=scores.device)
-    earlier = idx[None, :] < idx[:, None]  # (L, L): j < i
-    before = (ej & ~ei) | ((ej == ei) & ((sj > si) | ((sj == si) & earlier)))  # (B, L, L): j ranks before i
-    return (before.sum(-1) < k[:, None]) & eligible
-
-
-# ---------------------------------------------------------------------------------------- the cache
-class StaticKVCache(KVCache):
-    """KV cache with one preallocated (R, H_kv, T, D) buffer per layer, updated in place.
-
-    The positions a forward computes are set in ``pos`` before it runs: None for the whole sequence
-    (copied into the buffers), else a (L,) device tensor (written with ``index_copy_``). Attention then
-    reads the whole buffer, as with :class:`KVCache`. The update stays out of torch.compile's graphs
-    (a traced dictionary lookup would recompile per layer).
-    """
-
-    def __init__(self, layers, shape, dtype: torch.dtype, device) -> None:
-        super().__init__()
-        for layer in layers:
-            self.k[layer] = torch.zeros(shape, dtype=dtype, device=device)
-            self.v[layer] = torch.zeros(shape, dtype=dtype, device=device)
-        self.pos: Optional[torch.Tensor] = None
-
-    @torch.compiler.disable
-    def update(self, layer, start, k, v):
-        ck, cv = self.k[layer], self.v[layer]
-        if self.pos is None:
-            ck.copy_(k)
-            cv.copy_(v)
-        else:
-            ck.index_copy_(2, self.pos, k)
-            cv.index_copy_(2, self.pos, v)
-        return ck, cv
-
-
 # -------------------------------------------------------------------------------------- the forward
 def static_forward(lm, head, input_ids: torch.Tensor, rope, mask: Optional[torch.Tensor],
                    cache: Optional[StaticKVCache], out_index: Optional[torch.Tensor] = None,
-                   out_slice: Optional[slice] = None):
-    """``RemeDiLM.forward`` for the static decoder: (logits (R, L', V), UPS logits (R, L') or None).
+                   out_slice: Optional[slice] = None, with_hidden: bool = False):
+    """``RemeDiLM.forward`` for the static decoder: (logits (R, L', V), UPS logits (R, L') or None), and
+    with ``with_hidden`` the final hidden states (R, L', d) (what a UPS head reads).
 
     The same blocks, taps and heads as :meth:`LLaDAModel.forward` / :meth:`RemeDiLM.forward`, with the
     RoPE tables and the key-padding mask (R, 1, 1, T) given as tensors and the output positions either
@@ -143,7 +101,7 @@ def static_forward(lm, head, input_ids: torch.Tensor, rope, mask: Optional[torch
         ups = lm.linear_confidence(lm.ln_f_upm(u)).squeeze(-1).float()  # (R, L')
     else:
         ups = None
-    return logits, ups
+    return (logits, ups, hidden) if with_hidden else (logits, ups)
 
 
 # -------------------------------------------------------------------------------------- the decoder
@@ -172,7 +130,7 @@ class StaticDecoder:
     """
 
     def __init__(self, model: RemeDiLM, cfg: SamplerConfig, ids: SpecialIds, B: int, P: int, T: int,
-                 has_mask: bool, capture: bool):
+                 has_mask: bool, capture: bool, rule: Optional[PolicyRule] = None):
         self.lm, self.head = model.model, model.ups_head  # not the RemeDiLM: the decoder cache is weak on it
         c = self.lm.config
         self.ids, self.B, self.P, self.T, self.Lb = ids, B, P, T, cfg.block_length
@@ -181,7 +139,16 @@ class StaticDecoder:
         self.R = R = B * (2 if cfg.cfg_scale > 0 else 1)
         long = dict(dtype=torch.long, device=device)
         self.x = torch.full((B, T), ids.mask, **long)
-        self.mask = torch.ones((R, 1, 1, T), dtype=torch.bool, device=device) if has_mask else None
+        self.rule, self.causal = rule, cfg.layout == "block_causal"
+        self.scorer = ups_scorer(model) if cfg.strategy == "ups" else None  # pure tensor code: captured too
+        self.forwards = 0
+        if self.causal and cfg.cache == "none":  # the block-causal prefix mask over the whole sequence, fixed
+            self.mask = torch.ones((R, 1, T, T), dtype=torch.bool, device=device)
+        elif has_mask or self.causal:  # keys; block-causal with a cache: also hides the blocks after the current
+            self.mask = torch.ones((R, 1, 1, T), dtype=torch.bool, device=device)
+        else:
+            self.mask = None
+        self.keys = torch.ones((R, T), dtype=torch.bool, device=device)  # key padding (1 = real token)
         self.pos_full = torch.arange(T, **long)
         self.pos_blk = torch.zeros(self.Lb, **long)
         self.rope_full = rope_tables(c.head_dim, c.rope_theta, 0, T, device)
@@ -196,9 +163,11 @@ class StaticDecoder:
         self.base, self.rem = torch.zeros(B, **long), torch.zeros(B, **long)
         self.n_now, self.k_now = torch.zeros((), **long), torch.zeros((), **long)
         self.u_gumbel = torch.zeros(B, self.Lb, c.vocab_size, dtype=torch.float64, device=device) \
-            if cfg.temperature > 0 else None
+            if cfg.temperature > 0 and rule is None else None
         self.u_conf = torch.zeros(B, self.Lb, dtype=torch.float64, device=device) \
-            if cfg.strategy in RANDOM_STRATEGIES else None
+            if cfg.strategy in RANDOM_STRATEGIES and rule is None else None
+        self.noise = {} if rule is None else {name: torch.zeros((B,) + shape, dtype=dt, device=device)
+                                              for name, shape, dt in rule.draws(self.Lb, c.vocab_size)}
         self.capture = capture
         self.graphs: dict = {}
         self.pool = torch.cuda.graph_pool_handle() if capture and device.type == "cuda" else None
@@ -210,9 +179,17 @@ class StaticDecoder:
         self.cfg = cfg  # the fields graphs bake in are part of the signature; steps etc. may differ
         self.K = unmask_schedule(self.Lb, cfg.steps_per_block)
         self.x.copy_(x)
-        if self.mask is not None:
+        if attn is not None:
             am = attn if self.R == self.B else torch.cat([attn, attn], 0)
-            self.mask.copy_(am.to(torch.bool)[:, None, None, :])
+            self.keys.copy_(am.to(torch.bool))
+        else:
+            self.keys.fill_(True)
+        if self.causal and cfg.cache == "none":
+            self.mask.copy_(prefix_mask(self.P, self.T - self.P, self.Lb, self.keys[:, :self.P], batch_size=self.R,
+                                        device=self.device))
+        elif self.mask is not None:
+            self.mask.copy_(self.keys[:, None, None, :])
+        self.forwards = 0
         self.live.fill_(True)
         self.rem_table.zero_()
         self.blocks: list[list[int]] = []
@@ -228,6 +205,14 @@ class StaticDecoder:
         self.rem.copy_(m % s)
         self.run.copy_(self.live)
         self.blk_remasks.zero_()
+        if self.causal and self.cache is not None:
+            if blk == 0:  # the prompt alone, once (it sees only itself)
+                self._set_key_mask(self.P)
+                self._forward_only("prefill")
+            self._set_key_mask(hi)  # the block sees [prompt | blocks 0..blk]
+
+    def _set_key_mask(self, end: int) -> None:
+        self.mask.copy_((self.keys & (self.pos_full < end))[:, None, None, :])
 
     def step(self, n: int, full: bool, step_gens, running: list[bool]) -> StepOut:
         cfg = self.cfg
@@ -238,12 +223,18 @@ class StaticDecoder:
         if self.u_conf is not None:
             for b, g in drawing:
                 _fill_uniform(self.u_conf[b], g)
+        for b, g in drawing:  # a PolicyRule's uniforms: each row draws them in the rule's order
+            for buf in self.noise.values():
+                _fill_uniform(buf[b], g)
         if cfg.threshold is None:
-            (self.k_now if cfg.remasks else self.n_now).fill_(self.K[n] if cfg.remasks else n)
-        if full or self.cache is None:
+            (self.k_now if cfg.remasks or self.rule else self.n_now).fill_(self.K[n] if cfg.remasks or self.rule else n)
+        if self.causal:  # block-causal: the block alone against the cache, or the whole masked sequence
+            key = "full" if self.cache is None else "dual"
+        elif full or self.cache is None:
             key = "full"
         else:
             key = "dual" if cfg.cache == "dual" else ("prefix", self.lo)
+        self.forwards += 1
         return self._run(key)
 
     def row(self, j: int, b: int) -> int:
@@ -258,6 +249,8 @@ class StaticDecoder:
 
     def end_block(self, eos_gating: bool) -> Optional[list[bool]]:
         self.rem_table[self.blk].copy_(self.blk_remasks)
+        if self.causal and self.cache is not None and self.hi < self.T:
+            self._forward_only("commit")  # the finished block's keys/values in its final state
         self.blocks.append(self.active)
         if not eos_gating:
             return None
@@ -290,19 +283,43 @@ class StaticDecoder:
             if key == "full":
                 un[:, :self.P] = self.ids.mask  # unconditional copy: the prompt fully masked
             inp = torch.cat([inp, un], 0)
-        logits, ups = static_forward(self.lm, self.head, inp, rope, self.mask, self.cache, out_index, out_slice)
+        logits, ups, hidden = static_forward(self.lm, self.head, inp, rope, self.mask, self.cache, out_index,
+                                             out_slice, with_hidden=True)
         if cfg.cfg_scale > 0:
             cond, unc = logits.float().chunk(2, 0)
             logits = unc + (cfg.cfg_scale + 1) * (cond - unc)
             ups = None if ups is None else ups.chunk(2, 0)[0]
+            hidden = hidden.chunk(2, 0)[0]
         else:
             logits = logits.float()
-        return logits, ups
+        return logits, ups, hidden
 
-    def _decide(self, logits, ups) -> StepOut:
+    def _forward_only(self, key: str) -> None:
+        """The block-causal cache's extra forwards: ``prefill`` (the prompt) and ``commit`` (a finished block).
+        Their keys/values land in the cache; the outputs are dropped."""
+        if key == "prefill":
+            self.cache.pos = self.pos_full[:self.P]
+            inp, rope = self.x[:, :self.P], tuple(t[:self.P] for t in self.rope_full)
+        else:
+            self.cache.pos = self.pos_blk
+            inp, rope = self.x.index_select(1, self.pos_blk), self.rope_blk
+        self.forwards += 1
+        if key == "prefill" or not self.capture:  # the prefill runs once a generation: not worth a graph
+            static_forward(self.lm, self.head, inp, rope, self.mask, self.cache, out_slice=slice(0, 0))
+            return
+        self._run(key, lambda: static_forward(self.lm, self.head, self.x.index_select(1, self.pos_blk), self.rope_blk,
+                                              self.mask, self.cache, out_slice=slice(0, 0)))
+
+    def _decide(self, logits, ups, hidden) -> StepOut:
         cfg, ids = self.cfg, self.ids
         logits = prepare_logits(logits, cfg, ids)
         cur = self.x.index_select(1, self.pos_blk)  # (B, Lb)
+        if self.rule is not None:
+            out = policy_decide(self.rule, ids, logits, ups, cur, self.noise, self.k_now.expand(self.B), hidden,
+                                self.scorer)
+            self.x.index_copy_(1, self.pos_blk, out.new)
+            self.blk_remasks += out.remasked.sum(1)
+            return out
         x0 = logits.argmax(-1) if self.u_gumbel is None else gumbel_argmax(logits, self.u_gumbel, cfg.temperature)
         if cfg.threshold is not None:
             k = None
@@ -311,16 +328,17 @@ class StaticDecoder:
         else:
             k = self.base + (self.n_now < self.rem).long()
         new, masked, remasked, score = decide(cfg, ids, logits, ups, cur, x0, self.u_conf, k, self.run[:, None],
-                                              rank_select)
+                                              rank_select, hidden=hidden, scorer=self.scorer)
         self.x.index_copy_(1, self.pos_blk, new)
         self.blk_remasks += remasked.sum(1)
         if cfg.threshold is not None:
             self.run &= (new == ids.mask).any(1)
         return StepOut(masked, new, remasked, score)
 
-    def _run(self, key) -> StepOut:
-        def fn():
-            return self._decide(*self._forward(key))
+    def _run(self, key, fn=None):
+        if fn is None:
+            def fn():
+                return self._decide(*self._forward(key))
 
         if not self.capture:
             return fn()
@@ -366,27 +384,29 @@ def check_static_model(model) -> None:
                          f"decode without --graphs")
 
 
-def _signature(model, cfg: SamplerConfig, ids: SpecialIds, x: torch.Tensor, attn, P: int, capture: bool):
+def _signature(model, cfg: SamplerConfig, ids: SpecialIds, x: torch.Tensor, attn, P: int, capture: bool,
+               rule: Optional[PolicyRule] = None):
     """Everything the buffers' shapes or a graph's baked-in constants depend on. Parameter addresses are
     included: a graph reads the weights where they were at capture (in-place updates are seen)."""
     params = tuple(p.data_ptr() for p in model.parameters())
     return (tuple(x.shape), P, cfg.block_length, cfg.num_blocks, attn is not None, cfg.strategy, cfg.temperature,
             cfg.cfg_scale, cfg.logits_eos_inf, cfg.confidence_eos_eot_inf, cfg.cache, cfg.threshold,
-            cfg.remask_threshold, capture, cfg.compile, (ids.mask, ids.eos, ids.eot), str(x.device), params)
+            cfg.remask_threshold, capture, cfg.compile, (ids.mask, ids.eos, ids.eot), str(x.device), params,
+            cfg.layout, rule, id(ups_scorer(model)))  # a graph bakes in the scorer's code and buffers
 
 
 def static_decoder(model: RemeDiLM, cfg: SamplerConfig, ids: SpecialIds, x: torch.Tensor,
-                   attn: Optional[torch.Tensor], P: int) -> StaticDecoder:
+                   attn: Optional[torch.Tensor], P: int, rule: Optional[PolicyRule] = None) -> StaticDecoder:
     """The model's decoder for this signature (created, or reused with its graphs), reset to ``x``."""
     capture = cfg.graph_capture and can_capture(x.device)
-    key = _signature(model, cfg, ids, x, attn, P, capture)
+    key = _signature(model, cfg, ids, x, attn, P, capture, rule)
     kept = _DECODERS.setdefault(model, OrderedDict())
     dec = kept.pop(key, None)
     if dec is None:
         while len(kept) >= MAX_DECODERS:
             kept.popitem(last=False)  # free the oldest buffers and graphs before allocating new ones
         B, T = x.shape
-        dec = StaticDecoder(model, cfg, ids, B, P, T, attn is not None, capture)
+        dec = StaticDecoder(model, cfg, ids, B, P, T, attn is not None, capture, rule)
     kept[key] = dec
     dec.reset(cfg, x, attn)
     return dec

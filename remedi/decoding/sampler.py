@@ -67,7 +67,7 @@ Fast decoding (every part has a flag that turns it off, and the defaults are the
   batch, a row whose block is finished draws no random numbers and is left unchanged until the other
   rows finish theirs (one host sync per step decides), so rows stay batch-independent.
 * ``compile``: ``model.compile_blocks`` once per model, with the cache's update kept out of the
-  graphs (:class:`_EagerUpdateCache`).
+  graphs (:class:`~remedi.model.kv_cache.EagerUpdateCache`).
 * ``graphs`` (:mod:`remedi.decoding.graphs`): the same algorithm on static buffers -- one fixed-size KV
   cache over the whole sequence, the block's position, schedule, EOS gate and finished rows as device
   tensors, a sort-free ranking -- so that no step of a block synchronises with the host, and on a CUDA
@@ -80,111 +80,18 @@ from __future__ import annotations
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
+from remedi.decoding import graphs
+from remedi.decoding.step import (  # noqa: F401  (re-exported: the sampler's public names)
+    STRATEGIES, LLADA_STRATEGIES, REMASK_STRATEGIES, RANDOM_STRATEGIES, CACHE_MODES, BlockCounts, SamplerConfig,
+    StepOut, transfer_counts, unmask_schedule, layout_batch, new_cache, block_forward, prepare_logits,
+    draw_candidates, gumbel_argmax, draw_uniform, eos_eot_candidates, position_scores, select_top_k,
+    threshold_confidence, threshold_step, decide, LAYOUTS, PolicyRule, policy_decide, prefill_prompt, commit_block,
+    ups_scorer)
 from remedi.model.loading import SpecialIds
-from remedi.model.llada import KVCache
-
-STRATEGIES = ("llada_low_confidence", "llada_random", "ups", "tps_prob", "margin", "entropy", "random")
-LLADA_STRATEGIES = ("llada_low_confidence", "llada_random")
-REMASK_STRATEGIES = ("ups", "tps_prob", "margin", "entropy", "random")
-RANDOM_STRATEGIES = ("llada_random", "random")
-CACHE_MODES = ("none", "prefix", "dual")
-
-
-class BlockCounts:
-    """``num_blocks`` and ``steps_per_block`` of a config with gen_length, block_length and steps."""
-
-    @property
-    def num_blocks(self) -> int:
-        return self.gen_length // self.block_length
-
-    @property
-    def steps_per_block(self) -> int:
-        return self.steps // self.num_blocks
-
-
-@dataclass
-class SamplerConfig(BlockCounts):
-    strategy: str = "llada_low_confidence"
-    steps: int = 64
-    gen_length: int = 64
-    block_length: int = 32
-    temperature: float = 0.0
-    cfg_scale: float = 0.0
-    logits_eos_inf: bool = False
-    confidence_eos_eot_inf: bool = False
-    eos_gating: bool = False
-    record_trajectory: bool = False
-    cache: str = "none"  # none | prefix | dual (see "Fast decoding" in the module docstring)
-    cache_refresh: int = 0  # 0: full forward only at a block's first step; n: also every n-th step
-    threshold: Optional[float] = None  # parallel threshold decoding; None = the step schedule
-    remask_threshold: Optional[float] = None  # threshold mode, remask strategies: remask below this
-    compile: bool = False  # torch.compile the transformer blocks (in place, once per model)
-    graphs: bool = False  # static-buffer step, no host sync inside a block, CUDA graphs (remedi.decoding.graphs)
-    graph_capture: bool = True  # with graphs on a CUDA device: capture/replay CUDA graphs (False: run it eagerly)
-
-    @property
-    def remasks(self) -> bool:
-        """True for the RemeDi strategies (which may remask), False for LLaDA's unmask-only ones."""
-        return self.strategy in REMASK_STRATEGIES
-
-    def validate(self, model_max_len: Optional[int] = None, prompt_len: Optional[int] = None,
-                 has_ups: Optional[bool] = None) -> None:
-        """Raise ValueError naming the flag for any setting the sampler cannot run.
-
-        ``steps / num_blocks`` may exceed ``block_length``: LLaDA allows it, and the surplus steps of a
-        block commit nothing (they still cost a forward pass; the remask strategies may still swap).
-        With ``threshold`` the number of steps is dynamic and ``steps`` is not used.
-        """
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"unknown strategy/source {self.strategy!r}; choose from {', '.join(STRATEGIES)}")
-        for name in ("steps", "gen_length", "block_length"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"--{name} must be a positive integer, got {v!r}")
-        if self.gen_length % self.block_length:
-            raise ValueError(f"--block_length {self.block_length} must divide --gen_length {self.gen_length} "
-                             f"(e.g. --block_length {_largest_divisor_at_most(self.gen_length, self.block_length)})")
-        if self.steps % self.num_blocks and self.threshold is None:
-            raise ValueError(f"--steps {self.steps} must be divisible by the number of blocks "
-                             f"{self.num_blocks} (= --gen_length / --block_length); e.g. --steps "
-                             f"{max(self.num_blocks, self.steps - self.steps % self.num_blocks)}")
-        if not (self.temperature >= 0.0 and self.temperature != float("inf")):
-            raise ValueError(f"--temperature must be a finite number >= 0, got {self.temperature}")
-        if not (self.cfg_scale >= 0.0 and self.cfg_scale != float("inf")):
-            raise ValueError(f"--cfg_scale must be a finite number >= 0, got {self.cfg_scale}")
-        if self.cache not in CACHE_MODES:
-            raise ValueError(f"--cache {self.cache!r}: choose one of {', '.join(CACHE_MODES)}")
-        r = self.cache_refresh
-        if not isinstance(r, int) or isinstance(r, bool) or r < 0:
-            raise ValueError(f"--cache_refresh must be an integer >= 0 (0 = full forward only at each block's "
-                             f"first step, n = also every n-th step), got {r!r}")
-        if r and self.cache == "none":
-            raise ValueError(f"--cache_refresh {r} needs --cache prefix or --cache dual (without a cache every "
-                             f"step is a full forward already)")
-        if self.threshold is not None and not 0.0 < self.threshold <= 1.0:
-            raise ValueError(f"--threshold must be in (0, 1] (or unset for the step schedule), got {self.threshold}")
-        if self.remask_threshold is not None:
-            if self.threshold is None:
-                raise ValueError("--remask_threshold works only in parallel threshold decoding: also pass "
-                                 "--threshold (e.g. --threshold 0.9 --remask_threshold 0.1)")
-            if not 0.0 < self.remask_threshold <= self.threshold:
-                raise ValueError(f"--remask_threshold must be in (0, --threshold] = (0, {self.threshold}], got "
-                                 f"{self.remask_threshold}")
-        if has_ups is False and self.strategy == "ups":
-            raise ValueError("source 'ups' needs a UPS: pass --ups_head CHECKPOINT (or a model with a UPS "
-                             "stream), or choose another source (tps_prob, margin, entropy, random, llada_*)")
-        if model_max_len is not None and prompt_len is not None and prompt_len + self.gen_length > model_max_len:
-            raise ValueError(f"prompt ({prompt_len} tokens) + --gen_length {self.gen_length} = "
-                             f"{prompt_len + self.gen_length} exceeds the model's max_sequence_length "
-                             f"{model_max_len}; shorten the prompt or lower --gen_length")
-
-
-def _largest_divisor_at_most(n: int, k: int) -> int:
-    return max(d for d in range(1, min(n, k) + 1) if n % d == 0)
 
 
 @dataclass
@@ -209,242 +116,6 @@ class Generation:
     remasks_per_block: list[int]
     seconds: float
     trajectory: Optional[list[dict]] = None
-
-
-# ------------------------------------------------------------------------------------------ schedules
-def transfer_counts(masked: torch.Tensor, steps: int) -> torch.Tensor:
-    """LLaDA's per-step commit counts: (B,) masked counts -> (B, steps), m // s plus 1 for the first m % s."""
-    base = masked // steps
-    rem = masked % steps
-    return base[:, None] + (torch.arange(steps, device=masked.device)[None, :] < rem[:, None]).long()
-
-
-def unmask_schedule(block_length: int, steps: int) -> list[int]:
-    """K_n for n = 1..steps: positions of a block unmasked after step n (cumulative LLaDA counts)."""
-    counts = transfer_counts(torch.tensor([block_length]), steps)[0]
-    return torch.cumsum(counts, 0).tolist()
-
-
-# ------------------------------------------------------------------------------------- step pieces
-def layout_batch(prompts: Sequence[Sequence[int]], gen_length: int, ids: SpecialIds, device):
-    """Left-pad prompts with ids.pad and append gen_length masks: x (B, P+G), attention mask or None, P."""
-    P = max(len(p) for p in prompts)
-    x = torch.full((len(prompts), P + gen_length), ids.mask, dtype=torch.long)
-    attn = torch.ones_like(x)
-    for b, p in enumerate(prompts):
-        x[b, :P - len(p)] = ids.pad
-        attn[b, :P - len(p)] = 0
-        x[b, P - len(p):P] = torch.tensor(list(p), dtype=torch.long)
-    attn = None if bool(attn.all()) else attn.to(device)
-    return x.to(device), attn, P
-
-
-def new_cache(cfg: SamplerConfig) -> Optional[KVCache]:
-    """A fresh KV cache for one block (None for ``cache="none"``).
-
-    With ``compile`` the cache's update runs outside the compiled graphs (see :class:`_EagerUpdateCache`).
-    """
-    if cfg.cache == "none":
-        return None
-    return _EagerUpdateCache() if cfg.compile else KVCache()
-
-
-class _EagerUpdateCache(KVCache):
-    """KVCache whose update is never traced by torch.compile.
-
-    Traced, the update's dictionary lookups and ``layer`` / ``start`` integers become guards, so every
-    layer and every block start compiles anew until dynamo's recompile limit sends the rest to eager
-    (measured on CPU with the tiny config). Left out of the graph, together with
-    ``allow_unspec_int_on_nn_module`` (see :func:`_compile_context`), the blocks compile a handful of times.
-    """
-
-    @torch.compiler.disable
-    def update(self, layer, start, k, v):
-        return super().update(layer, start, k, v)
-
-
-def block_forward(model, x: torch.Tensor, attn: Optional[torch.Tensor], lo: int, hi: int, prompt_end: int,
-                  cfg: SamplerConfig, mask_id: int, cache: Optional[KVCache] = None, full: bool = True):
-    """Logits (B, hi-lo, V) float32 (CFG applied) and UPS logits (B, hi-lo) or None for block [lo, hi).
-
-    The LM head runs only on the block (``out_slice``). Without a cache, or with ``full``, the whole
-    sequence is computed (a full forward also refills ``cache``). Otherwise only ``x[:, lo:]`` (prefix
-    cache) or ``x[:, lo:hi]`` (dual cache) is computed; the other positions' keys/values come from the
-    cache as they were last computed. With CFG the 2B rows (conditional, then unconditional) share one
-    forward and one cache; the unconditional copy differs only in the prompt, which a partial forward
-    never covers.
-    """
-    if cache is None or full:
-        start, inp, out_slice = 0, x, slice(lo, hi)
-    elif cfg.cache == "prefix":
-        start, inp, out_slice = lo, x[:, lo:], slice(0, hi - lo)
-    else:  # dual
-        start, inp, out_slice = lo, x[:, lo:hi], None
-    kw = {"out_slice": out_slice} if cache is None else {"out_slice": out_slice, "cache": cache, "start": start}
-    if cfg.cfg_scale > 0:
-        un = inp.clone()
-        if start < prompt_end:
-            un[:, :prompt_end - start] = mask_id  # unconditional copy: the prompt fully masked
-        both = torch.cat([inp, un], 0)
-        am = None if attn is None else torch.cat([attn, attn], 0)
-        out = model(both, am, **kw)
-        cond, unc = out.logits.float().chunk(2, 0)
-        logits = unc + (cfg.cfg_scale + 1) * (cond - unc)
-        ups = None if out.ups_logits is None else out.ups_logits.chunk(2, 0)[0]
-    else:
-        out = model(inp, attn, **kw)
-        logits, ups = out.logits.float(), out.ups_logits
-    policy = getattr(model, "ups_policy", None)
-    if policy is not None and ups is not None and cfg.strategy == "ups":  # residual UPS: a scorer, see decide
-        ups = policy.bind(ups, cfg)
-    return logits, ups
-
-
-def prepare_logits(logits: torch.Tensor, cfg: SamplerConfig, ids: SpecialIds) -> torch.Tensor:
-    logits = logits.clone()
-    logits[..., ids.mask] = -torch.inf  # the mask is not a token of the text
-    if cfg.logits_eos_inf:
-        logits[..., ids.eos] = -torch.inf
-    return logits
-
-
-def draw_candidates(logits: torch.Tensor, temperature: float,
-                    generators: Sequence[Optional[torch.Generator]]) -> torch.Tensor:
-    """x0 (B, Lb): argmax, or the reference's float64 Gumbel-max with per-row uniforms.
-
-    A row whose generator is None draws nothing (threshold decoding: its block is finished; it gets the
-    argmax, which the caller discards), so a row's random stream never depends on its batch.
-    """
-    if temperature == 0:
-        return logits.argmax(-1)
-    rows = [b for b, g in enumerate(generators) if g is not None]
-    Lb, V = logits.shape[1:]
-    u = torch.stack([torch.rand((Lb, V), generator=generators[b], dtype=torch.float64,
-                                device=generators[b].device).to(logits.device) for b in rows])  # (R, Lb, V)
-    sub = logits if len(rows) == len(generators) else logits[torch.tensor(rows, device=logits.device)]
-    if len(rows) == len(generators):
-        return gumbel_argmax(sub, u, temperature)
-    x0 = logits.argmax(-1)
-    x0[torch.tensor(rows, device=logits.device)] = gumbel_argmax(sub, u, temperature)
-    return x0
-
-
-def gumbel_argmax(logits: torch.Tensor, u: torch.Tensor, temperature: float) -> torch.Tensor:
-    """The reference's Gumbel-max with given uniforms ``u`` (same shape, float64):
-    ``argmax(exp(logits) / (-log u) ** temperature)`` in float64."""
-    return (logits.double().exp() / (-torch.log(u)) ** temperature).argmax(-1)
-
-
-def draw_uniform(B: int, Lb: int, generators: Sequence[Optional[torch.Generator]], device) -> torch.Tensor:
-    """(B, Lb) float64 uniforms, one row per generator; zeros for a None generator (draws nothing)."""
-    return torch.stack([torch.zeros(Lb, dtype=torch.float64, device=device) if g is None else
-                        torch.rand((Lb,), generator=g, dtype=torch.float64, device=g.device).to(device)
-                        for g in generators])  # (B, Lb)
-
-
-def eos_eot_candidates(x0: torch.Tensor, ids: SpecialIds) -> torch.Tensor:
-    hit = x0 == ids.eos
-    if ids.eot is not None:
-        hit |= x0 == ids.eot
-    return hit
-
-
-def position_scores(strategy: str, logits: torch.Tensor, tokens: torch.Tensor, ups: Optional[torch.Tensor],
-                    rand: Optional[torch.Tensor]) -> torch.Tensor:
-    """(B, Lb) float64 score of ``tokens`` (candidate or current token) at each position."""
-    if strategy in RANDOM_STRATEGIES:
-        return rand
-    if strategy == "ups":
-        return torch.sigmoid(ups.double())
-    logp = torch.log_softmax(logits.double(), -1)  # (B, Lb, V)
-    if strategy in ("tps_prob", "llada_low_confidence"):
-        return logp.gather(-1, tokens[..., None]).squeeze(-1).exp()
-    p = logp.exp()
-    if strategy == "margin":
-        top = p.topk(2, dim=-1).values
-        return top[..., 0] - top[..., 1]
-    if strategy == "entropy":
-        return torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1)  # minus the entropy
-    raise ValueError(f"unknown strategy {strategy!r}")
-
-
-def select_top_k(scores: torch.Tensor, eligible: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Bool (B, Lb): the k[b] highest-scoring eligible positions of each row (ties: earlier position).
-
-    Vectorised: one stable sort by score, then a stable sort that moves eligible positions first, so
-    that an eligible -inf still ranks above every ineligible position; rank < k selects.
-    """
-    B, Lb = scores.shape
-    s = torch.where(eligible, scores, torch.full_like(scores, -torch.inf))
-    order = torch.sort(s, dim=1, descending=True, stable=True).indices  # (B, Lb)
-    elig_first = torch.sort(eligible.gather(1, order).to(torch.int8), dim=1, descending=True, stable=True).indices
-    order = order.gather(1, elig_first)
-    ranks = torch.empty_like(order)
-    ranks.scatter_(1, order, torch.arange(Lb, device=scores.device).expand(B, Lb).contiguous())
-    return (ranks < k[:, None]) & eligible
-
-
-def threshold_confidence(strategy: str, score: torch.Tensor) -> torch.Tensor:
-    """The score on the (0, 1] scale a threshold compares against: exp(-entropy) for ``entropy``
-    (1 for a one-hot distribution, 1/V for a uniform one), the score itself for every other source."""
-    return score.exp() if strategy == "entropy" else score
-
-
-def threshold_step(cfg: SamplerConfig, score: torch.Tensor, masked: torch.Tensor, select=None):
-    """Parallel threshold decoding: (unmask, remask), bool (B, Lb).
-
-    unmask: every masked position whose confidence reaches ``threshold``, and at least the best-scoring
-    masked one. remask (remask strategies with ``remask_threshold``): positions unmasked before this
-    step whose confidence is below ``remask_threshold``, lowest first, at most (newly unmasked - 1) of
-    them, so that every step leaves at least one mask fewer and a block takes at most block_length steps.
-    ``select``: the top-k selection (default :func:`select_top_k`; the static path passes its sort-free
-    equivalent, :func:`remedi.decoding.graphs.rank_select`).
-    """
-    select = select or select_top_k
-    conf = threshold_confidence(cfg.strategy, score)
-    one = torch.ones(score.shape[0], dtype=torch.long, device=score.device)
-    unmask = select(score, masked, one) | (masked & (conf >= cfg.threshold))
-    if cfg.remask_threshold is None or not cfg.remasks:
-        return unmask, torch.zeros_like(masked)
-    low = ~masked & (conf < cfg.remask_threshold)
-    cap = (unmask.sum(1) - 1).clamp(min=0)
-    return unmask, select(-score, low, cap)
-
-
-def decide(cfg: SamplerConfig, ids: SpecialIds, logits: torch.Tensor, ups: Optional[torch.Tensor],
-           cur: torch.Tensor, x0: torch.Tensor, rand: Optional[torch.Tensor], k: Optional[torch.Tensor],
-           run: Optional[torch.Tensor], select=None):
-    """One step's decision for the block ``cur`` (B, Lb): (new block, masked, remasked, score).
-
-    logits (B, Lb, V) prepared; x0 (B, Lb) the candidates; k (B,) the positions to keep (remask
-    strategies: K_n) or to commit (LLaDA's: the step's counts), unused by threshold decoding; run (B, 1)
-    bool or None: rows where it is False are left as they are (finished rows). Pure tensor code: no
-    host synchronisation, so the static path captures it in its CUDA graphs.
-    """
-    select = select or select_top_k
-    masked = cur == ids.mask
-    tok = torch.where(masked, x0, cur) if cfg.remasks else x0
-    if callable(ups) and cfg.strategy == "ups":  # a residual UPS bound to this step (remedi.policy.residual)
-        score = ups(logits, tok, masked, k)
-    else:
-        score = position_scores(cfg.strategy, logits, tok, ups, rand)
-    if cfg.confidence_eos_eot_inf:
-        stop = eos_eot_candidates(x0, ids)
-        score = score.masked_fill(masked & stop if cfg.remasks else stop, -torch.inf)
-    if cfg.threshold is not None:
-        unmask, remasked = threshold_step(cfg, score, masked, select)
-        new = torch.where(unmask, x0, torch.where(remasked, torch.full_like(cur, ids.mask), cur))
-    elif cfg.remasks:
-        keep = select(score, torch.ones_like(masked), k)
-        new = torch.where(keep, tok, torch.full_like(cur, ids.mask))
-        remasked = ~masked & ~keep
-    else:
-        keep = select(score, masked, k)
-        new = torch.where(keep, x0, cur)
-        remasked = torch.zeros_like(masked)
-    if run is not None:
-        new, remasked = torch.where(run, new, cur), remasked & run
-    return new, masked, remasked, score
 
 
 _COMPILED: "weakref.WeakSet" = weakref.WeakSet()
@@ -485,11 +156,13 @@ def generate(model, prompts: list[list[int]], cfg: SamplerConfig, ids: SpecialId
     if len(generators) != len(prompts):
         raise ValueError(f"{len(generators)} generators for {len(prompts)} prompts")
     if cfg.graphs:
-        from remedi.decoding.graphs import check_static_model
-
-        check_static_model(model)
-        if getattr(model, "ups_policy", None) is not None and cfg.strategy == "ups":
-            raise ValueError("--graphs does not run a residual UPS policy yet: decode it without --graphs")
+        graphs.check_static_model(model)
+    scorer = ups_scorer(model) if cfg.strategy == "ups" else None
+    if scorer is not None and cfg.graphs and getattr(scorer, "host_sync", False):
+        raise ValueError(f"{type(scorer).__name__} reads the tokens on the host every step: decode it without --graphs")
+    if scorer is not None and cfg.threshold is not None:
+        raise ValueError("a UPS policy (residual UPS, slip oracle) ranks positions under the step schedule only: "
+                         "run it without --threshold (its scores are not on the (0, 1] scale a threshold compares)")
     if not cfg.compile:
         return _generate(model, prompts, cfg, ids, generators)
     compile_model(model)
@@ -497,32 +170,56 @@ def generate(model, prompts: list[list[int]], cfg: SamplerConfig, ids: SpecialId
         return _generate(model, prompts, cfg, ids, generators)
 
 
-@dataclass
-class StepOut:
-    """One step's tensors, rows indexed as the decoder indexes them (``decoder.row(j, b)``)."""
-
-    masked: torch.Tensor  # (R, Lb) bool: masked before the step
-    new: torch.Tensor  # (R, Lb) the block after the step
-    remasked: torch.Tensor  # (R, Lb) bool
-    score: torch.Tensor  # (R, Lb) float64
-
-
 def _generate(model, prompts, cfg: SamplerConfig, ids: SpecialIds, generators) -> list[Generation]:
-    """The block loop, shared by the two decoders: :class:`EagerDecoder` (the reference step) and, with
-    ``graphs``, :class:`remedi.decoding.graphs.StaticDecoder`. The loop keeps the host's bookkeeping
-    (active rows, NFE, trajectories); the decoders own the tensors. The loop itself reads device values
-    only through ``still_running`` (threshold decoding, once a step), ``end_block`` with eos_gating (once
-    a block), the trajectory record and ``finish``; the static decoder reads none anywhere else."""
+    """The eval sampler: :func:`decode_blocks` with the eval rule, its rows cut into :class:`Generation`."""
     t0 = time.perf_counter()
+    B = len(prompts)
+    run = decode_blocks(model, prompts, cfg, ids, generators)
+    rows, per_block = run.decoder.finish()
+    remasks = [[] for _ in range(B)]
+    for blk_rows, counts in zip(run.block_rows, per_block):
+        for j, b in enumerate(blk_rows):
+            remasks[b].append(counts[j])
+    seconds = (time.perf_counter() - t0) / B
+    return [Generation(tokens=cut_at_eos(rows[b], ids.eos), nfe=run.nfe[b], remasks=sum(remasks[b]),
+                       remasks_per_block=remasks[b], seconds=seconds,
+                       trajectory=None if run.traj is None else run.traj[b]) for b in range(B)]
+
+
+@dataclass
+class BlockRun:
+    """What :func:`decode_blocks` leaves: the decoder (its final state: ``finish()``, ``x``) and the host's
+    bookkeeping (NFE per row, the rows of each computed block, trajectories), P the prompt length."""
+
+    decoder: object
+    nfe: list
+    block_rows: list
+    traj: Optional[list]
+    P: int
+
+
+def decode_blocks(model, prompts, cfg: SamplerConfig, ids: SpecialIds, generators,
+                  rule: Optional[PolicyRule] = None, on_step=None) -> BlockRun:
+    """The block loop, shared by the two decoders, the eval sampler and Remask RL rollouts.
+
+    Decoders: :class:`EagerDecoder` (the reference step) and, with ``graphs``,
+    :class:`remedi.decoding.graphs.StaticDecoder`. The selection rule is the eval rule (:func:`decide`)
+    unless ``rule`` is a :class:`PolicyRule` (:func:`policy_decide`; step schedule only, no eos_gating).
+    ``on_step(blk, n, out)`` is called after every step with its :class:`StepOut` (a rollout's recorder).
+    The loop keeps the host's bookkeeping (active rows, NFE, trajectories); the decoders own the tensors.
+    The loop itself reads device values only through ``still_running`` (threshold decoding, once a step),
+    ``end_block`` with eos_gating (once a block), the trajectory record and ``finish``; the static decoder
+    reads none anywhere else. Call it under ``torch.inference_mode()`` or ``torch.no_grad()``.
+    """
     device = next(model.parameters()).device
     B, Lb, G = len(prompts), cfg.block_length, cfg.gen_length
+    if rule is not None and (cfg.threshold is not None or cfg.eos_gating or cfg.cfg_scale > 0):
+        raise ValueError("a PolicyRule runs the step schedule only: no threshold, eos_gating or cfg_scale")
     x, attn, P = layout_batch(prompts, G, ids, device)
     if cfg.graphs:
-        from remedi.decoding.graphs import static_decoder
-
-        dec = static_decoder(model, cfg, ids, x, attn, P)
+        dec = graphs.static_decoder(model, cfg, ids, x, attn, P, rule)
     else:
-        dec = EagerDecoder(model, cfg, ids, x, attn, P)
+        dec = EagerDecoder(model, cfg, ids, x, attn, P, rule)
     nfe_per_step = 2 if cfg.cfg_scale > 0 else 1
     nfe = [0] * B
     rstep = [0] * B  # steps each row has taken (its trajectory's step index)
@@ -543,6 +240,8 @@ def _generate(model, prompts, cfg: SamplerConfig, ids: SpecialIds, generators) -
         while n < (Lb if thresh else cfg.steps_per_block) and any(running):
             full = n == 0 or (cfg.cache_refresh > 0 and n % cfg.cache_refresh == 0)
             out = dec.step(n, full, [g if r else None for g, r in zip(gens, running)], running)
+            if on_step is not None:
+                on_step(blk, n, out)
             rows = [(j, b) for j, b in enumerate(active) if running[j]]
             if traj is not None:
                 ranked = torch.ones_like(out.masked) if cfg.remasks else out.masked
@@ -559,15 +258,7 @@ def _generate(model, prompts, cfg: SamplerConfig, ids: SpecialIds, generators) -
         done = dec.end_block(cfg.eos_gating)
         if cfg.eos_gating:
             active = [b for j, b in enumerate(active) if not done[j]]
-    rows, per_block = dec.finish()
-    remasks = [[] for _ in range(B)]
-    for blk_rows, counts in zip(block_rows, per_block):
-        for j, b in enumerate(blk_rows):
-            remasks[b].append(counts[j])
-    seconds = (time.perf_counter() - t0) / B
-    return [Generation(tokens=cut_at_eos(rows[b], ids.eos), nfe=nfe[b], remasks=sum(remasks[b]),
-                       remasks_per_block=remasks[b], seconds=seconds,
-                       trajectory=None if traj is None else traj[b]) for b in range(B)]
+    return BlockRun(dec, nfe, block_rows, traj, P)
 
 
 class EagerDecoder:
@@ -579,8 +270,12 @@ class EagerDecoder:
     """
 
     def __init__(self, model, cfg: SamplerConfig, ids: SpecialIds, x: torch.Tensor,
-                 attn: Optional[torch.Tensor], P: int):
+                 attn: Optional[torch.Tensor], P: int, rule: Optional[PolicyRule] = None):
         self.model, self.cfg, self.ids, self.x, self.attn, self.P = model, cfg, ids, x, attn, P
+        self.rule = rule
+        self.scorer = ups_scorer(model) if cfg.strategy == "ups" else None  # a residual UPS policy, or None
+        self.causal = cfg.layout == "block_causal"
+        self.forwards = 0  # model forwards (steps, and the block-causal cache's prefill and commits)
         self.device = x.device
         self.K = torch.tensor(unmask_schedule(cfg.block_length, cfg.steps_per_block), device=self.device)
         self.log: list[torch.Tensor] = []  # per computed block: its active rows' remask counts
@@ -592,15 +287,33 @@ class EagerDecoder:
         self.aa = None if self.attn is None else self.attn[self.idx]
         self.counts = None if self.cfg.threshold is not None else \
             transfer_counts((self.xa[:, lo:hi] == self.ids.mask).sum(1), self.cfg.steps_per_block)  # (A, s)
-        self.cache = new_cache(self.cfg)
+        if not self.causal or blk == 0:  # the block-causal cache lives across blocks (no eos_gating there)
+            self.cache = new_cache(self.cfg)
+            if self.causal and self.cache is not None:
+                prefill_prompt(self.model, self.xa, self.aa, self.P, self.cache)
+                self.forwards += 1
         self.blk_remasks = torch.zeros(len(active), dtype=torch.long, device=self.device)
 
     def step(self, n: int, full: bool, step_gens, running: list[bool]) -> StepOut:
         cfg, ids, lo, hi = self.cfg, self.ids, self.lo, self.hi
         A = len(self.active)
-        logits, ups = block_forward(self.model, self.xa, self.aa, lo, hi, self.P, cfg, ids.mask, self.cache, full)
+        logits, ups, hidden = block_forward(self.model, self.xa, self.aa, lo, hi, self.P, cfg, ids.mask, self.cache,
+                                            full, with_hidden=True)
+        self.forwards += 1
         logits = prepare_logits(logits, cfg, ids)
         cur = self.xa[:, lo:hi]
+        if self.rule is not None:
+            if ups is None:
+                raise ValueError("the model has no UPS: a rollout ranks positions by UPS logits (pass --ups_head)")
+            V = logits.shape[-1]
+            noise = {name: torch.stack([torch.rand(shape, generator=g, dtype=dt, device=g.device) for g in step_gens])
+                     .to(self.device) for name, shape, dt in self.rule.draws(cfg.block_length, V)}
+            out = policy_decide(self.rule, ids, logits, ups, cur.clone(), noise, self.K[n].expand(A), hidden,
+                                self.scorer)  # state kept
+            self.xa[:, lo:hi] = out.new
+            self.blk_remasks += out.remasked.sum(1)
+            self.new = out.new
+            return out
         x0 = draw_candidates(logits, cfg.temperature, step_gens)
         rand = draw_uniform(A, cfg.block_length, step_gens, self.device) if cfg.strategy in RANDOM_STRATEGIES \
             else None
@@ -609,7 +322,8 @@ class EagerDecoder:
         else:
             k = self.K[n].expand(A) if cfg.remasks else self.counts[:, n]
         run = None if all(running) else torch.tensor(running, device=self.device)[:, None]  # finished rows stay
-        new, masked, remasked, score = decide(cfg, ids, logits, ups, cur, x0, rand, k, run)
+        new, masked, remasked, score = decide(cfg, ids, logits, ups, cur, x0, rand, k, run, hidden=hidden,
+                                              scorer=self.scorer)
         self.xa[:, lo:hi] = new
         self.blk_remasks += remasked.sum(1)
         self.new = new
@@ -628,6 +342,9 @@ class EagerDecoder:
         """Write the block back; with eos_gating, which active rows hold EOS (the rest is not computed)."""
         self.x[self.idx] = self.xa
         self.log.append(self.blk_remasks)
+        if self.causal and self.cache is not None and self.hi < self.x.shape[1]:
+            commit_block(self.model, self.xa, self.aa, self.lo, self.hi, self.cache)  # the finished block's keys
+            self.forwards += 1
         if not eos_gating:
             return None
         done = (self.xa[:, self.lo:self.hi] == self.ids.eos).any(1).tolist()

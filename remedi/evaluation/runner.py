@@ -7,7 +7,7 @@ only on (seed, item id), so the results do not depend on the number of GPUs), ap
 line by line on rank 0 and writes the reports. :func:`rescore` re-checks stored completions, no model.
 
 Code formats (``--format humaneval|mbpp``, or the hub ids ``openai_humaneval`` / ``mbpp``): each batch's
-completions are executed against the problems' tests in the sandbox (:mod:`remedi.evaluation.code_exec`)
+completions are executed against the problems' tests in the sandbox (:mod:`remedi.sandbox`)
 before the batch's records are appended, ``correct`` is "the tests passed" (accuracy = pass@1), and
 ``--rescore`` re-executes the stored completions against the tests stored in each record.
 """
@@ -28,7 +28,7 @@ from remedi.decoding.sampler import STRATEGIES
 from remedi.evaluation import data as D
 from remedi.evaluation import results as R
 from remedi.evaluation.report import render_markdown, summarize
-from remedi.files import atomic_path, check_writable, write_json_atomic
+from remedi.files import RunLock, atomic_path, check_writable, write_json_atomic
 from remedi.model.checkpoint import versions
 from remedi.session import Session, fixed_settings, open_session, parse_sources
 
@@ -70,6 +70,8 @@ class EvalArgs:
     trajectory_out: Optional[str] = arg("auto", "folder for a trajectory picture (PNG + HTML) of the first item "
                                         "per source; auto: <output_dir>/trajectories, none: no pictures")
     n_boot: int = arg(2000, "paired bootstrap resamples")
+    allow_weak_sandbox: bool = arg(False, "score humaneval/mbpp even where the code sandbox lacks a required layer "
+                                   "(bubblewrap, seccomp, ...): generated code could then read or harm this machine")
 
     def __post_init__(self):
         if self.chat and self.no_chat:
@@ -121,6 +123,8 @@ def plan_run(m: ModelArgs, s: SamplingArgs, e: EvalArgs) -> Plan:
     except ValueError:
         raise ValueError(f"--steps_list must be comma-separated integers, got {e.steps_list!r}") from None
     spec = D.resolve_dataset(e.dataset, e.subset, e.split, e.format)
+    if D.is_code(spec.fmt):
+        _check_sandbox(e)
     items, note = D.select_items(D.load_items(spec), e.start, e.max_samples, e.shuffle, m.seed)
     if note:
         log.warning(note)
@@ -193,6 +197,18 @@ def dataset_title(spec: D.DatasetSpec) -> str:
     return f"{Path(spec.name).name} ({spec.fmt} format)"
 
 
+def _check_sandbox(e: EvalArgs) -> None:
+    """Before any model or sample work: refuse code scoring on a host whose sandbox lacks a required layer."""
+    from remedi import sandbox
+
+    if e.allow_weak_sandbox:
+        sandbox.accept_weak_host()
+        missing = sandbox.missing_layers()
+        if missing:
+            log.warning("--allow_weak_sandbox: scoring generated code without %s", ", ".join(missing))
+    sandbox.require_strong()
+
+
 def rescore(e: EvalArgs, seed: int) -> dict:
     path = Path(e.rescore)
     if not path.is_file():
@@ -204,6 +220,8 @@ def rescore(e: EvalArgs, seed: int) -> dict:
     fmt = e.format or (json.loads(cfg_path.read_text())["fixed"]["format"] if cfg_path.is_file() else None)
     if fmt is None:
         raise ValueError(f"--rescore: no config.json beside {path} to read the answer format from; pass --format")
+    if D.is_code(fmt):
+        _check_sandbox(e)
     records = R.rescore_records(old, fmt)
     out = Path(e.output_dir) if e.output_dir else path.parent
     out.mkdir(parents=True, exist_ok=True)
@@ -261,6 +279,7 @@ def run(m: ModelArgs, s: SamplingArgs, e: EvalArgs, argv: list[str]) -> dict:
         out = Path(e.output_dir) if e.output_dir else _default_output_dir(plan.spec)
         try:
             msg = [str(out), sorted(_open_output(out, plan.fixed), key=str), None]
+            lock = RunLock(out)  # noqa: F841 - held (one eval per folder) until this function returns
             write_json_atomic(out / "config.json", {"fixed": plan.fixed, "last_run": {
                 "argv": argv, "sources": plan.sources, "steps": plan.steps, "n_items": len(plan.items),
                 "start": e.start, "max_samples": e.max_samples, "world_size": state.num_processes,

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from remedi.model.config import LLaDAConfig
+from remedi.model.kv_cache import KVCache  # noqa: F401  (re-exported: remedi.model.llada.KVCache)
 
 
 class RMSNorm(nn.Module):
@@ -71,36 +72,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     x1, x2 = x32.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
     return (x32 * cos + rotated * sin).to(x.dtype)
-
-
-class KVCache:
-    """Keys/values of every attention layer over the whole sequence, for block-wise decoding.
-
-    Layers are addressed by an integer id (backbone block i -> i, UPS stream block k -> n_layers + k).
-    A forward over positions [start, start+L) overwrites that slice and attends over all T positions:
-    a full forward refreshes everything; a block-only forward reuses the rest as it was last computed.
-    """
-
-    def __init__(self) -> None:
-        self.k: dict[int, torch.Tensor] = {}
-        self.v: dict[int, torch.Tensor] = {}
-
-    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
-        if layer not in self.k:
-            if start != 0:
-                raise RuntimeError("KVCache: the first forward through a cache must cover the whole sequence")
-            self.k[layer], self.v[layer] = k, v
-            return k, v
-        ck, cv = self.k[layer], self.v[layer]
-        if start == 0 and k.shape[2] == ck.shape[2]:
-            self.k[layer], self.v[layer] = k, v  # full refresh: no copy
-            return k, v
-        ck[:, :, start:start + k.shape[2]] = k
-        cv[:, :, start:start + v.shape[2]] = v
-        return ck, cv
-
-    def __len__(self) -> int:
-        return len(self.k)
 
 
 class LLaDABlock(nn.Module):
@@ -295,7 +266,9 @@ class RemeDiLM(nn.Module):
         super().__init__()
         self.model = LLaDAModel(cfg)
         self.ups_head = ups_head
-        self.ups_policy = None  # a residual UPS (remedi.policy.residual) on top of the head/stream, or None
+        # a scorer on top of the head/stream for the ``ups`` source (remedi.policy: a residual UPS, the slip
+        # oracle), or None; the decoders pass it to decide()/policy_decide() (remedi.decoding.step.ups_scorer)
+        self.ups_policy = None
 
     @property
     def config(self) -> LLaDAConfig:
@@ -330,7 +303,11 @@ class RemeDiLM(nn.Module):
             self.model = wrapped
 
     def ups_modules(self) -> list[nn.Module]:
-        """The UPS's modules: the head, or the stream's blocks, bridges, final norm and output (also under LoRA)."""
+        """The UPS's modules: a residual UPS policy's g when one with weights is attached (what trains then;
+        the head/stream under it stays fixed), else the head, or the stream's blocks, bridges, final norm and
+        output (also under LoRA)."""
+        if self.ups_policy is not None and any(True for _ in self.ups_policy.parameters()):
+            return [self.ups_policy]
         if self.ups_head is not None:
             return [self.ups_head]
         mm = self.backbone
@@ -347,8 +324,6 @@ class RemeDiLM(nn.Module):
         out = self.model(input_ids, attention_mask, **kw)
         if self.ups_head is not None:
             out.ups_logits = self.ups_head(out.hidden.detach())
-        if self.ups_policy is not None:  # residual UPS: (B, L, 1 + r) base logit + hidden projection
-            out.ups_logits = self.ups_policy.model_features(out.ups_logits, out.hidden.detach())
         return out
 
     def compile_blocks(self, **kwargs) -> "RemeDiLM":

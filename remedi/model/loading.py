@@ -138,10 +138,28 @@ def preflight(model_name: str, ups_head: Optional[str] = None, lora_path: Option
     if ups_head:
         meta = read_ups_meta(ups_head)
         check_ups_compatible(meta, cfg, str(ups_head))
-    if lora_path and not (Path(lora_path) / "adapter_config.json").is_file():
+    if lora_path:
+        check_adapter_config(lora_path)
+    return model_dir, cfg, meta
+
+
+def check_adapter_config(lora_path: str | os.PathLike) -> dict:
+    """A peft LoRA folder's adapter_config.json, read and checked before any weight loads (a torn or hand-edited
+    file would otherwise fail only inside peft, after the backbone has loaded)."""
+    import json
+
+    f = Path(lora_path) / "adapter_config.json"
+    if not f.is_file():
         raise FileNotFoundError(f"--lora_path {lora_path} has no adapter_config.json (expected a peft LoRA folder "
                                 "written by train_remask_lora.py --save_lora_dir)")
-    return model_dir, cfg, meta
+    try:
+        raw = json.loads(f.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{f} is damaged (not valid JSON: {e}); re-copy the LoRA folder or retrain it") from None
+    if not isinstance(raw, dict) or raw.get("peft_type") != "LORA" or not isinstance(raw.get("r"), int):
+        raise ValueError(f"{f} is not a peft LoRA config (needs peft_type \"LORA\" and an integer r); re-copy the "
+                         "LoRA folder written by train_remask_lora.py --save_lora_dir")
+    return raw
 
 
 def load_model(model_dir: Path, cfg: LLaDAConfig, ups_head: Optional[str] = None, lora_path: Optional[str] = None,

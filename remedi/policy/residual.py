@@ -4,8 +4,8 @@ The anchor is a training-free TPS statistic computed exactly as the sampler comp
 (:func:`remedi.decoding.sampler.position_scores` on the prepared logits, float64): ``entropy`` by default
 (minus the entropy; the best heuristic on the embedded model), or ``tps_prob`` / ``margin``, or ``none``.
 g reads the step's features (:mod:`remedi.policy.features`) -- no extra forward: the logits and tokens
-are the sampler's, and the base UPS logit and hidden projection come out of the same model call
-(:meth:`ResidualUPS.model_features`). g's output layer starts at zero, so a fresh residual policy
+are the sampler's, and the base UPS logit and the block's hidden states come out of the same model call
+(:meth:`ResidualUPS.model_features` projects the hidden states). g's output layer starts at zero, so a fresh residual policy
 makes exactly its anchor's decisions, token for token; training can only move it away from the heuristic
 where that helps.
 
@@ -16,12 +16,15 @@ self-attention layer over the block's positions (block context), and a zero-init
 ``unmask_only``: visible positions always stay (score +inf), so the policy only orders the masked ones:
 the "unmask-only twin" of a policy, which isolates what its remasking is worth.
 
-How it plugs in (the hooks, each a few lines): :class:`~remedi.model.llada.RemeDiLM` carries the policy as
-``ups_policy`` and its forward returns ``ups_logits`` of shape (B, L, 1 + hidden_rank) (base UPS logit,
-then the hidden projection); the sampler's ``block_forward`` binds that tensor to the policy
-(:meth:`ResidualUPS.bind`) for the ``ups`` source, and ``decide`` calls the bound policy instead of
-``position_scores``. save_ups / load_ups store it beside the base UPS (head or stream): the metadata says
-``kind: residual`` and ``residual: {...}`` (:meth:`ResidualUPS.spec`), the tensors are ``ups_policy.*``.
+How it plugs in: :class:`~remedi.model.llada.RemeDiLM` carries the policy as ``ups_policy`` (its forward is
+unchanged: ``ups_logits`` stay the base UPS's (B, L)); the decoders (eager and static/CUDA graph) pass it as
+``scorer`` to :func:`remedi.decoding.step.decide` for the ``ups`` source, which ranks by :meth:`ResidualUPS.score`
+(the step's logits, tokens, base UPS logits and the block's hidden states) instead of ``position_scores``;
+Remask RL rollouts pass it to :func:`~remedi.decoding.step.policy_decide`, whose Plackett-Luce / top-k
+scores are then the residual score, recording the features so :mod:`remedi.rl.loss` rescores with g's
+current weights. ``RemeDiLM.ups_modules()`` is the residual, so RL trains g (the base UPS stays fixed).
+save_ups / load_ups store it beside the base UPS (head or stream): the metadata says ``kind: residual`` and
+``residual: {...}`` (:meth:`ResidualUPS.spec`), the tensors are ``ups_policy.*``.
 """
 from __future__ import annotations
 
@@ -95,22 +98,35 @@ class ResidualUPS(nn.Module):
         self.bias.copy_(w[-1].to(self.bias))
         return self
 
-    # ------------------------------------------------------------------------------- the two halves
-    def model_features(self, ups_logits: Optional[torch.Tensor], hidden: torch.Tensor) -> torch.Tensor:
-        """(B, L, 1 + hidden_rank) float32 from the model's forward: the base UPS logit (0 without a base
-        UPS), then the hidden state's projection. Returned as the model's ``ups_logits``."""
-        base = ups_logits.float() if ups_logits is not None else hidden.new_zeros(hidden.shape[:-1], dtype=torch.float32)
+    # ------------------------------------------------------------------------------- scoring
+    def step_inputs(self, logits: torch.Tensor, tokens: torch.Tensor, masked: torch.Tensor, keep: torch.Tensor,
+                    ups: Optional[torch.Tensor], hidden: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features (B, Lb, F), anchor (B, Lb)), float64: what the score is computed from at one step.
+
+        logits (B, Lb, V) prepared; tokens (B, Lb) candidate or current token; masked (B, Lb); keep (B,) K_n;
+        ups (B, Lb) the base UPS logits (None: 0); hidden (B, Lb, d) the block's final hidden states (read
+        only with the ``hidden`` feature). Pure tensor code (no host sync): the static decoder captures it.
+        """
+        from remedi.decoding.step import position_scores
+
+        feats = step_features(self.features, logits, tokens, masked, keep, self.type_table,
+                              self.model_features(ups, hidden, tokens), self.hidden_rank)
+        anchor = position_scores(self.anchor, logits, tokens, None, None) if self.anchor != "none" else \
+            torch.zeros(tokens.shape, dtype=torch.float64, device=tokens.device)
+        return feats, anchor
+
+    def model_features(self, ups: Optional[torch.Tensor], hidden: Optional[torch.Tensor],
+                       tokens: torch.Tensor) -> torch.Tensor:
+        """(B, Lb, 1 + hidden_rank) float64: the base UPS logit (0 without a base UPS), then the hidden
+        state's fixed random projection (detached: g never trains the backbone)."""
+        base = ups.double() if ups is not None else torch.zeros(tokens.shape, dtype=torch.float64,
+                                                                device=tokens.device)
         cols = [base[..., None]]
         if self.hidden_rank:
-            cols.append(hidden.float() @ self.hidden_proj.float())  # (B, L, r)
+            if hidden is None:
+                raise ValueError("a residual UPS with the 'hidden' feature needs the block's hidden states")
+            cols.append(hidden.detach().double() @ self.hidden_proj.double())  # (B, Lb, r)
         return torch.cat(cols, -1)
-
-    def bind(self, model_feats: torch.Tensor, cfg) -> "BoundResidual":
-        """The step's scorer for :func:`remedi.decoding.sampler.decide`."""
-        if cfg.threshold is not None:
-            raise ValueError("a residual UPS ranks positions under the step schedule only: run it without "
-                             "--threshold (its scores are not on the (0, 1] scale a threshold compares)")
-        return BoundResidual(self, model_feats)
 
     def residual(self, feats: torch.Tensor) -> torch.Tensor:
         """g(features): (B, Lb, F) float64 -> (B, Lb) float64."""
@@ -118,34 +134,24 @@ class ResidualUPS(nn.Module):
         if self.g == "attention":
             h = feats @ self.inp.double()  # (B, Lb, a)
             q, k = h @ self.qk[0].double(), h @ self.qk[1].double()
-            att = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(self.attn_dim), -1)  # (B, Lb, Lb)
+            att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(self.attn_dim), -1)  # (B, Lb, Lb)
             out = out + (h + att @ h) @ self.out.double()
         return out
 
-    def score(self, logits: torch.Tensor, tokens: torch.Tensor, masked: torch.Tensor, keep: torch.Tensor,
-              model_feats: Optional[torch.Tensor]) -> torch.Tensor:
-        """(B, Lb) float64: the anchor plus g, as the sampler ranks them."""
-        from remedi.decoding.sampler import position_scores
-
-        feats = step_features(self.features, logits, tokens, masked, keep, self.type_table, model_feats,
-                              self.hidden_rank)
-        anchor = position_scores(self.anchor, logits, tokens, None, None) if self.anchor != "none" else \
-            torch.zeros(tokens.shape, dtype=torch.float64, device=tokens.device)
+    def score_from(self, feats: torch.Tensor, anchor: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+        """anchor + g(features), (..., Lb) float64; +inf at visible positions with ``unmask_only``. Any
+        leading dims (a rollout's recorded (N, nb, Lb, F) features too); differentiable in g's weights."""
         score = anchor + self.residual(feats)
         if self.unmask_only:
             score = torch.where(masked, score, torch.full_like(score, torch.inf))
         return score
 
-
-class BoundResidual:
-    """A residual policy with one step's model-side features: ``decide`` calls it as ``ups(logits, tok,
-    masked, k)``. A plain object (not a tensor), so ``callable(ups)`` tells the two apart."""
-
-    def __init__(self, policy: ResidualUPS, model_feats: torch.Tensor):
-        self.policy, self.model_feats = policy, model_feats
-
-    def __call__(self, logits, tokens, masked, keep):
-        return self.policy.score(logits, tokens, masked, keep, self.model_feats)
+    def score(self, logits: torch.Tensor, tokens: torch.Tensor, masked: torch.Tensor, keep: torch.Tensor,
+              ups: Optional[torch.Tensor] = None, hidden: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, Lb) float64: the anchor plus g, as the sampler ranks them (the scorer interface of
+        :func:`remedi.decoding.step.decide`)."""
+        feats, anchor = self.step_inputs(logits, tokens, masked, keep, ups, hidden)
+        return self.score_from(feats, anchor, masked)
 
 
 # ------------------------------------------------------------------------------------------- files

@@ -4,7 +4,8 @@ in the proposed block go to the bottom of the ranking.
 It asks whether hiding a detected arithmetic slip helps at all: if the same digits come back when the
 schedule forces them visible, a position-only policy cannot fix slips and a token action is needed. It plugs
 in where a residual UPS does (``model.ups_policy``, decoded with the ``ups`` source); it has no weights and is
-never saved. The check is per row in Python (host work every step): an experiment, not a decoder.
+never saved. The check is per row in Python (one host read of the block's tokens per step, then a regex over
+the rows that need it): an experiment, not a decoder, so it runs on the eager decoder only (``host_sync``).
 """
 from __future__ import annotations
 
@@ -49,22 +50,23 @@ class SlipOracle(torch.nn.Module):
         n = len(tokenizer)
         self.pieces = [tokenizer.decode([i]) if i < n else "" for i in range(vocab_size)]
         self.flagged = 0  # positions sent to the bottom so far (for the report)
+        self.register_buffer("eq_ids", torch.tensor([i for i, p in enumerate(self.pieces) if "=" in p],
+                                                    dtype=torch.long), persistent=False)
 
-    def model_features(self, ups_logits, hidden):
-        return hidden.new_zeros(hidden.shape[:-1], dtype=torch.float32)[..., None]
+    host_sync = True  # reads the tokens on the host every step: the eager decoder only (no --graphs)
 
-    def bind(self, model_feats, cfg):
-        if cfg.threshold is not None:
-            raise ValueError("the slip oracle runs under the step schedule only (no --threshold)")
-        return self.score
-
-    def score(self, logits, tokens, masked, keep):
-        from remedi.decoding.sampler import position_scores
+    def score(self, logits, tokens, masked, keep, ups=None, hidden=None):
+        """The scorer interface of :func:`remedi.decoding.step.decide`: (B, Lb) float64."""
+        from remedi.decoding.step import position_scores
 
         s = position_scores("entropy", logits, tokens, None, None)
+        need = torch.isin(tokens, self.eq_ids.to(tokens.device)).any(1).nonzero().squeeze(1).tolist()  # rows with '='
+        sub = tokens[need].tolist() if need else []
+        rows = [(b, false_result_positions([self.pieces[t] for t in row])) for b, row in zip(need, sub)]
+        hits = [(b, i) for b, pos in rows for i in pos]
+        if not hits:
+            return s
         flag = torch.zeros_like(masked)
-        for b, row in enumerate(tokens.tolist()):
-            for i in false_result_positions([self.pieces[t] for t in row]):
-                flag[b, i] = True
-        self.flagged += int(flag.sum())
+        flag[torch.tensor([b for b, _ in hits]), torch.tensor([i for _, i in hits])] = True
+        self.flagged += len(hits)
         return torch.where(flag, s - BOTTOM, s)

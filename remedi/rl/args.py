@@ -4,7 +4,7 @@ Defaults follow the RemeDi authors' Remask RL: 16 rollouts a prompt, 16 prompts 
 T_tok = T_pos = 1.2, clip 0.2 (token and PL terms clipped separately), no KL, AdamW lr 3e-6, 10 warm-up
 updates, gradient clipping 1.0, 100 updates, 16 steps per 32-token block.
 
-Fields that default to ``None`` are filled by :func:`resolve_defaults`: gen_length / block_length / steps
+Fields that default to ``None`` are filled by :meth:`RLArgs.resolve`: gen_length / block_length / steps
 from the model folder's ``defaults.json`` (the embedded model: gen 96, block 32, 48 steps, i.e. the authors'
 16 steps per 32-token block), and for the embedded tiny model (the default ``--model_name``) a CPU-sized
 demonstration, :data:`EMBEDDED_DEFAULTS`: 2 prompts x 4 rollouts an update, 4 updates, lr 1e-3 (AdamW's
@@ -18,14 +18,13 @@ updates of 8 rollouts are far too few for that).
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from remedi.arguments import arg
+from remedi.arguments import arg, fill_defaults
+from remedi.decoding.args import MODEL_DEFAULTS_FILE, model_sampling_defaults
 from remedi.rl.rewards import REWARDS
 
 log = logging.getLogger(__name__)
@@ -39,7 +38,6 @@ CLIP_MODES = ("separate", "joint")
 
 
 MODEL_DEFAULTS = {"gen_length": 256, "block_length": 32, "steps": 128}  # library values; defaults.json may override
-LIBRARY = {**AUTHORS_DEFAULTS, **MODEL_DEFAULTS}
 
 
 def auto(key: str, help: str):
@@ -141,8 +139,25 @@ class RLArgs:
             if not ok:
                 raise ValueError(msg)
 
+    def resolve(self, model_dir: str | Path, embedded: bool) -> dict[str, str]:
+        """Fill the ``None`` fields (see the module docstring) with the reader every script uses
+        (:func:`remedi.arguments.fill_defaults` over the model folder's defaults.json), then check them;
+        returns {field: where its value came from}."""
+        path = Path(model_dir) / MODEL_DEFAULTS_FILE
+        shipped = {k: v for k, v in model_sampling_defaults(model_dir).items() if k in MODEL_DEFAULTS}
+        origin = fill_defaults(self, shipped, path, MODEL_DEFAULTS)
+        origin.update(fill_defaults(self, EMBEDDED_DEFAULTS if embedded else {}, "embedded-model default",
+                                    AUTHORS_DEFAULTS))
+        if self.cache is None:
+            self.cache = "prefix" if self.layout == "block_causal" else "none"
+            origin["cache"] = f"follows --layout {self.layout}"
+        taken = {k: getattr(self, k) for k, w in origin.items() if w != "command line"}
+        log.info("defaults: %s", ", ".join(f"{k} {v} ({origin[k]})" for k, v in taken.items()))
+        self.check_resolved()
+        return origin
+
     def check_resolved(self) -> None:
-        """Checks of the values :func:`resolve_defaults` filled in."""
+        """Checks of the values :meth:`resolve` filled in."""
         for name in ("group_size", "prompts_per_update", "max_updates"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
@@ -152,36 +167,3 @@ class RLArgs:
             raise ValueError("--lr / --lr_lora must be > 0")
         if self.warmup_steps < 0:
             raise ValueError("--warmup_steps must be >= 0")
-
-
-def resolve_defaults(rargs: RLArgs, model_dir: Path, embedded: bool) -> dict[str, str]:
-    """Fill the ``None`` fields (see the module docstring); returns {field: where its value came from}."""
-    values: dict = {}
-    f = Path(model_dir) / "defaults.json"
-    if f.is_file():
-        raw = json.loads(f.read_text())
-        values.update({k: (raw[k], str(f)) for k in MODEL_DEFAULTS if k in raw})
-    if embedded:
-        values.update({k: (v, "embedded-model default") for k, v in EMBEDDED_DEFAULTS.items()})
-    origin = {}
-    for name, lib in LIBRARY.items():
-        if getattr(rargs, name) is not None:
-            origin[name] = "command line"
-            continue
-        value, where = values.get(name, (lib, "library default (the authors' setting)"))
-        setattr(rargs, name, value)
-        origin[name] = where
-    if rargs.cache is None:
-        rargs.cache = "prefix" if rargs.layout == "block_causal" else "none"
-        origin["cache"] = f"follows --layout {rargs.layout}"
-    taken = {k: getattr(rargs, k) for k, w in origin.items() if w != "command line"}
-    log.info("defaults: %s", ", ".join(f"{k} {v} ({origin[k]})" for k, v in taken.items()))
-    rargs.check_resolved()
-    return origin
-
-
-def args_record(*objs) -> dict:
-    out: dict = {}
-    for o in objs:
-        out.update(dataclasses.asdict(o))
-    return out

@@ -34,31 +34,9 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from remedi.model.block_causal import block_causal_forward, block_causal_mask, prefix_mask
-from remedi.model.llada import KVCache
+from remedi.model.kv_cache import PrefixCache
 from remedi.rl.policy import grpo_loss, plackett_luce_logprob, token_logprob
 from remedi.rl.rollout import RolloutBatch, RolloutConfig, policy_logits
-
-
-class PrefixCache(KVCache):
-    """Keys/values of the fixed [prompt | final response] half, computed once per rollout batch.
-
-    After :func:`clean_prefix_cache` fills it, a forward over the noisy half (start = P + G) attends to the
-    stored prefix and to itself, and the prefix is never overwritten, so the S step passes share it. Valid
-    only when no trainable parameter acts on the backbone's keys/values: a head UPS on a frozen backbone
-    (the stream and LoRA change them, so their passes run the whole layout).
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.frozen = False
-
-    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
-        if not self.frozen:
-            return super().update(layer, start, k, v)
-        T = self.k[layer].shape[2]
-        if start != T:
-            raise RuntimeError(f"PrefixCache: a forward at {start} does not follow the {T} cached positions")
-        return torch.cat([self.k[layer], k], dim=2), torch.cat([self.v[layer], v], dim=2)
 
 
 @torch.no_grad()
@@ -126,34 +104,71 @@ def step_logprobs(model, batch: RolloutBatch, step: int, cfg: RolloutConfig, mas
         out = _noisy_outputs(model, batch, noisy, cache)
     if out.ups_logits is None:
         raise ValueError("the model has no UPS: Remask RL needs a UPS head or stream")
+    return _token_terms(out.logits, batch, step, cfg, mask_id), _pl_terms(out.ups_logits, batch, step, cfg)
+
+
+def cached_step_logprobs(model, batch: RolloutBatch, step: int, cfg: RolloutConfig) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`step_logprobs` without a forward, for a head UPS on a frozen backbone: the token terms are the
+    rollout's (the backbone does not change), the PL terms are ``model.ups_head`` on the hidden states the
+    rollout recorded (``RolloutConfig.record_hidden``). Equal to the recomputed ones up to rounding (tested).
+    """
+    if batch.hidden is None:
+        raise ValueError("the rollouts carry no features: roll out with record_hidden=True (RolloutConfig)")
+    head = getattr(model, "ups_head", None)
+    if head is None:
+        raise ValueError("cached features need a UPS head (a stream UPS changes the backbone's keys/values)")
+    h = head(batch.hidden[:, :, step])  # (N, nb, Lb)
+    return batch.tok_logp[:, :, step], _pl_terms(h, batch, step, cfg)
+
+
+def _token_terms(logits: torch.Tensor, batch: RolloutBatch, step: int, cfg: RolloutConfig, mask_id: int):
+    """tok (N, nb, Lb): log softmax(logits / T_tok)[x_hat] at the step's newly unmasked positions, else 0
+    (all 0 for greedy rollout tokens: no token action)."""
+    N, nb, S, Lb = batch.states.shape
     fresh = batch.new_mask[:, :, step]  # (N, nb, Lb)
-    logits = out.logits.view(N, nb, Lb, -1)  # (N, nb, Lb, V)
+    if cfg.tokens == "greedy":
+        return torch.zeros(fresh.shape, dtype=torch.float32, device=fresh.device)
+    logits = logits.view(N, nb, Lb, -1)  # (N, nb, Lb, V)
     # only the newly unmasked positions enter the loss: log-softmax over those rows alone
     sel = policy_logits(logits[fresh], mask_id)  # (M, V)
     lp = token_logprob(sel, batch.tokens[:, :, step][fresh], cfg.temperature)  # (M,)
-    tok = torch.zeros(fresh.shape, dtype=lp.dtype, device=lp.device).masked_scatter(fresh, lp)  # (N, nb, Lb)
+    return torch.zeros(fresh.shape, dtype=lp.dtype, device=lp.device).masked_scatter(fresh, lp)  # (N, nb, Lb)
+
+
+def _pl_terms(ups_logits: torch.Tensor, batch: RolloutBatch, step: int, cfg: RolloutConfig) -> torch.Tensor:
+    """pl (N, nb): log pi_pos(order | x_t) of the step (0 for the zero-temperature top_k rule)."""
+    N, nb, S, Lb = batch.states.shape
+    h = ups_logits.float().reshape(N * nb, Lb)  # (N * nb, Lb)
+    if cfg.positions == "top_k":
+        return h.new_zeros(N, nb) + 0 * h.sum()  # no position action (kept in the graph for DDP)
     K = cfg.schedule[step]
-    h = out.ups_logits.float().reshape(N * nb, Lb)  # (N * nb, Lb)
     order = batch.orders[:, :, step, :K].reshape(N * nb, K)  # (N * nb, K)
-    pl = plackett_luce_logprob(h, order, temperature=cfg.ups_temperature, validate=False).view(N, nb)
-    return tok, pl
+    return plackett_luce_logprob(h, order, temperature=cfg.ups_temperature, validate=False).view(N, nb)
 
 
 def step_loss(model, batch: RolloutBatch, step: int, advantages: torch.Tensor, cfg: RolloutConfig, mask_id: int,
               *, clip: float = 0.2, mode: str = "separate", normaliser: float,
               reference: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, kl_coef: float = 0.0,
-              cache: Optional[PrefixCache] = None) -> Tuple[torch.Tensor, Dict[str, float]]:
+              cache: Optional[PrefixCache] = None, features: bool = False) -> Tuple[torch.Tensor, Dict[str, float]]:
     """The GRPO loss of step index ``step`` (every block), divided by ``normaliser``; and its statistics.
+
+    features: score from the rollout's recorded hidden states (:func:`cached_step_logprobs`, head UPS on a
+    frozen backbone) instead of a forward. Greedy rollout tokens contribute no token terms, the top_k
+    position rule no PL terms.
 
     advantages: (N,) group-normalised, one per rollout. reference: (tok_ref, pl_ref) log-probs of the same
     actions under the reference policy (for kl_coef > 0), shaped like :func:`step_logprobs`' output.
     Adds ``tok_abs_log_ratio_sum`` / ``pl_abs_log_ratio_sum`` (sums of |log r| over the terms) to the stats.
     """
-    tok_new, pl_new = step_logprobs(model, batch, step, cfg, mask_id, cache)
-    fresh = batch.new_mask[:, :, step]
+    if cfg.tokens == "greedy" and cfg.positions == "top_k":
+        raise ValueError("a rollout with greedy tokens and top_k positions has no random action to learn from: "
+                         "sample the tokens or the positions (plackett_luce)")
+    tok_new, pl_new = cached_step_logprobs(model, batch, step, cfg) if features else \
+        step_logprobs(model, batch, step, cfg, mask_id, cache)
+    fresh = batch.new_mask[:, :, step] & (cfg.tokens == "sample")
     tok_old = batch.tok_logp[:, :, step]
     pl_old = batch.pl_logp[:, :, step]
-    pl_mask = torch.ones_like(pl_old, dtype=torch.bool)
+    pl_mask = torch.full_like(pl_old, cfg.positions == "plackett_luce", dtype=torch.bool)
     loss, stats = grpo_loss(tok_new, tok_old, fresh, pl_new, pl_old, pl_mask, advantages.to(tok_new.device),
                             clip=clip, mode=mode, kl=reference, kl_coef=kl_coef, normaliser=normaliser)
     with torch.no_grad():

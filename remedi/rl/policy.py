@@ -1,4 +1,4 @@
-"""Remask RL policy terms: Plackett-Luce unmasking policy, token policy, group advantages, clipped losses.
+"""Remask RL policy terms: Plackett-Luce unmasking policy, token policy, clipped losses.
 
 RemeDi's Remask RL (paper Eq. 8) treats one denoising step of a block as two actions drawn from one forward
 pass of the model on the current state x_t (a block of Lb positions):
@@ -23,9 +23,10 @@ Loss, as in the authors' code (token and PL ratios clipped separately), with r =
     L = -[ sum_tokens min(r_tok A, clip(r_tok, 1-eps, 1+eps) A)
            + sum_(block,step) min(r_PL A, clip(r_PL, 1-eps, 1+eps) A) ] / normaliser
 
-or, in 'joint' mode, one ratio per (block, step): r = prod_tokens r_tok * r_PL. Advantages are group-normalised
-(GRPO): A = (R - mean_group) / (std_group + 1e-4). An optional KL penalty to a frozen reference uses the k3
-estimator exp(ref - new) - (ref - new) - 1.
+or, in 'joint' mode, one ratio per (block, step): r = prod_tokens r_tok * r_PL. The advantages (GRPO's
+A = (R - mean_group) / (std_group + 1e-4), leave-one-out, greedy baseline, per-block credit) are in
+remedi.rl.advantages. An optional KL penalty to a frozen reference uses the k3 estimator
+exp(ref - new) - (ref - new) - 1.
 
 Only torch and the standard library are used. Every random draw takes an explicit ``torch.Generator``; a list of
 one generator per row makes each row's draw independent of the rest of the batch.
@@ -35,6 +36,9 @@ from __future__ import annotations
 from typing import Dict, Literal, Optional, Sequence, Tuple, Union
 
 import torch
+
+# moved to remedi.rl.advantages (with the other baselines); re-exported for existing imports
+from remedi.rl.advantages import group_advantages  # noqa: F401
 
 __all__ = [
     "Generators", "plackett_luce_logprob", "sample_plackett_luce", "order_to_mask", "token_logprob",
@@ -295,44 +299,6 @@ def sample_tokens(logits: torch.Tensor, temperature: float, generators: Optional
     cd = _compute_dtype(logits)
     z = logits.detach().to(cd) / temperature  # (B, ..., V)
     return (z + _gumbel(tuple(z.shape), generators, cd, logits.device)).argmax(dim=-1)  # (B, ...)
-
-
-# ------------------------------------------------------------------------------------------- advantages
-
-
-def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4,
-                     std: Literal["group", "batch", "none"] = "group") -> torch.Tensor:
-    """GRPO advantages A = (R - mean_group) / (std + eps) for consecutive groups of ``group_size`` rollouts.
-
-    The std is the *sample* (unbiased, n - 1) standard deviation, torch's default ``.std()`` as in the authors'
-    code. ``std='group'``: per group (a group of one has std 0, so A = 0); ``'batch'``: one std over all N
-    rewards; ``'none'``: mean-centring only (no division, as in Dr. GRPO). Equal rewards give A = 0, not NaN.
-
-    Args:
-        rewards: (N,) rewards of N = G * group_size rollouts, group g = rows g*group_size .. (g+1)*group_size-1.
-
-    Returns:
-        (N,) float32 advantages (float64 kept).
-    """
-    if rewards.dim() != 1:
-        raise ValueError(f"rewards must be (N,), got shape {tuple(rewards.shape)}")
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
-    N = rewards.shape[0]
-    if N % group_size:
-        raise ValueError(f"the number of rewards ({N}) must be a multiple of group_size ({group_size})")
-    if std not in ("group", "batch", "none"):
-        raise ValueError(f"std must be 'group', 'batch' or 'none', got {std!r}")
-    r = rewards.to(_compute_dtype(rewards))  # (N,)
-    g = r.view(-1, group_size)  # (G, group_size)
-    centred = g - g.mean(dim=1, keepdim=True)  # (G, group_size)
-    if std == "none":
-        return centred.reshape(N)
-    if std == "group":
-        s = g.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(g[:, :1])  # (G, 1)
-    else:
-        s = r.std() if N > 1 else r.new_zeros(())
-    return (centred / (s + eps)).reshape(N)
 
 
 # ------------------------------------------------------------------------------------------------- losses

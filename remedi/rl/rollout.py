@@ -1,40 +1,49 @@
-"""Remask-RL rollouts: block-wise decoding with the joint token / position policy, every step recorded.
+"""Remask-RL rollouts: the sampler's block loop with the rollout selection rule and a recorder.
 
-A generation of G = n_blocks x Lb tokens is decoded block by block; block j sees the prompt and the
-finished blocks 0..j-1 only (the block-causal view of :mod:`remedi.model.block_causal`, which the loss
-forward reproduces for all blocks at once). Per block, S = steps / n_blocks steps with the sampler's
-cumulative schedule K_1 < ... < K_S = Lb (:func:`remedi.decoding.sampler.unmask_schedule`; K_n = 2n for
-Lb 32, S 16). At step n, from one forward over the block in state x_t (RemeDi Eq. 8):
+A rollout is :func:`remedi.decoding.sampler.decode_blocks` -- the engine the eval sampler runs, on the
+eager, static-buffer or CUDA-graph decoder (``RolloutConfig.graphs`` / ``graph_capture``) -- with a
+:class:`~remedi.decoding.step.PolicyRule` in place of the eval rule, and a recorder that stores what the
+loss needs. A generation of G = n_blocks x Lb tokens is decoded block by block; per block,
+S = steps / n_blocks steps with the sampler's cumulative schedule K_1 < ... < K_S = Lb
+(:func:`remedi.decoding.sampler.unmask_schedule`; K_n = 2n for Lb 32, S 16). At step n, from one forward
+over the block in state x_t (RemeDi Eq. 8; :func:`remedi.decoding.step.policy_decide`):
 
     logits, h = model(x_t)                                  logits (N, Lb, V), UPS scores h (N, Lb)
     x_hat_i ~ softmax(logits_i / T_tok)  at masked i;        x_hat_i = x_t,i at visible i
     u_1..u_K ~ PL(softmax(h / T_pos))    over all Lb positions, K = K_n, without replacement
     x_{t+1}  = x_hat at {u_1..u_K};     [MASK] at every other block position  (a remask if it held a token)
 
+Options (issue 20): ``tokens="greedy"`` takes x_hat = argmax (only the positions are stochastic; the token
+terms then carry no log-probs and the loss has none); ``positions="top_k"`` is the zero-temperature
+position rule (the K_n largest h: the eval sampler's ``ups`` choice). With both, a rollout in the
+bidirectional layout equals the eval sampler (``strategy="ups"``, greedy) token for token (tested).
+
 The mask token is never a token of the text (its logit is -inf: :func:`policy_logits`, shared with the
 loss). Recorded per (block, step): the exact input state x_t, x_hat, the order u (-1 padded to Lb), the
 newly unmasked set (drawn and masked before), the old token log-probs log softmax(logits / T_tok)[x_hat]
-at those positions and the old PL log-prob log pi_pos(u | x_t). States must be stored because remasking
-breaks the "replay by decode order" trick of unmask-only diffusion RL.
+at those positions, the old PL log-prob log pi_pos(u | x_t), the UPS logits h and, with
+``record_hidden``, the block's hidden states (features: a head UPS on a frozen backbone is rescored from
+them without a second forward, :func:`remedi.rl.loss.cached_step_logprobs`). States must be stored because
+remasking breaks the "replay by decode order" trick of unmask-only diffusion RL.
 
-Two layouts (``RolloutConfig.layout``), i.e. what the model sees while it decodes block j:
+Two layouts (``RolloutConfig.layout``, the engine's ``SamplerConfig.layout``), i.e. what the model sees
+while it decodes block j:
 
 * ``block_causal`` (the authors'; default): the prompt and the finished blocks 0..j-1 only, each computed
   seeing only what came before it. Two attention modes, the same numbers up to float rounding (tested):
-  ``cache="prefix"`` runs the prompt once into a :class:`GrowingKVCache`, each step computes only the
-  block against the cache, and a finished block is run once more in its final state to write its
-  keys/values (what the loss layout's clean half computes); ``cache="none"`` recomputes
-  [prompt | blocks 0..j] every step with the block-causal prefix mask.
+  ``cache="prefix"`` runs the prompt once into the cache, each step computes only the block against it,
+  and a finished block is run once more in its final state to write its keys/values (what the loss
+  layout's clean half computes); ``cache="none"`` recomputes [prompt | blocks 0..j] every step with the
+  block-causal prefix mask.
 * ``bidirectional`` (the project's sampler, ``cache="none"``): the whole sequence [prompt | blocks < j |
   block j | masks of the later blocks] with full attention, as :func:`remedi.decoding.sampler.generate`
-  decodes (at T -> 0 the rollout reproduces its ``ups`` strategy token for token, tested). Use it for a
-  model and UPS trained on whole sequences (the embedded model, the Remask-SFT trainer's default): in the
-  block-causal view such a model is off its training distribution. Its loss forward costs n_blocks
-  times more (:mod:`remedi.rl.loss`).
+  decodes. Use it for a model and UPS trained on whole sequences (the embedded model, the Remask-SFT
+  trainer's default): in the block-causal view such a model is off its training distribution. Its loss
+  forward costs n_blocks times more (:mod:`remedi.rl.loss`).
 
 Random numbers: rollout b draws only from ``generators[b]`` (on the model's device), per step first the
-token Gumbel noise (Lb, V), then the PL Gumbel noise (Lb,), so a rollout is the same alone or in any
-batch (exactly in float32).
+token uniforms (Lb, V) (sampled tokens only), then the PL uniforms (Lb,) (``plackett_luce`` only), turned
+into Gumbel noise, so a rollout is the same alone or in any batch (exactly in float32) and on every decoder.
 """
 from __future__ import annotations
 
@@ -44,12 +53,10 @@ from typing import Optional, Sequence
 
 import torch
 
-from remedi.decoding.sampler import BlockCounts, layout_batch, unmask_schedule
-from remedi.model.block_causal import prefix_mask
-from remedi.model.llada import KVCache
+from remedi.decoding.sampler import (BlockCounts, PolicyRule, SamplerConfig, decode_blocks,  # noqa: F401
+                                     unmask_schedule)
+from remedi.decoding.step import POSITION_RULES, TOKEN_RULES, pl_entropy  # noqa: F401  (pl_entropy: re-exported)
 from remedi.model.loading import SpecialIds
-from remedi.rl.policy import (order_to_mask, plackett_luce_logprob, sample_plackett_luce, sample_tokens,
-                              token_logprob)
 
 CACHE_MODES = ("prefix", "none")
 LAYOUTS = ("block_causal", "bidirectional")
@@ -64,6 +71,11 @@ class RolloutConfig(BlockCounts):
     ups_temperature: float = 1.2  # T_pos
     cache: str = "prefix"
     layout: str = "block_causal"
+    tokens: str = "sample"  # sample at T_tok | greedy (only the positions are stochastic)
+    positions: str = "plackett_luce"  # PL at T_pos | top_k (the zero-temperature rule, the eval choice)
+    graphs: bool = False  # the static-buffer decoder (CUDA graphs on a GPU), as SamplerConfig.graphs
+    graph_capture: bool = True  # with graphs on CUDA: capture/replay (False: the same static step, uncaptured)
+    record_hidden: bool = False  # also record the block's hidden states per step (cached-feature loss)
 
     @property
     def schedule(self) -> list[int]:
@@ -71,20 +83,19 @@ class RolloutConfig(BlockCounts):
         return unmask_schedule(self.block_length, self.steps_per_block)
 
     def validate(self) -> "RolloutConfig":
-        for name in ("gen_length", "block_length", "steps"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"--{name} must be a positive integer, got {v!r}")
-        if self.gen_length % self.block_length:
-            raise ValueError(f"--block_length {self.block_length} must divide --gen_length {self.gen_length}")
+        self.check_lengths()
         if self.steps % self.num_blocks:
             raise ValueError(f"--steps {self.steps} must be a multiple of the number of blocks {self.num_blocks}")
         if self.steps_per_block > self.block_length:
             raise ValueError(f"--steps {self.steps} gives {self.steps_per_block} steps per block of "
                              f"{self.block_length}: at most one step per position (K_n must grow every step)")
-        for name in ("temperature", "ups_temperature"):
+        if self.tokens not in TOKEN_RULES:
+            raise ValueError(f"--rollout_tokens {self.tokens!r}: choose {' or '.join(TOKEN_RULES)}")
+        if self.positions not in POSITION_RULES:
+            raise ValueError(f"--rollout_positions {self.positions!r}: choose {' or '.join(POSITION_RULES)}")
+        for name, on in (("temperature", self.tokens == "sample"), ("ups_temperature", self.positions != "top_k")):
             v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and 0 < v < float("inf")):
+            if on and not (isinstance(v, (int, float)) and 0 < v < float("inf")):
                 raise ValueError(f"--{name} must be > 0 for a stochastic policy (RL needs its log-probs), got {v}")
         if self.cache not in CACHE_MODES:
             raise ValueError(f"--cache {self.cache!r}: choose {' or '.join(CACHE_MODES)}")
@@ -94,6 +105,17 @@ class RolloutConfig(BlockCounts):
             raise ValueError("--layout bidirectional has no exact KV cache (the prompt and earlier blocks attend to "
                              "the block being decoded): use --cache none")
         return self
+
+    @property
+    def rule(self) -> PolicyRule:
+        return PolicyRule(self.tokens, float(self.temperature), self.positions, float(self.ups_temperature),
+                          self.record_hidden)
+
+    def sampler_config(self) -> SamplerConfig:
+        """The engine's configuration: the ``ups`` strategy, the step schedule, this layout and decoder."""
+        return SamplerConfig(strategy="ups", steps=self.steps, gen_length=self.gen_length,
+                             block_length=self.block_length, cache=self.cache, layout=self.layout,
+                             graphs=self.graphs, graph_capture=self.graph_capture)
 
 
 @dataclass
@@ -113,6 +135,8 @@ class RolloutBatch:
     final: torch.Tensor  # (N, G) long: the generated answer
     forwards: int = 0  # model forwards per rollout (steps + block commits + prefill)
     seconds: float = 0.0
+    ups: Optional[torch.Tensor] = None  # (N, nb, S, Lb) float32: the UPS logits h the positions were ranked by
+    hidden: Optional[torch.Tensor] = None  # (N, nb, S, Lb, d): the block's hidden states (record_hidden only)
 
     @property
     def n(self) -> int:
@@ -146,52 +170,8 @@ def policy_logits(logits: torch.Tensor, mask_id: int) -> torch.Tensor:
     return out.masked_fill(mask_col, float("-inf"))
 
 
-def pl_entropy(scores: torch.Tensor, temperature: float) -> torch.Tensor:
-    """(B,) entropy of softmax(scores / T) over the last dim (the first PL draw's distribution)."""
-    logq = torch.log_softmax(scores.float() / temperature, dim=-1)
-    return -(logq.exp() * logq).sum(-1)
-
-
-class GrowingKVCache(KVCache):
-    """A KVCache that grows: a forward over [start, start + L) past the cached length appends.
-
-    Block-wise decoding keeps exactly [prompt | finished blocks | current block] in the cache, so
-    attending to every cached key is the block-causal view with no 4-D mask (key padding only).
-    """
-
-    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
-        if layer not in self.k:  # the first forward through the cache: as KVCache
-            return super().update(layer, start, k, v)
-        ck, cv = self.k[layer], self.v[layer]
-        T, end = ck.shape[2], start + k.shape[2]
-        if start > T:
-            raise RuntimeError(f"GrowingKVCache: a forward at {start} would leave a gap after {T} cached positions")
-        if end > T:
-            self.k[layer] = torch.cat([ck[:, :, :start], k], dim=2)
-            self.v[layer] = torch.cat([cv[:, :, :start], v], dim=2)
-            return self.k[layer], self.v[layer]
-        ck[:, :, start:end] = k
-        cv[:, :, start:end] = v
-        return ck, cv
-
-
 def _model_device(model) -> torch.device:
     return next(model.parameters()).device
-
-
-def _block_outputs(model, x, key_mask, prompt_mask, P, lo, hi, Lb, cache, layout):
-    """Logits (N, Lb, V) and UPS scores (N, Lb) of block [lo, hi) in the layout's view."""
-    if layout == "bidirectional":
-        out = model(x, key_mask, out_slice=slice(lo, hi))  # the whole sequence, later blocks still masked
-    elif cache is not None:
-        am = None if key_mask is None else key_mask[:, :hi]
-        out = model(x[:, lo:hi], am, cache=cache, start=lo)
-    else:
-        mask = prefix_mask(P, hi - P, Lb, prompt_mask, batch_size=x.shape[0], device=x.device)
-        out = model(x[:, :hi], mask, out_slice=slice(lo, hi))
-    if out.ups_logits is None:
-        raise ValueError("the model has no UPS: Remask RL needs a UPS head or stream (pass --ups_head)")
-    return out.logits, out.ups_logits.float()
 
 
 @torch.no_grad()
@@ -199,64 +179,69 @@ def rollout(model, prompts: Sequence[Sequence[int]], cfg: RolloutConfig, ids: Sp
             generators: Sequence[torch.Generator]) -> RolloutBatch:
     """Decode one rollout per prompt (repeat a prompt for a group) with the joint policy; see the module doc.
 
-    model: a RemeDiLM with a UPS, or any module with its forward (DDP / FSDP wrappers, peft).
-    generators: one per rollout, on the model's device.
+    model: a RemeDiLM with a UPS, or any module with its forward (DDP / FSDP wrappers, peft; the eager
+    decoder only: ``graphs`` needs the RemeDiLM itself). generators: one per rollout, on the model's device.
     """
     cfg.validate()
+    scfg = cfg.sampler_config()
+    scfg.validate()
     if len(generators) != len(prompts):
         raise ValueError(f"{len(generators)} generators for {len(prompts)} rollouts")
     device = _model_device(model)
     bad = [g.device for g in generators if g.device.type != device.type]
     if bad:
         raise ValueError(f"generators must live on the model's device ({device}), got {bad[0]}")
+    if getattr(model, "ups_arch", True) is None:
+        raise ValueError("the model has no UPS: Remask RL needs a UPS head or stream (pass --ups_head)")
     t0 = time.perf_counter()
-    N, Lb, S, nb, G = len(prompts), cfg.block_length, cfg.steps_per_block, cfg.num_blocks, cfg.gen_length
-    x, key_mask, P = layout_batch(prompts, G, ids, device)  # x (N, P + G); key_mask (N, P + G) or None
-    prompt_mask = None if key_mask is None else key_mask[:, :P].bool()
-    schedule = cfg.schedule
-    shape = (N, nb, S, Lb)
-    states = torch.empty(shape, dtype=torch.long, device=device)
-    tokens = torch.empty(shape, dtype=torch.long, device=device)
-    orders = torch.full(shape, -1, dtype=torch.long, device=device)
-    new_mask = torch.zeros(shape, dtype=torch.bool, device=device)
-    tok_logp = torch.zeros(shape, dtype=torch.float32, device=device)
-    pl_logp = torch.zeros((N, nb, S), dtype=torch.float32, device=device)
-    ent = torch.zeros((N, nb, S), dtype=torch.float32, device=device)
-    remasks = torch.zeros((N, nb), dtype=torch.long, device=device)
-    cache = GrowingKVCache() if cfg.cache == "prefix" else None
-    forwards = 0
-    if cache is not None:  # the prompt alone, once
-        model(x[:, :P], None if key_mask is None else key_mask[:, :P], cache=cache, compute_logits=False)
-        forwards += 1
-    for j in range(nb):
-        lo, hi = P + j * Lb, P + (j + 1) * Lb
-        for n in range(S):
-            cur = x[:, lo:hi]  # (N, Lb)
-            logits, h = _block_outputs(model, x, key_mask, prompt_mask, P, lo, hi, Lb, cache, cfg.layout)
-            forwards += 1
-            logits = policy_logits(logits, ids.mask)  # (N, Lb, V)
-            masked = cur == ids.mask  # (N, Lb)
-            x_hat = torch.where(masked, sample_tokens(logits, cfg.temperature, generators), cur)  # (N, Lb)
-            order = sample_plackett_luce(h, schedule[n], generators, temperature=cfg.ups_temperature)  # (N, K)
-            keep = order_to_mask(order, Lb)  # (N, Lb)
-            fresh = keep & masked
-            states[:, j, n] = cur
-            tokens[:, j, n] = x_hat
-            orders[:, j, n, :order.shape[1]] = order
-            new_mask[:, j, n] = fresh
-            lp = token_logprob(logits, x_hat, cfg.temperature)  # (N, Lb)
-            tok_logp[:, j, n] = torch.where(fresh, lp, torch.zeros_like(lp))
-            pl_logp[:, j, n] = plackett_luce_logprob(h, order, temperature=cfg.ups_temperature, validate=False)
-            ent[:, j, n] = pl_entropy(h, cfg.ups_temperature)
-            remasks[:, j] += (~masked & ~keep).sum(1)
-            x[:, lo:hi] = torch.where(keep, x_hat, torch.full_like(cur, ids.mask))
-        if cache is not None and j + 1 < nb:  # the finished block's keys/values, as the loss layout sees them
-            model(x[:, lo:hi], None if key_mask is None else key_mask[:, :hi], cache=cache, start=lo,
-                  compute_logits=False)
-            forwards += 1
+    N, Lb, S, nb = len(prompts), cfg.block_length, cfg.steps_per_block, cfg.num_blocks
+    rec = Recorder(N, nb, S, Lb, device)
+    run = decode_blocks(model, prompts, scfg, ids, list(generators), rule=cfg.rule, on_step=rec)
+    x, P = run.decoder.x, run.P
     if bool((x[:, P:] == ids.mask).any()):
         raise RuntimeError("a rollout ended with masked positions (the schedule must end at K_S = block_length)")
-    return RolloutBatch(prompt=x[:, :P].clone(), prompt_mask=prompt_mask, states=states, tokens=tokens,
-                        orders=orders, new_mask=new_mask, tok_logp=tok_logp, pl_logp=pl_logp, pl_entropy=ent,
-                        remasks=remasks, final=x[:, P:].clone(), forwards=forwards,
-                        seconds=time.perf_counter() - t0)
+    return RolloutBatch(prompt=x[:, :P].clone(), prompt_mask=_prompt_mask(prompts, P, device), states=rec.states,
+                        tokens=rec.tokens, orders=rec.orders, new_mask=rec.new_mask, tok_logp=rec.tok_logp,
+                        pl_logp=rec.pl_logp, pl_entropy=rec.pl_entropy, remasks=rec.remasks, final=x[:, P:].clone(),
+                        forwards=run.decoder.forwards, seconds=time.perf_counter() - t0, ups=rec.ups,
+                        hidden=rec.hidden)
+
+
+def _prompt_mask(prompts, P: int, device) -> Optional[torch.Tensor]:
+    """(N, P) bool, True at real (not left-padding) prompt tokens; None when no prompt is padded."""
+    if all(len(p) == P for p in prompts):
+        return None
+    lens = torch.tensor([len(p) for p in prompts], device=device)
+    return torch.arange(P, device=device)[None, :] >= (P - lens)[:, None]
+
+
+class Recorder:
+    """The rollout's recorder: ``on_step`` of :func:`decode_blocks`, writing each step's record (rows in
+    batch order: rollouts never drop rows) into the (N, nb, S, ...) tensors of a :class:`RolloutBatch`."""
+
+    def __init__(self, N: int, nb: int, S: int, Lb: int, device) -> None:
+        shape = (N, nb, S, Lb)
+        self.states = torch.empty(shape, dtype=torch.long, device=device)
+        self.tokens = torch.empty(shape, dtype=torch.long, device=device)
+        self.orders = torch.full(shape, -1, dtype=torch.long, device=device)
+        self.new_mask = torch.zeros(shape, dtype=torch.bool, device=device)
+        self.tok_logp = torch.zeros(shape, dtype=torch.float32, device=device)
+        self.ups = torch.zeros(shape, dtype=torch.float32, device=device)
+        self.pl_logp = torch.zeros((N, nb, S), dtype=torch.float32, device=device)
+        self.pl_entropy = torch.zeros((N, nb, S), dtype=torch.float32, device=device)
+        self.remasks = torch.zeros((N, nb), dtype=torch.long, device=device)
+        self.hidden: Optional[torch.Tensor] = None
+
+    def __call__(self, blk: int, n: int, out) -> None:
+        r = out.record
+        for name, buf in (("state", self.states), ("tokens", self.tokens), ("order", self.orders),
+                          ("new_mask", self.new_mask), ("tok_logp", self.tok_logp), ("ups", self.ups),
+                          ("pl_logp", self.pl_logp), ("pl_entropy", self.pl_entropy)):
+            buf[:, blk, n] = r[name]
+        self.remasks[:, blk] += out.remasked.sum(1)
+        if "hidden" in r:
+            if self.hidden is None:
+                N, nb, S, Lb = self.states.shape
+                self.hidden = torch.zeros((N, nb, S, Lb, r["hidden"].shape[-1]), dtype=r["hidden"].dtype,
+                                          device=self.states.device)
+            self.hidden[:, blk, n] = r["hidden"]

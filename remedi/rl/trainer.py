@@ -18,9 +18,10 @@ What trains: ``--train ups`` (the UPS head or stream; the backbone is frozen, Lo
 into it) or ``--train ups_lora`` (UPS + peft LoRA adapters). The model is kept in eval mode (no dropout),
 so the loss forward scores exactly the policy that sampled.
 
-Faults and restarts, as in Remask SFT: output paths are checked before the model loads; checkpoints
-(:mod:`remedi.rl.checkpoints`) are atomic and ``--resume`` restores the trainable weights, optimiser,
-scheduler and RNG, and the data position follows from the update index, so a resumed run ends with the
+Faults and restarts: the same runtime as Remask SFT (:mod:`remedi.training.runtime`, :mod:`remedi.training.state`),
+so the same rules: output paths are checked before the model loads; the run folder is locked; checkpoints are
+atomic and ``--resume`` restores the trainable weights, optimiser, scheduler and RNG (falling back past a
+damaged checkpoint), and the data position follows from the update index, so a resumed run ends with the
 same weights. A non-finite loss / gradient norm, or a loss forward whose log-probs disagree with the
 rollout's (mean |log ratio| > ``--max_log_ratio`` before the step), stops the run before the optimiser
 step with a message saying what happened (every process stops together).
@@ -28,23 +29,19 @@ step with a message saying what happened (every process stops together).
 from __future__ import annotations
 
 import contextlib
-import datetime
-import json
 import logging
 import math
-import os
-import random
 import time
 from pathlib import Path
 
 import torch
 
 from remedi.arguments import ModelArgs, setup_logging
-from remedi.files import append_jsonl, atomic_path, check_writable, read_jsonl, write_json_atomic
-from remedi.model.checkpoint import load_pretrained, load_ups, versions
-from remedi.model.loading import LORA_AUTO_TARGET, load_tokenizer, pick_dtype, preflight, resolve_special_ids
-from remedi.rl.args import RLArgs, args_record, resolve_defaults
-from remedi.rl.checkpoints import CheckpointMixin, latest_checkpoint
+from remedi.decoding.sampler import SamplerConfig
+from remedi.files import append_jsonl, check_writable, read_jsonl
+from remedi.model.loading import load_model, load_tokenizer, pick_dtype, preflight, resolve_special_ids
+from remedi.rl import checkpoints as ckpt
+from remedi.rl.args import RLArgs
 from remedi.rl.data import load_items
 from remedi.rl.loss import StepStats, clean_prefix_cache, step_logprobs, step_loss
 from remedi.rl.plots import plot_curves
@@ -52,54 +49,34 @@ from remedi.rl.policy import group_advantages
 from remedi.rl.rewards import RewardContext, get_reward
 from remedi.rl.rollout import RolloutConfig, rollout
 from remedi.session import default_ups_head, is_embedded, item_seed
-from remedi.training.build import adamw, run_to_end
+from remedi.training.build import adamw, attach_lora, schedule, seed_build, split_trainable
+from remedi.training.runtime import (Diverged, NonFiniteLoss, claim_resume_point, lock_run_folder, make_accelerator,
+                                     output_dir, run_to_end, truncate_metrics)
+from remedi.training.state import (args_record, dataclass_defaults, latest_checkpoint, load_trainable,
+                                   restore_optimizer_and_rng, write_args)
 
 log = logging.getLogger(__name__)
 
 SCRIPT = "train_remask_rl"
-_RESUME_FREE = {"resume", "stop_after_updates", "save_every", "save_total_limit", "output_dir", "save_ups_head",
-                "save_lora_dir", "max_updates", "device"}
-LORA_LINEARS = ("q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out")
+RESUME_FREE = {"resume", "stop_after_updates", "save_every", "save_total_limit", "output_dir", "save_ups_head",
+               "save_lora_dir", "max_updates", "device"}
+"""Arguments that may change between an RL run and its --resume (they do not change the trajectory)."""
+ARG_DEFAULTS = dataclass_defaults(ModelArgs, RLArgs)
 
 
-class NonFiniteError(RuntimeError):
-    pass
+class RLTrainer:
+    """One Remask-RL run, on the shared runtime (:mod:`remedi.training.runtime`): :meth:`setup`, :meth:`train`."""
 
-
-class DivergenceError(RuntimeError):
-    pass
-
-
-def lora_target(spec: str) -> str:
-    """peft target regex over backbone block linears only (a bare ``ff_out`` would hit the LM head)."""
-    if spec == "auto":
-        return LORA_AUTO_TARGET
-    names = [s.strip() for s in spec.split(",") if s.strip()]
-    if not names or any(n not in LORA_LINEARS for n in names):
-        raise ValueError(f"--lora_target {spec!r}: use auto or a comma list of {', '.join(LORA_LINEARS)}")
-    return r".*transformer\.blocks\.\d+\.(" + "|".join(names) + r")$"
-
-
-class RLTrainer(CheckpointMixin):
     def __init__(self, margs: ModelArgs, rargs: RLArgs):
         self.margs, self.rargs = margs, rargs
+        self.acc = self.lock = None
 
     # ------------------------------------------------------------------------------------ setup
     def setup(self) -> None:
-        from accelerate import Accelerator
-        from accelerate.utils import broadcast_object_list
-
         m, r = self.margs, self.rargs
-        if m.device and m.device.startswith("cuda:"):
-            raise ValueError(f"--device {m.device}: pick GPUs with CUDA_VISIBLE_DEVICES; use --device cuda or cpu")
-        cpu = (m.device or "").startswith("cpu") or not torch.cuda.is_available()
-        mp = r.mixed_precision
-        if mp == "auto":
-            mp = os.environ.get("ACCELERATE_MIXED_PRECISION") or ("no" if cpu else "bf16")
-        self.acc = Accelerator(mixed_precision=mp, cpu=cpu)
+        self.acc, self.device = make_accelerator(m.device, r.mixed_precision)
         acc = self.acc
         self.main, self.world, self.rank = acc.is_main_process, acc.num_processes, acc.process_index
-        self.device = torch.device("cpu") if acc.device.type == "cpu" else acc.device
         self.fsdp = acc.distributed_type.name == "FSDP"
         setup_logging(self.main)
         if self.fsdp:
@@ -110,18 +87,18 @@ class RLTrainer(CheckpointMixin):
             if r.kl_coef > 0:
                 raise ValueError("--kl_coef > 0 is not supported under FSDP (its reference swaps weights in place); "
                                  "run data-parallel (configs/accelerate_ddp.yaml)")
-        out = [r.output_dir or str(Path("runs") / f"{SCRIPT}-{datetime.datetime.now():%Y%m%d-%H%M%S}")]
-        if self.world > 1:
-            broadcast_object_list(out)
-        self.out = Path(out[0])
+        self.out = output_dir(r.output_dir, SCRIPT, acc)
         self._check_outputs()
         self._preflight()
+        self.lock = lock_run_folder(self.out, acc)
+        self.resume_from = claim_resume_point(self.out, acc, self.record, r.resume, ARG_DEFAULTS, RESUME_FREE,
+                                              exports=(r.save_ups_head, r.save_lora_dir))
         self._load_data()
         self._build_model()
         self._build_optimizer()
 
     def _check_outputs(self) -> None:
-        """Every output path is usable and the run folder is new (or resumable): before any weight loads."""
+        """Every output path is usable: before any weight loads."""
         r = self.rargs
         check_writable(self.out, "--output_dir", is_dir=True)
         if r.save_ups_head:
@@ -130,30 +107,24 @@ class RLTrainer(CheckpointMixin):
             if r.train != "ups_lora":
                 raise ValueError("--save_lora_dir needs --train ups_lora (with --train ups nothing but the UPS trains)")
             check_writable(r.save_lora_dir, "--save_lora_dir", is_dir=True)
-        self.resume_from = None
-        if r.resume:
-            self.resume_from = latest_checkpoint(self.out)
-            if self.resume_from is None:
-                raise FileNotFoundError(f"--resume: {self.out} has no checkpoints/latest.json (was --save_every set?)")
-        elif (self.out / "args.json").is_file():
-            raise ValueError(f"--output_dir {self.out} already holds a run (args.json): pass --resume to continue it "
-                             "or choose another --output_dir")
 
     def _preflight(self) -> None:
+        """The model folder, UPS and LoRA metadata, defaults and lengths: everything that needs no weights."""
         m, r = self.margs, self.rargs
         if r.ups_head is None:
             r.ups_head = default_ups_head(m.model_name)
-        lora_for_preflight = r.lora_path
-        self.model_dir, cfg, self.ups_meta = preflight(m.model_name, r.ups_head, lora_for_preflight)
+        self.model_dir, cfg, self.ups_meta = preflight(m.model_name, r.ups_head, r.lora_path)
         if self.ups_meta is None and not cfg.ups_taps:
             raise ValueError(f"{m.model_name} has no UPS: Remask RL starts from a Remask-SFT UPS, pass --ups_head "
                              "CHECKPOINT (train one with train_remask_sft.py)")
-        self.origin = resolve_defaults(r, self.model_dir, is_embedded(m.model_name))
+        self.origin = r.resolve(self.model_dir, is_embedded(m.model_name))
         script = ((self.ups_meta or {}).get("args") or {}).get("script")
         if r.layout == "block_causal" and script in ("train_remask_sft", "train_remask_lora"):
             log.warning("--ups_head %s was trained by %s on whole sequences, but --layout block_causal decodes each "
                         "block seeing only the prompt and earlier blocks: the model is off its training distribution "
                         "there; --layout bidirectional matches its training (and the sampler)", r.ups_head, script)
+        # lengths as the sampler checks them (one rule, one message); then what only a stochastic policy needs
+        SamplerConfig(gen_length=r.gen_length, block_length=r.block_length, steps=r.steps).validate()
         self.rcfg = RolloutConfig(r.gen_length, r.block_length, r.steps, r.temperature, r.ups_temperature,
                                   r.cache, r.layout).validate()
         if r.prompts_per_update % (self.world * r.grad_accum):
@@ -163,13 +134,6 @@ class RLTrainer(CheckpointMixin):
         self.tokenizer = load_tokenizer(self.model_dir)
         self.ids = resolve_special_ids(self.tokenizer, cfg, m.mask_id)
         self.record = {**args_record(m, r), "script": SCRIPT}
-        if self.resume_from is not None:
-            saved = json.loads((self.out / "args.json").read_text())
-            diff = {k: (saved.get(k), v) for k, v in self.record.items()
-                    if k not in _RESUME_FREE and saved.get(k) != v}
-            if diff:
-                raise ValueError(f"--resume with different arguments than the run in {self.out}: " + "; ".join(
-                    f"--{k}: was {a!r}, now {b!r}" for k, (a, b) in diff.items()))
 
     def _load_data(self) -> None:
         m, r = self.margs, self.rargs
@@ -184,45 +148,32 @@ class RLTrainer(CheckpointMixin):
                      len(self.items), r.reward, r.prompts_per_update, r.group_size)
 
     def _build_model(self) -> None:
+        """Backbone + UPS (+ LoRA merged, --train ups) through the shared loader; LoRA adapters that train
+        (--train ups_lora) through the shared LoRA builder; UPS in float32, everything else frozen."""
         m, r = self.margs, self.rargs
         dev = self.device
         dtype = pick_dtype(m.dtype, dev)
-        random.seed(m.seed)
-        torch.manual_seed(item_seed(m.seed, "build"))  # peft's adapter init draws from the global RNG
-        lm = load_pretrained(self.model_dir, dtype=dtype, device=dev)
+        seed_build(m.seed, item_seed(m.seed, "build"))  # peft's adapter init draws from the global RNG
+        lm = load_model(self.model_dir, self.cfg, ups_head=r.ups_head if self.ups_meta is not None else None,
+                        lora_path=r.lora_path if r.train == "ups" else None, device=str(dev), dtype=m.dtype)
         lm.name_or_path = m.model_name
-        if r.lora_path and r.train == "ups":
-            from peft import PeftModel
-
-            lm.model = PeftModel.from_pretrained(lm.model, r.lora_path).merge_and_unload()
-        if self.ups_meta is not None:
-            load_ups(r.ups_head, lm)
         self.lm_config = lm.config  # with the stream's taps; before peft wraps lm.model
         for p in lm.parameters():
             p.requires_grad_(False)
         for mod in lm.ups_modules():
             mod.to(torch.float32)  # float32 master weights for what trains
         if r.train == "ups_lora":
-            from peft import LoraConfig, PeftModel, get_peft_model
-
-            if r.lora_path:
-                lm.model = PeftModel.from_pretrained(lm.model, r.lora_path, is_trainable=True)
-            else:
-                lm.model = get_peft_model(lm.model, LoraConfig(r=r.lora_r, lora_alpha=r.lora_alpha, lora_dropout=0.0,
-                                                               target_modules=lora_target(r.lora_target), bias="none"))
+            lm.model = attach_lora(lm.model, r.lora_path, r.lora_r, r.lora_alpha, 0.0, r.lora_target, warn=False)
             drop = lm.model.peft_config["default"].lora_dropout
             if drop:
                 raise ValueError(f"--lora_path {r.lora_path} has lora_dropout {drop}: the loss forward must score "
                                  "the sampling policy exactly; re-save the adapters with lora_dropout 0")
-        ups_ids = set()
         for mod in lm.ups_modules():
             for p in mod.parameters():
                 p.requires_grad_(True)
-                ups_ids.add(id(p))
         lm.eval()
         self.lm = lm
-        self.ups_params = [p for p in lm.parameters() if id(p) in ups_ids]
-        self.lora_params = [p for p in lm.parameters() if p.requires_grad and id(p) not in ups_ids]
+        self.ups_params, self.lora_params = split_trainable(lm)
         self.trainable_names = [n for n, p in lm.named_parameters() if p.requires_grad]
         # a head on a frozen backbone leaves every key/value fixed: the loss passes share [prompt | final]
         self.shared_prefix = lm.ups_arch == "head" and not self.lora_params and r.layout == "block_causal"
@@ -241,11 +192,37 @@ class RLTrainer(CheckpointMixin):
         if self.lora_params:
             groups.append({"params": self.lora_params, "lr": r.lr_lora or r.lr, "name": "lora"})
         opt = adamw(groups, lr=r.lr, weight_decay=r.weight_decay)
-        w = r.warmup_steps
-        self.sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda u: (u + 1) / (w + 1) if u < w else 1.0)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule(r.warmup_steps))  # warm-up, then constant
         if self.resume_from is not None:  # weights before prepare (DDP broadcasts them from rank 0)
-            self._load_trainable(self.resume_from)
+            load_trainable(self.lm, self.trainable_names, self.resume_from, self.world)
         self.model, self.opt = self.acc.prepare(self.lm, opt)
+
+    # ------------------------------------------------------------------------------------ checkpoints
+    def _meta(self, update: int) -> dict:
+        return {"args": self.record, "rl": {"update": update, "dataset": self.data_source}}
+
+    def _write_ups(self, path: Path, update: int, full) -> None:
+        ckpt.write_ups(path, self.lm, self.lm_config, self._meta(update), full, bool(self.lora_params),
+                       self.margs.model_name)
+
+    def _write_lora(self, out_dir: Path, full) -> None:
+        ckpt.write_lora(self.lm, out_dir, full)
+
+    def save_checkpoint(self, update: int) -> None:
+        ckpt.save_checkpoint(self, update)
+
+    def export(self, update: int) -> dict:
+        return ckpt.export(self, update)
+
+    def _load_state(self, ck: Path) -> int:
+        st = restore_optimizer_and_rng(ck, self.rank, self.opt, self.sched)
+        if self.main:
+            log.info("resumed from %s (update %d)", ck, st["update"])
+        return int(st["update"])
+
+    def _last_ckpt_note(self) -> str:
+        ck = latest_checkpoint(self.out) if (self.out / "checkpoints").exists() else None
+        return f"last checkpoint: {ck}" if ck else "no checkpoint was written (--save_every)"
 
     # ------------------------------------------------------------------------------------ one update
     def update_prompts(self, update: int) -> tuple[int, list[int]]:
@@ -308,7 +285,7 @@ class RLTrainer(CheckpointMixin):
                     if self.world > 1:  # every process stops together
                         bad = acc.reduce(bad, "sum")
                     if bad.item() > 0:
-                        raise NonFiniteError(f"non-finite loss at update {update + 1}, step index {i}: stopped before "
+                        raise NonFiniteLoss(f"non-finite loss at update {update + 1}, step index {i}: stopped before "
                                              f"the optimiser step; {self._last_ckpt_note()}")
                     acc.backward(loss)
                 stats.add(st)
@@ -322,7 +299,7 @@ class RLTrainer(CheckpointMixin):
         for part in ("tok", "pl"):
             v = rec.get(f"{part}_abs_log_ratio", 0.0)
             if v == v and v > r.max_log_ratio:
-                raise DivergenceError(
+                raise Diverged(
                     f"update {update + 1}: the loss forward's {part} log-probs disagree with the rollout's (mean |log "
                     f"ratio| {v:.3g} > --max_log_ratio {r.max_log_ratio}) although the policy has not changed since "
                     f"sampling: the loss layout does not score what the rollout sampled (numerics or a bug); stopped "
@@ -331,7 +308,7 @@ class RLTrainer(CheckpointMixin):
         gn = acc.clip_grad_norm_(params, r.max_grad_norm if r.max_grad_norm > 0 else float("inf"))
         gn = float(gn) if gn is not None else float("nan")
         if not math.isfinite(gn):
-            raise NonFiniteError(f"non-finite gradient norm at update {update + 1}: stopped before the optimiser "
+            raise NonFiniteLoss(f"non-finite gradient norm at update {update + 1}: stopped before the optimiser "
                                  f"step; {self._last_ckpt_note()}")
         lrs = {f"lr_{g['name']}": g["lr"] for g in self.opt.param_groups}
         self.opt.step()
@@ -379,12 +356,8 @@ class RLTrainer(CheckpointMixin):
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
             if self.resume_from is None:
-                write_json_atomic(self.out / "args.json", {**self.record, "versions": versions(),
-                                                          "resolved_from": self.origin})
-            else:  # drop the lines a killed run wrote after its last checkpoint
-                keep = [x for x in read_jsonl(metrics_path, repair=True) if x["update"] <= update]
-                with atomic_path(metrics_path) as tmp:
-                    tmp.write_text("".join(json.dumps(x) + "\n" for x in keep))
+                write_args(self.out, {**self.record, "resolved_from": self.origin})
+            truncate_metrics(metrics_path, update, "update")
         bar = tqdm(total=r.max_updates, initial=update, disable=not self.main, desc=SCRIPT, dynamic_ncols=True)
         rec: dict = {}
         stopped = False

@@ -31,7 +31,7 @@ import re
 from pathlib import Path
 from typing import Any, Sequence
 
-from remedi.evaluation.code_exec import Limits, run_many
+from remedi.sandbox import Limits, require_strong, run_many
 
 __all__ = ["FORMATS", "HUMANEVAL_STOP", "load_code_rows", "build_prompt", "extract_code", "build_program",
            "score_completions", "strip_fences"]
@@ -201,9 +201,12 @@ def score_completions(rows: Sequence[dict], completions: Sequence[str | Sequence
     """Run every completion against its row's tests in the sandbox.
 
     ``completions[i]`` is one string or a list of samples for ``rows[i]``. Returns one dict per sample, in
-    order: ``task_id``, ``sample`` (index within the row), ``passed``, ``status``, ``reason``.
+    order: ``task_id``, ``sample`` (index within the row), ``passed``, ``status``, ``reason``. Raises
+    :class:`remedi.sandbox.SandboxError` first when this host lacks a required containment layer (see
+    :func:`remedi.sandbox.require_strong`).
     """
     fmt = _fmt(fmt)
+    require_strong(limits.network)
     if len(rows) != len(completions):
         raise ValueError(f"got {len(completions)} completion entries for {len(rows)} rows")
     programs, meta = [], []

@@ -7,11 +7,9 @@ bad command stops in seconds instead of after an 8B load or a finished run.
 """
 from __future__ import annotations
 
-import datetime
 import hashlib
 import logging
 import math
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,15 +38,20 @@ def derive_seed(*parts: Any) -> int:
 
 
 def lr_lambda(args: TrainArgs, total: int):
-    """LambdaLR factor: linear warmup, then cosine / linear decay to ``min_lr_ratio``, or constant."""
+    """LambdaLR factor of a Remask SFT run (:func:`schedule` with its flags)."""
+    return schedule(args.warmup_steps, args.lr_scheduler, args.min_lr_ratio, total)
+
+
+def schedule(warmup: int, kind: str = "constant", min_ratio: float = 0.0, total: int = 0):
+    """LambdaLR factor: linear warmup, then cosine / linear decay to ``min_ratio`` at ``total``, or constant."""
     def f(step: int) -> float:
-        if step < args.warmup_steps:
-            return (step + 1) / (args.warmup_steps + 1)
-        if args.lr_scheduler == "constant":
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if kind == "constant":
             return 1.0
-        frac = min(1.0, (step - args.warmup_steps) / max(1, total - args.warmup_steps))
-        shape = 0.5 * (1 + math.cos(math.pi * frac)) if args.lr_scheduler == "cosine" else 1 - frac
-        return args.min_lr_ratio + (1 - args.min_lr_ratio) * shape
+        frac = min(1.0, (step - warmup) / max(1, total - warmup))
+        shape = 0.5 * (1 + math.cos(math.pi * frac)) if kind == "cosine" else 1 - frac
+        return min_ratio + (1 - min_ratio) * shape
     return f
 
 
@@ -74,16 +77,6 @@ def validate_combination(t: TrainArgs, p: Plan) -> None:
                          "to --save_path/--save_ups_head)")
 
 
-def output_dir(t: TrainArgs, p: Plan, acc) -> Path:
-    """--output_dir, or runs/<script>-<time>, the same on every process."""
-    from accelerate.utils import broadcast_object_list
-
-    out = [t.output_dir or str(Path("runs") / f"{p.script}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}")]
-    if acc.num_processes > 1:
-        broadcast_object_list(out)
-    return Path(out[0])
-
-
 def check_outputs(t: TrainArgs, p: Plan, out: Path) -> None:
     """Every path the run will write, checked now: a folder given for a file (or the reverse), or a place
     that cannot be written, would otherwise fail only after the whole run, losing what it trained."""
@@ -97,44 +90,6 @@ def check_outputs(t: TrainArgs, p: Plan, out: Path) -> None:
         check_writable(p.lora_out, "--save_lora_dir", is_dir=True)
     if t.save_model_dir:
         check_writable(t.save_model_dir, "--save_model_dir", is_dir=True)
-
-
-def run_to_end(trainer) -> dict:
-    """``trainer.setup()`` then ``trainer.train()`` (Remask SFT and Remask RL alike); adds ``output_dir`` to the
-    result. With several processes it ends accelerate's training, which destroys the process group; with one it
-    resets accelerate's process-wide state, so that tests and notebooks can train several times in one process."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    try:
-        trainer.setup()
-        result = trainer.train()
-        result["output_dir"] = str(trainer.out)
-        if trainer.acc.num_processes > 1:
-            trainer.acc.end_training()
-        return result
-    finally:
-        if getattr(trainer, "acc", None) is not None and trainer.acc.num_processes == 1:
-            AcceleratorState._reset_state()
-            GradientState._reset_state()
-
-
-def make_accelerator(m: ModelArgs, t: TrainArgs, p: Plan):
-    """(Accelerator, device). CPU when asked or when there is no GPU; bf16 mixed precision on GPUs."""
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
-
-    cpu = (m.device or "").startswith("cpu") or not torch.cuda.is_available()
-    if m.device and m.device.startswith("cuda:"):
-        raise ValueError(f"--device {m.device}: pick GPUs with CUDA_VISIBLE_DEVICES (accelerate places each "
-                         "process on its own GPU); use --device cuda or cpu")
-    mp = t.mixed_precision
-    if mp == "auto":
-        mp = os.environ.get("ACCELERATE_MIXED_PRECISION") or ("no" if cpu else "bf16")
-    kw = [DistributedDataParallelKwargs(find_unused_parameters=p.mode == "alternating")]
-    acc = Accelerator(mixed_precision=mp, gradient_accumulation_steps=t.grad_accum, cpu=cpu, kwargs_handlers=kw)
-    # multi-CPU runs report "cpu:<rank>", which safetensors and some kernels reject
-    device = torch.device("cpu") if acc.device.type == "cpu" else acc.device
-    return acc, device
 
 
 @dataclass
@@ -233,21 +188,41 @@ class BuiltModel:
     backbone_params: list[nn.Parameter]  # LoRA adapters or the full backbone; empty when frozen
 
 
-def wrap_lora(inner: nn.Module, p: Plan, main: bool) -> nn.Module:
-    """peft adapters on the backbone's block linears (new, or continued from --load_lora_dir)."""
+def attach_lora(inner: nn.Module, load_dir: Optional[str], r: int, alpha: float, dropout: float, target: str,
+                warn: bool = True, flag: str = "--load_lora_dir") -> nn.Module:
+    """peft adapters on the backbone's block linears: new ones, or the trainable adapters of ``load_dir``
+    (Remask SFT's LoRA script and Remask RL's ``--train ups_lora`` alike)."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    la = p.lora
-    if la.load_lora_dir:
-        pm = PeftModel.from_pretrained(inner, la.load_lora_dir, is_trainable=True)
+    if load_dir:
+        pm = PeftModel.from_pretrained(inner, load_dir, is_trainable=True)
         c = pm.peft_config["default"]
-        if (c.r, c.lora_alpha) != (la.lora_r, la.lora_alpha) and main:
-            log.warning("--load_lora_dir %s has r=%s alpha=%s: training those (not --lora_r %s --lora_alpha %s)",
-                        la.load_lora_dir, c.r, c.lora_alpha, la.lora_r, la.lora_alpha)
+        if (c.r, c.lora_alpha) != (r, alpha) and warn:
+            log.warning("%s %s has r=%s alpha=%s: training those (not --lora_r %s --lora_alpha %s)",
+                        flag, load_dir, c.r, c.lora_alpha, r, alpha)
         return pm
-    cfg = LoraConfig(r=la.lora_r, lora_alpha=la.lora_alpha, lora_dropout=la.lora_dropout,
-                     target_modules=lora_target_modules(la.lora_target), bias="none")
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=lora_target_modules(target),
+                     bias="none")
     return get_peft_model(inner, cfg)
+
+
+def wrap_lora(inner: nn.Module, p: Plan, main: bool) -> nn.Module:
+    """The LoRA script's adapters (new, or continued from --load_lora_dir)."""
+    la = p.lora
+    return attach_lora(inner, la.load_lora_dir, la.lora_r, la.lora_alpha, la.lora_dropout, la.lora_target, main)
+
+
+def split_trainable(lm: RemeDiLM) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(UPS parameters, the other trainable ones: LoRA adapters or the full backbone), in ``lm``'s order."""
+    ups_ids = {id(q) for mod in lm.ups_modules() for q in mod.parameters()}
+    ups_params = [q for q in lm.parameters() if id(q) in ups_ids]
+    return ups_params, [q for q in lm.parameters() if q.requires_grad and id(q) not in ups_ids]
+
+
+def seed_build(seed: int, build_seed: int) -> None:
+    """The global RNG while a model is built (peft's adapter init draws from it): the same on every process."""
+    random.seed(seed)
+    torch.manual_seed(build_seed)
 
 
 def build_model(m: ModelArgs, t: TrainArgs, p: Plan, spec: ModelSpec, device: torch.device, fsdp: bool,
@@ -258,8 +233,7 @@ def build_model(m: ModelArgs, t: TrainArgs, p: Plan, spec: ModelSpec, device: to
     # (its mixed-precision policy computes in bf16)
     base_dtype = torch.float32 if p.train_backbone == "full" or fsdp else frozen_dtype
     # global RNG: the same on every process while building (peft's adapter init draws from it)
-    random.seed(m.seed)
-    torch.manual_seed(derive_seed(m.seed, "build"))
+    seed_build(m.seed, derive_seed(m.seed, "build"))
     if t.init_config:
         with torch.device(device):
             lm = RemeDiLM(spec.cfg)
@@ -296,9 +270,7 @@ def build_model(m: ModelArgs, t: TrainArgs, p: Plan, spec: ModelSpec, device: to
     if t.compile:
         lm.compile_blocks()
     lm.train()
-    ups_ids = {id(q) for mod in ups for q in mod.parameters()}
-    ups_params = [q for q in lm.parameters() if id(q) in ups_ids]
-    backbone_params = [q for q in lm.parameters() if q.requires_grad and id(q) not in ups_ids]
+    ups_params, backbone_params = split_trainable(lm)
     if main:
         n_train = sum(q.numel() for q in ups_params + backbone_params)
         log.info("model %s: %.2fM parameters, %d trainable (UPS %s, backbone %s), frozen dtype %s",

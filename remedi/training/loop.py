@@ -20,57 +20,35 @@ after a step.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
-from pathlib import Path
 
 import torch
 
 from remedi.arguments import ModelArgs, setup_logging
-from remedi.files import append_jsonl, atomic_path, read_jsonl
+from remedi.files import append_jsonl
 from remedi.training.args import DataArgs, LoraArgs, Plan, SftArgs, TrainArgs, plan_from
 from remedi.training.build import (build_model, build_optimizer, check_outputs, derive_seed, load_data,
-                                   make_accelerator, output_dir, preflight_model, run_to_end, validate_combination)
+                                   preflight_model, validate_combination)
 from remedi.training.data import collate, micro_batches
 from remedi.training.losses import UPSMetrics
 from remedi.training.noise import inject_noise
 from remedi.training.self_noise import SelfNoise, draw_self_positions
-from remedi.training.state import (Parts, args_record, export, latest_checkpoint, load_trainable, restore,
-                                   resume_point, save_checkpoint, write_args)
+from remedi.training.runtime import (Diverged, NonFiniteLoss, claim_resume_point, lock_run_folder, make_accelerator,
+                                     output_dir, run_to_end, truncate_metrics)
+from remedi.training.state import (ARG_DEFAULTS, Parts, args_record, export, latest_checkpoint, load_trainable,
+                                   restore, save_checkpoint, write_args)
 from remedi.training.step import TrainStep
 
 log = logging.getLogger(__name__)
-
-
-class Diverged(RuntimeError):
-    """Training left the range where it means anything; the step's update was not saved anywhere."""
-
-
-class NonFiniteLoss(Diverged):
-    """A loss, gradient norm or weight that is inf or nan."""
-
-
-def truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop the lines a killed run wrote after its last checkpoint; a torn last line (a kill
-    mid-write) is dropped with a warning, any other bad line is an error naming the file and line."""
-    if not path.is_file():
-        return
-    keep = []
-    for i, rec in enumerate(read_jsonl(path)):
-        if not isinstance(rec.get("step"), int):
-            raise ValueError(f"{path}: record {i + 1} has no integer 'step' ({str(rec)[:80]}); fix or remove it")
-        if rec["step"] <= step:
-            keep.append(rec)
-    with atomic_path(path) as tmp:
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
 
 
 class Trainer:
     """One run: :meth:`setup` builds it (:mod:`remedi.training.build`), :meth:`train` runs the loop."""
 
     def __init__(self, margs: ModelArgs, dargs: DataArgs, targs: TrainArgs, plan: Plan):
+        self.acc = self.lock = None
         self.margs, self.dargs, self.targs, self.plan = margs, dargs, targs, plan
         self.args_record = args_record(margs, dargs, targs, plan.lora or SftArgs(
             lr=plan.lr_backbone, train_backbone=plan.train_backbone, save_path=plan.ups_out))
@@ -80,12 +58,15 @@ class Trainer:
     def setup(self) -> None:
         m, t, p = self.margs, self.targs, self.plan
         validate_combination(t, p)
-        self.acc, self.device = make_accelerator(m, t, p)
+        self.acc, self.device = make_accelerator(m.device, t.mixed_precision, t.grad_accum,
+                                                 find_unused=p.mode == "alternating")
         self.main = self.acc.is_main_process
         setup_logging(self.main)
-        self.out = output_dir(t, p, self.acc)
+        self.out = output_dir(t.output_dir, p.script, self.acc)
         check_outputs(t, p, self.out)
-        self.resume_from = resume_point(self.out, self.args_record, t.resume)
+        self.lock = lock_run_folder(self.out, self.acc)
+        self.resume_from = claim_resume_point(self.out, self.acc, self.args_record, t.resume, ARG_DEFAULTS,
+                                              exports=(p.ups_out, p.lora_out, t.save_model_dir))
         fsdp = self.acc.distributed_type.name == "FSDP"
         if fsdp and p.train_backbone == "lora":
             raise ValueError("LoRA under FSDP is not supported: the adapters are small, run data-parallel with "

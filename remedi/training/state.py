@@ -34,8 +34,14 @@ CKPT_FILES = ("trainable.safetensors", "trainer_state.json")
 # arguments that may change between a run and its --resume: they do not change the trajectory
 RESUME_FREE = {"resume", "stop_after_steps", "log_every", "save_every", "save_total_limit", "output_dir",
                "save_path", "save_lora_dir", "save_ups_head", "save_model_dir", "divergence_bound"}
-ARG_DEFAULTS = {f.name: f.default for types in SCRIPT_ARGS.values() for cls in types
-                for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+
+
+def dataclass_defaults(*types) -> dict:
+    """{field: default} of argument dataclasses: what an argument a saved run did not know counts as."""
+    return {f.name: f.default for cls in types for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+
+
+ARG_DEFAULTS = dataclass_defaults(*dict.fromkeys(cls for types in SCRIPT_ARGS.values() for cls in types))
 
 
 def args_record(*objs) -> dict:
@@ -47,26 +53,89 @@ def args_record(*objs) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ resume
-def latest_checkpoint(output_dir: str | os.PathLike) -> Optional[Path]:
-    """The finished checkpoint ``latest.json`` names, or None when the run never finished one."""
-    p = Path(output_dir) / "checkpoints" / "latest.json"
-    if not p.is_file():
-        return None
-    ck = Path(output_dir) / "checkpoints" / json.loads(p.read_text())["name"]
+def checkpoint_problem(ck: Path) -> Optional[str]:
+    """Why checkpoint folder ``ck`` cannot be resumed from (a missing, truncated or unreadable file, named), or
+    None when it is complete. Cheap: the byte sizes recorded in its trainer_state.json are compared; a
+    checkpoint written before sizes were recorded has its files read once instead."""
     missing = [f for f in CKPT_FILES if not (ck / f).is_file()]
     if missing:
-        raise FileNotFoundError(f"{p} points to {ck}, which lacks {missing}")
-    return ck
+        return f"{ck / missing[0]} is missing"
+    try:
+        st = json.loads((ck / "trainer_state.json").read_text())
+        if not isinstance(st, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, UnicodeDecodeError) as e:
+        return f"{ck / 'trainer_state.json'} is damaged ({e})"
+    sizes = st.get("file_sizes")
+    if isinstance(sizes, dict):
+        for f, n in sizes.items():
+            have = (ck / f).stat().st_size if (ck / f).is_file() else None
+            if have != n:
+                return (f"{ck / f} is {'missing' if have is None else f'truncated or damaged ({have} of {n} bytes)'}")
+        return None
+    from safetensors import safe_open
+
+    for f in sorted(x.name for x in ck.iterdir() if x.is_file() and x.name.startswith(("trainable", "optim", "rng_"))):
+        try:
+            if f.endswith(".safetensors"):
+                with safe_open(str(ck / f), "pt") as h:
+                    for k in h.keys():
+                        h.get_tensor(k)
+            elif f.endswith(".pt"):
+                torch.load(ck / f, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any failure to read means the file is damaged
+            return f"{ck / f} is damaged ({type(e).__name__}: {str(e)[:120]})"
+    return None
 
 
-def resume_point(out: Path, record: dict, resume: bool) -> Optional[Path]:
-    """The checkpoint a run continues from; None to start at step 0.
+def latest_checkpoint(output_dir: str | os.PathLike) -> Optional[Path]:
+    """The newest complete checkpoint of a run, or None when the run never finished one.
+
+    That is the one ``latest.json`` names; when that one is damaged (a truncated file: a full disk, a copy cut
+    short), the newest complete one before it, with a warning naming the damaged file; when ``latest.json``
+    itself is torn, the newest complete checkpoint folder. An error names the damaged file when no complete
+    checkpoint is left."""
+    root = Path(output_dir) / "checkpoints"
+    p = root / "latest.json"
+    if not p.is_file():
+        return None
+    folders = sorted((d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")), reverse=True)
+    try:
+        named = json.loads(p.read_text())["name"]
+        if not isinstance(named, str) or "/" in named:
+            raise ValueError(f"bad name {named!r}")
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        log.warning("%s is damaged (%s): taking the newest complete checkpoint folder instead", p, e)
+        named = None
+    if named is not None:
+        if not (root / named).is_dir():
+            raise FileNotFoundError(f"{p} points to {root / named}, which does not exist; remove {p} to resume from "
+                                    "the newest complete checkpoint folder")
+        folders = [root / named] + [d for d in folders if d.name < named]
+    damaged = []
+    for ck in folders:
+        why = checkpoint_problem(ck)
+        if why is None:
+            if damaged:
+                log.warning("%s: falling back to the previous complete checkpoint %s", "; ".join(damaged), ck)
+            return ck
+        damaged.append(why)
+    if damaged:
+        raise ValueError(f"{'; '.join(damaged)}: no complete checkpoint is left in {root}; drop --resume and train "
+                         "into a new --output_dir")
+    return None
+
+
+def resume_point(out: Path, record: dict, resume: bool, defaults: Optional[dict] = None,
+                 free: frozenset | set = RESUME_FREE) -> Optional[Path]:
+    """The checkpoint a run continues from; None to start at step 0 (every training script's rule).
 
     Without --resume, a folder holding a run is refused (its files would be mixed with the new run's). With
-    --resume, the arguments must match the saved ones except :data:`RESUME_FREE` (an argument the saved run
-    did not know yet counts as its default); a folder whose run never finished a checkpoint (killed before
-    or during its first save) starts again from step 0 with a warning.
+    --resume, the arguments must match the saved ones except ``free`` (an argument the saved run did not
+    know yet counts as its default: ``defaults``, SFT/LoRA's by default); a folder whose run never finished a
+    checkpoint (killed before or during its first save) starts again from step 0 with a warning.
     """
+    defaults = ARG_DEFAULTS if defaults is None else defaults
     args_file = out / "args.json"
     if not resume:
         if args_file.is_file():
@@ -79,9 +148,13 @@ def resume_point(out: Path, record: dict, resume: bool) -> Optional[Path]:
     if not args_file.is_file():
         raise FileNotFoundError(f"--resume: {out} holds no run to continue (no args.json); drop --resume to "
                                 "start a new run there, or point --output_dir at the run's folder")
-    saved = json.loads(args_file.read_text())
-    diff = {k: (saved.get(k, ARG_DEFAULTS.get(k)), v) for k, v in record.items()
-            if k not in RESUME_FREE and saved.get(k, ARG_DEFAULTS.get(k)) != v}
+    try:
+        saved = json.loads(args_file.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"--resume: {args_file} is damaged ({e}); it records the run's arguments and cannot be "
+                         "rebuilt: start a new --output_dir") from None
+    diff = {k: (saved.get(k, defaults.get(k)), v) for k, v in record.items()
+            if k not in free and saved.get(k, defaults.get(k)) != v}
     if diff:
         raise ValueError(f"--resume with different arguments than the run in {out}: "
                          + "; ".join(f"--{k}: was {a!r}, now {b!r}" for k, (a, b) in diff.items()))
@@ -136,42 +209,55 @@ def trainable_state(parts: Parts) -> dict[str, torch.Tensor]:
     return {n: full[n].detach().float().contiguous().cpu() for n in parts.trainable_names}
 
 
-def save_checkpoint(parts: Parts, out: Path, step: int, pos: dict, meta: dict, keep: int) -> None:
-    """Write checkpoints/step-N (atomically), point latest.json at it, keep the ``keep`` newest."""
+def write_checkpoint(acc, out: Path, name: str, prefix: str, record: dict, trainable: dict[str, torch.Tensor],
+                     opt, sched, sharded: bool, keep: int, extras=None) -> None:
+    """Write ``<out>/checkpoints/<name>`` atomically (SFT, LoRA and RL alike), point latest.json at it and keep
+    the ``keep`` newest ``prefix*`` folders. Every process writes its RNG state (and, ``sharded``, its optimiser
+    shard); the main one the ``trainable`` tensors (float32, gathered), the optimiser and scheduler, what
+    ``extras(folder)`` adds (inference-ready UPS / LoRA files) and, last, trainer_state.json: ``record``, the
+    world size and every file's byte size, by which a resume recognises a truncated file."""
     from safetensors.torch import save_file
 
-    acc = parts.acc
     root = out / "checkpoints"
-    name = f"step-{step:07d}"
-    state = trainable_state(parts)  # collective under FSDP
     tmp = root / f".{name}.tmp"
-    if parts.main:
+    main, r = acc.is_main_process, acc.process_index
+    if main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     acc.wait_for_everyone()
-    r = acc.process_index
     torch.save(rng_state(), tmp / f"rng_rank{r}.pt")
-    sharded = parts.fsdp
-    if sharded or parts.main:
-        torch.save({"optimizer": parts.opt.state_dict(), "scheduler": parts.sched.state_dict()},
+    if sharded or main:
+        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()},
                    tmp / (f"optim_rank{r}.pt" if sharded else "optim.pt"))
-    if parts.main:
-        save_file(state, str(tmp / "trainable.safetensors"))
-        if parts.lm.ups_arch is not None and not sharded:  # ready for inference (FSDP: at the end only)
+    if main:
+        save_file(trainable, str(tmp / "trainable.safetensors"))
+        if extras is not None:
+            extras(tmp)
+    acc.wait_for_everyone()
+    if main:
+        sizes = {f.name: f.stat().st_size for f in sorted(tmp.iterdir()) if f.is_file()}
+        write_json_atomic(tmp / "trainer_state.json", {**record, "world_size": acc.num_processes,
+                                                       "optim_sharded": sharded, "file_sizes": sizes})
+        publish_checkpoint(tmp, root, name, record, prefix, keep)
+    acc.wait_for_everyone()
+
+
+def save_checkpoint(parts: Parts, out: Path, step: int, pos: dict, meta: dict, keep: int) -> None:
+    """Write checkpoints/step-N: the trainable tensors, optimiser, RNG, the UPS file and LoRA folder."""
+    def extras(tmp: Path) -> None:
+        if parts.lm.ups_arch is not None and not parts.fsdp:  # ready for inference (FSDP: at the end only)
             with parts.lm.without_peft() as lm:
                 save_ups(tmp / "ups.pt", lm, extra_meta=meta)
         if parts.lora:
             parts.lm.model.save_pretrained(str(tmp / "lora"))
-        (tmp / "trainer_state.json").write_text(json.dumps(
-            {"step": step, **pos, "world_size": acc.num_processes, "optim_sharded": sharded}, indent=2) + "\n")
-    acc.wait_for_everyone()
-    if parts.main:
-        publish_checkpoint(tmp, root, name, {"step": step}, "step-", keep)
-    acc.wait_for_everyone()
+
+    state = trainable_state(parts)  # collective under FSDP
+    write_checkpoint(parts.acc, out, f"step-{step:07d}", "step-", {"step": step, **pos}, state, parts.opt,
+                     parts.sched, parts.fsdp, keep, extras)
 
 
 def load_trainable(step_module: nn.Module, trainable_names: list[str], ck: Path, world: int) -> None:
-    """Checkpointed trainable tensors into the (not yet prepared) TrainStep."""
+    """Checkpointed trainable tensors into the (not yet prepared) module (SFT's TrainStep, RL's model)."""
     from safetensors.torch import load_file
 
     st = json.loads((ck / "trainer_state.json").read_text())
@@ -231,10 +317,19 @@ def export(parts: Parts, *, out: Path, ups_out: Optional[str], lora_out: Optiona
             save_model_dir(lm, Path(model_dir), tok_dir, meta["args"])
             paths["model_dir"] = model_dir
     if parts.lora:
-        lora_dir = Path(lora_out or out / "lora")
-        with atomic_path(lora_dir, is_dir=True) as tmp:
-            parts.lm.model.save_pretrained(str(tmp))
-        paths["lora"] = str(lora_dir)
+        paths["lora"] = export_lora(Path(lora_out or out / "lora"),
+                                    lambda tmp: parts.lm.model.save_pretrained(str(tmp)))
+    return log_exports(paths)
+
+
+def export_lora(lora_dir: Path, write) -> str:
+    """A LoRA folder that ``write(folder)`` fills, put in place in one rename (SFT and RL exports)."""
+    with atomic_path(lora_dir, is_dir=True) as tmp:
+        write(tmp)
+    return str(lora_dir)
+
+
+def log_exports(paths: dict) -> dict:
     for k, v in paths.items():
         log.info("saved %s: %s", k, v)
     return paths

@@ -1,4 +1,4 @@
-"""Tests for the sandboxed program runner (remedi/evaluation/code_exec.py).
+"""Tests for the sandboxed program runner (remedi/sandbox/).
 
 Every test runs real child processes and checks the effect, not just the reported status: files that must
 not appear, a listener that must see no connection, a process group that must be gone. Tests of a single
@@ -22,7 +22,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from remedi.evaluation import code_exec as ce  # noqa: E402
+from remedi import sandbox as ce  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the sandbox targets Linux")
 
@@ -93,11 +93,32 @@ def test_infinite_loop_times_out_and_the_process_group_is_gone():
     elapsed = time.monotonic() - t0
     assert r.status == "timeout" and not r.passed and "wall-clock" in r.reason
     assert 1.0 <= elapsed < 4.0  # the deadline, not the loop, ended it
-    pid = int(r.stdout.split()[0])
-    with pytest.raises(ProcessLookupError):
-        os.killpg(pid, 0)  # no member of the child's process group is left
-    with pytest.raises(ProcessLookupError):
-        os.kill(pid, 0)
+    assert r.stdout.split()[0].isdigit()  # it did run
+    assert _descendants() == []  # nothing of the child (bwrap, the program, its thread) is left
+
+
+def _descendants(root: int | None = None) -> list[int]:
+    """Live (non-zombie) processes below ``root`` (default: this test process)."""
+    root = os.getpid() if root is None else root
+    parent = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                stat = Path(f"/proc/{name}/stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2:].split()
+            if fields[0] != "Z":
+                parent[int(name)] = int(fields[1])
+    out = []
+    for pid in parent:
+        p = pid
+        while p in parent and p > 1:
+            p = parent[p]
+            if p == root:
+                out.append(pid)
+                break
+    return out
 
 
 def test_cpu_limit_is_a_timeout():
@@ -147,8 +168,8 @@ def test_kernel_layers_alone_stop_writes(tmp_path, layers, variant):
     _needs(layers, "filesystem", "mount-ro", "landlock")
     target = tmp_path / "victim.txt"
     r = ce.run_program(f"TARGET = {str(target)!r}\n" + WRITE_VARIANTS[variant], FAST, disable=("guard",))
-    assert r.status == "failed" and ("Read-only file system" in r.reason or "Permission denied" in r.reason), \
-        r.reason
+    assert r.status == "failed" and any(m in r.reason for m in ("Read-only file system", "Permission denied",
+                                                                 "No such file")), r.reason
     assert not target.exists()
 
 
@@ -303,7 +324,7 @@ def test_containment_is_reported(layers):
     r = ce.run_program("pass\n", FAST)
     assert {"network", "filesystem", "process", "limits"} <= set(r.containment)
     assert "guard" in r.containment["filesystem"] and "as" in r.containment["limits"]
-    assert layers["level"]["filesystem"] in {"mount-namespace", "landlock", "guard"}
+    assert layers["level"]["filesystem"] in {"bwrap", "mount-namespace", "landlock", "guard"}
     assert layers["level"]["network"] in {"namespace", "landlock", "seccomp", "guard"}
     assert ce.containment(network=True)["level"]["network"] == "allowed"
     with pytest.raises(ValueError, match="unknown containment layer"):
@@ -355,3 +376,15 @@ def test_pass_at_k_is_stable_for_large_n():
 def test_pass_at_k_rejects_bad_arguments(args, match):
     with pytest.raises(ValueError, match=match):
         ce.pass_at_k(*args)
+
+
+# ---- package boundary ----------------------------------------------------------------------------------
+
+def test_sandbox_and_code_tasks_import_without_torch_or_evaluation():
+    import subprocess
+    code = ("import sys\nsys.modules['torch'] = None\nimport remedi.sandbox, remedi.tasks.code\n"
+            "bad = sorted(m for m, v in sys.modules.items() if v is not None\n"
+            "             and m.startswith(('remedi.evaluation', 'remedi.model', 'torch')))\n"
+            "assert not bad, bad\n")
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-800:]
