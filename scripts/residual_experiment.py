@@ -53,7 +53,10 @@ class ExperimentArgs:
     ups_head: str = arg(str(TRAJ_HEAD), "base UPS whose logit is the 'base' feature (the trajectory-label head)")
     n_items: int = arg(2000, "first test items to evaluate")
     steps_list: str = arg("48,24", "step counts to evaluate")
-    batch_size: int = arg(1000, "problems per forward batch (eval and search)")
+    batch_size: int = arg(2000, "problems per forward batch (eval and search; 2000 rows of the 3M model fit an H200 "
+                          "many times over)")
+    graphs: bool = arg(True, "static-buffer decoder (CUDA graphs on a GPU) for every policy but the slip oracle, "
+                       "whose host reads need the eager decoder")
     problems: int = arg(512, "search: fresh training problems per generation")
     popsize: int = arg(12, "search: CMA-ES candidates per generation")
     generations: int = arg(20, "search: generations")
@@ -83,7 +86,7 @@ def run_search(a: ExperimentArgs, variant: str, deadline: Optional[float]) -> No
             "--features", v["features"], "--anchor", v.get("anchor", "entropy"),
             "--hidden_rank", str(v.get("hidden_rank", 0)), "--init", v.get("init", ""),
             "--problems", str(a.problems), "--popsize", str(a.popsize), "--generations", str(a.generations),
-            "--steps", str(a.search_steps), "--batch_size", str(a.batch_size)]
+            "--steps", str(a.search_steps), "--batch_size", str(a.batch_size), "--graphs", str(a.graphs)]
     if deadline is not None:
         argv += ["--max_seconds", str(max(1.0, deadline - time.monotonic()))]
     if a.device:
@@ -154,22 +157,28 @@ def run_eval(a: ExperimentArgs, deadline: Optional[float]) -> Optional[dict]:
 
     todo = [(name, st) for st in a.steps for name in rows]
     bar = tqdm(total=len(todo) * len(items), desc="eval", dynamic_ncols=True)
+    t0 = time.monotonic()
     for name, st in todo:
         source, policy = rows[name]
         left = [it for it in items if (name, st, it.id) not in done]
         bar.update(len(items) - len(left))
         attach_policy(session.model, policy)
+        graphs = a.graphs and not getattr(policy, "host_sync", False)
         for i in range(0, len(left), a.batch_size):
             if deadline is not None and time.monotonic() > deadline:
                 log.info("time budget reached: rerun the same command to continue")
                 return None
             batch = left[i:i + a.batch_size]
-            gens = session.generate([enc[it.id][0] for it in batch], source, [it.id for it in batch], st)
+            gens = session.generate([enc[it.id][0] for it in batch], source, [it.id for it in batch], st,
+                                    graphs=graphs)
             recs = [make_record(it, name, st, enc[it.id][1], session.tokenizer.decode(g.tokens, skip_special_tokens=True),
                                 spec.fmt, nfe=g.nfe, remasks=g.remasks, remasks_per_block=g.remasks_per_block)
                     for it, g in zip(batch, gens)]
             append_jsonl(res_path, recs)
             bar.update(len(batch))
+            log.info("eval %s, %d steps: %d/%d items, accuracy of this batch %.3f; %.0f s elapsed", name, st,
+                     len(items) - len(left) + i + len(batch), len(items), sum(r["correct"] for r in recs) / len(recs),
+                     time.monotonic() - t0)
     bar.close()
     mech_path = out / "mechanism.json"
     mech = read_jsonl(out / "mechanism.jsonl")

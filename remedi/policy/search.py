@@ -53,6 +53,8 @@ class SearchArgs:
     search_seed: int = arg(0, "seed of the problem stream and of CMA-ES")
     init: str = arg("", "starting weights other than zero, e.g. 'base=1' (the no-anchor ablation starts from the "
                     "base head's ranking)")
+    graphs: bool = arg(False, "decode on the static-buffer decoder (CUDA graphs on a GPU; the residual's weights "
+                       "are read in place, so one capture serves every candidate)")
     max_seconds: float = arg(0.0, "stop after the generation that passes this wall time (0: no limit); rerun "
                              "with the same --out to continue")
 
@@ -142,7 +144,7 @@ def main(argv=None) -> dict:
 
     features = [f.strip() for f in a.features.split(",") if f.strip()]
     sampling = SamplingArgs(steps=a.steps, gen_length=a.gen_length, block_length=a.block_length, temperature=0.0,
-                            cache="none", eos_gating=False)
+                            cache="none", eos_gating=False, graphs=a.graphs)
     session = open_session(m.model_name, sampling, ups_head=a.ups_head, seed=m.seed)
     if not session.has_ups:
         raise ValueError("the residual needs a base UPS to be saved with: pass --ups_head CHECKPOINT")
@@ -201,6 +203,11 @@ def main(argv=None) -> dict:
                    f"CMA-ES over {dim} residual weights (anchor {a.anchor}): greedy accuracy,\n"
                    f"{a.problems} fresh problems a generation, {a.steps} steps")
         bar.set_postfix(anchor=f"{rec['anchor_accuracy']:.3f}", best=f"{max(rec['accuracies']):.3f}")
+        accs = rec["accuracies"]
+        log.info("generation %d/%d: anchor %.3f, candidates mean %.3f best %.3f, sigma %.3f; best gain so far %+.3f "
+                 "(generation %d); %.0f s elapsed", rec["generation"] + 1, a.generations, rec["anchor_accuracy"],
+                 sum(accs) / len(accs), max(accs), rec["sigma"], st["best"]["score"], st["best"]["generation"],
+                 time.monotonic() - t_start)
 
     cols = policy.feature_columns() + ["bias"]
     x0 = [0.0] * dim
@@ -209,7 +216,8 @@ def main(argv=None) -> dict:
         if name not in cols or not val:
             raise ValueError(f"--init {part!r}: expected column=value with a column of {', '.join(cols)}")
         x0[cols.index(name)] = float(val)
-    deadline = time.monotonic() + a.max_seconds if a.max_seconds > 0 else None
+    t_start = time.monotonic()
+    deadline = t_start + a.max_seconds if a.max_seconds > 0 else None
     state = cma_search(score, dim, a.sigma, a.generations, a.popsize, a.search_seed, state, save, x0, deadline)
     bar.close()
     best = state["best"]
