@@ -12,7 +12,10 @@ float32, the first N test items), so entropy reproduces 0.426 at 48 steps on 200
 
 Writes under --out: search/<variant>/ (remedi.policy.search), results.jsonl (one record per item, policy
 and step count), mechanism.json (remasks/block and the same-token re-commit share from trajectories of the
-first --mechanism_items items), summary.json; prints the table last.
+first --mechanism_items items), summary.json; prints the table last. Progress: one log line per CMA-ES
+generation and per eval batch, with the elapsed time. Speed: 2000-row batches and --graphs (the static
+decoder, CUDA graphs on a GPU; on by default, the slip oracle always decodes eagerly); --graphs False is the
+eager decoder, the same tokens (tests/test_residual_ups.py).
 """
 from __future__ import annotations
 
