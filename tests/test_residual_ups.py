@@ -202,3 +202,29 @@ def test_residual_file_refusals(tmp_path, embedded):
         ResidualUPS(8, torch.zeros(10), features=("entropy", "nope"))
     with pytest.raises(ValueError, match="hidden_rank"):
         ResidualUPS(8, torch.zeros(10), features=("hidden",), hidden_rank=0)
+
+
+@pytest.mark.parametrize("cache", ["none", "dual"])
+def test_residual_static_step_reads_nothing_from_the_host(cache):
+    """The residual's score runs inside the static step without a host read (what CUDA-graph capture needs):
+    zero reads from a block's first step to its end, and the same tokens as the eager decoder."""
+    from tests.test_decoding_graphs import SyncSpy, _per_block, _watch
+    from tests.test_sampler import IDS, PROMPTS, _gens, _model
+    from remedi.decoding.graphs import StaticDecoder
+
+    m = _model()
+    V = m.config.vocab_size
+    policy = ResidualUPS(m.config.d_model, torch.randint(0, 5, (V,), generator=torch.Generator().manual_seed(0)),
+                         features=FEATURES, hidden_rank=2, g="attention")
+    policy.set_linear_weights(torch.randn(policy.weight.numel() + 1, generator=torch.Generator().manual_seed(1)))
+    attach_policy(m, policy)
+    cfg = SamplerConfig(strategy="ups", steps=8, gen_length=16, block_length=8, cache=cache)
+    want = generate(m, PROMPTS, cfg, IDS, _gens(3))
+    generate(m, PROMPTS, dataclasses.replace(cfg, graphs=True), IDS, _gens(3))  # decoder built outside the spy
+    with pytest.MonkeyPatch.context() as mp:
+        spy = SyncSpy(mp)
+        events = _watch(mp, StaticDecoder, spy)
+        got = generate(m, PROMPTS, dataclasses.replace(cfg, graphs=True), IDS, _gens(3))
+    assert [x.tokens for x in got] == [x.tokens for x in want]
+    blocks = _per_block(events)
+    assert blocks and all(inside == 0 for inside, *_ in blocks.values()), (blocks, spy.names)
