@@ -183,3 +183,44 @@ def test_greedy_token_rollouts_train_the_positions_only():
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in m.named_parameters() if "ups_head" in n)
     with pytest.raises(ValueError, match="no random action"):
         step_loss(m, b, 1, adv, cfg(tokens="greedy", positions="top_k"), IDS.mask, normaliser=4.0)
+
+
+@pytest.mark.parametrize("layout, cache", [("block_causal", "prefix"), ("bidirectional", "none")])
+def test_residual_ups_loss_trains_g_and_cached_features_equal_the_recomputed_scores(layout, cache):
+    """A residual UPS attached: ups_modules() is the residual (what RL trains); the PL log-probs of its scores,
+    recomputed by a loss forward or from the rollout's recorded features, equal the rollout's, and the loss
+    gradient reaches g's weights (the same from both paths) and nothing else."""
+    from remedi.rl.loss import cached_step_logprobs
+    from tests.test_rl_rollout import residual_for
+
+    m = make("head")
+    policy = residual_for(m, seed=3, g="attention")
+    assert m.ups_modules() == [policy]
+    for p in m.parameters():
+        p.requires_grad_(False)
+    for mod in m.ups_modules():
+        for p in mod.parameters():
+            p.requires_grad_(True)
+    c = cfg(gen_length=24, steps=12, layout=layout, cache=cache)
+    b = rollout(m, PROMPTS, c, IDS, gens(4))
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    grads = []
+    for features in (False, True):
+        m.zero_grad(set_to_none=True)
+        for i in range(c.steps_per_block):
+            tok, pl = (cached_step_logprobs(m, b, i, c) if features else step_logprobs(m, b, i, c, IDS.mask))
+            torch.testing.assert_close(pl, b.pl_logp[:, :, i], atol=5e-5, rtol=1e-5)  # ratio 1 before any update
+            step_loss(m, b, i, adv, c, IDS.mask, normaliser=4.0, features=features)[0].backward()
+        grads.append(_grads(m))
+    assert set(grads[0]) == set(grads[1]) == {"ups_policy.weight", "ups_policy.bias", "ups_policy.inp",
+                                              "ups_policy.qk", "ups_policy.out"}
+    assert grads[0]["ups_policy.weight"].abs().sum() > 0 and grads[0]["ups_policy.out"].abs().sum() > 0
+    for n in grads[0]:  # the loss forward's logits (hence features) differ from the rollout's by float32 rounding
+        torch.testing.assert_close(grads[0][n], grads[1][n], atol=2e-5, rtol=2e-3)
+    # a small SGD step on g raises the advantage-weighted log-prob of the rollouts' position choices
+    with torch.no_grad():
+        before = torch.stack([cached_step_logprobs(m, b, i, c)[1] for i in range(c.steps_per_block)]).sum((0, 2))
+        for n, p in policy.named_parameters():
+            p -= 1e-3 * grads[1][f"ups_policy.{n}"]
+        after = torch.stack([cached_step_logprobs(m, b, i, c)[1] for i in range(c.steps_per_block)]).sum((0, 2))
+    assert ((after - before) * adv).sum() > 0

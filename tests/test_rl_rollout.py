@@ -224,3 +224,65 @@ def test_sorted_pl_logprob_equals_the_sequential_one():
 def test_rule_validation(kw, msg):
     with pytest.raises(ValueError, match=msg):
         cfg(**kw).validate()
+
+
+# --------------------------------------------------------------------- a residual UPS policy (remedi.policy)
+def residual_for(m, seed: int = 0, g: str = "linear"):
+    """A non-zero residual UPS (every feature, a hidden projection) for the tiny model, attached to it."""
+    from remedi.policy.features import FEATURES
+    from remedi.policy.residual import ResidualUPS, attach_policy
+
+    V = m.config.vocab_size
+    types = torch.randint(0, 5, (V,), generator=torch.Generator().manual_seed(seed))
+    policy = ResidualUPS(m.config.d_model, types, features=FEATURES, hidden_rank=2, g=g, seed=seed)
+    policy.set_linear_weights(torch.randn(policy.weight.numel() + 1, generator=torch.Generator().manual_seed(seed)))
+    if g == "attention":
+        with torch.no_grad():
+            policy.out.copy_(torch.randn(policy.attn_dim, generator=torch.Generator().manual_seed(seed + 1)))
+    attach_policy(m, policy)
+    return policy
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+@pytest.mark.parametrize("arch", ["head", "stream"])
+def test_residual_rollout_with_greedy_tokens_and_top_k_is_the_eval_sampler(arch, graphs):
+    """With a residual UPS attached, greedy tokens + top_k positions rank by anchor + g exactly as the eval
+    sampler's ups source with that residual does: the same tokens and remasks (eager and static decoder)."""
+    from remedi.decoding.sampler import SamplerConfig, cut_at_eos, generate
+
+    m = make(arch)
+    c = cfg(layout="bidirectional", cache="none", gen_length=24, steps=12, tokens="greedy", positions="top_k",
+            temperature=0.0, ups_temperature=0.0, graphs=graphs)
+    plain = rollout(m, PROMPTS, c, IDS, gens(4))
+    residual_for(m)
+    b = rollout(m, PROMPTS, c, IDS, gens(4))
+    ref = generate(m, PROMPTS, SamplerConfig(strategy="ups", steps=12, gen_length=24, block_length=8, graphs=graphs),
+                   IDS)
+    assert [cut_at_eos(row, IDS.eos) for row in b.final.tolist()] == [g.tokens for g in ref]
+    assert b.remasks.sum(1).tolist() == [g.remasks for g in ref]
+    assert not torch.equal(b.final, plain.final)  # the residual, not the head, made the decisions
+    assert b.features.shape == (4, 3, 4, 8, m.ups_policy.weight.numel()) and b.anchor.shape == (4, 3, 4, 8)
+    s = m.ups_policy.score_from(b.features, b.anchor, b.states == IDS.mask)
+    torch.testing.assert_close(s.float(), b.ups)  # the recorded scores are the residual's
+
+
+@pytest.mark.parametrize("layout, cache", [("block_causal", "prefix"), ("bidirectional", "none")])
+def test_residual_static_rollout_equals_eager(layout, cache):
+    m = make("head")
+    residual_for(m, g="attention")
+    c = cfg(gen_length=24, steps=12, layout=layout, cache=cache)
+    want = rollout(m, PROMPTS, c, IDS, gens(4))
+    got = rollout(m, PROMPTS, replace(c, graphs=True, graph_capture=False), IDS, gens(4))
+    for name in ("states", "tokens", "orders", "final", "remasks"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    for name in ("pl_logp", "ups", "features", "anchor"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), atol=1e-5, rtol=1e-5)
+
+
+def test_unmask_only_residual_has_no_plackett_luce_rollout():
+    from remedi.policy.residual import ResidualUPS, attach_policy
+
+    m = make("head")
+    attach_policy(m, ResidualUPS(m.config.d_model, torch.zeros(m.config.vocab_size), unmask_only=True))
+    with pytest.raises(ValueError, match="unmask_only"):
+        rollout(m, PROMPTS, cfg(), IDS, gens(4))

@@ -55,7 +55,7 @@ from remedi.model.llada import RemeDiLM, rope_tables
 from remedi.model.loading import SpecialIds
 from remedi.decoding.step import (RANDOM_STRATEGIES, PolicyRule, SamplerConfig, StepOut, decide,  # noqa: F401
                                   gumbel_argmax, policy_decide, prepare_logits, rank_select,
-                                  unmask_schedule)  # rank_select: re-exported
+                                  unmask_schedule, ups_scorer)  # rank_select: re-exported
 from remedi.model.block_causal import prefix_mask
 
 MAX_DECODERS = 3  # static decoders (buffers + graphs) kept per model, least recently used evicted
@@ -141,6 +141,7 @@ class StaticDecoder:
         long = dict(dtype=torch.long, device=device)
         self.x = torch.full((B, T), ids.mask, **long)
         self.rule, self.causal = rule, cfg.layout == "block_causal"
+        self.scorer = ups_scorer(model) if cfg.strategy == "ups" else None  # pure tensor code: captured too
         self.forwards = 0
         if self.causal and cfg.cache == "none":  # the block-causal prefix mask over the whole sequence, fixed
             self.mask = torch.ones((R, 1, T, T), dtype=torch.bool, device=device)
@@ -315,7 +316,8 @@ class StaticDecoder:
         logits = prepare_logits(logits, cfg, ids)
         cur = self.x.index_select(1, self.pos_blk)  # (B, Lb)
         if self.rule is not None:
-            out = policy_decide(self.rule, ids, logits, ups, cur, self.noise, self.k_now.expand(self.B), hidden)
+            out = policy_decide(self.rule, ids, logits, ups, cur, self.noise, self.k_now.expand(self.B), hidden,
+                                self.scorer)
             self.x.index_copy_(1, self.pos_blk, out.new)
             self.blk_remasks += out.remasked.sum(1)
             return out
@@ -327,7 +329,7 @@ class StaticDecoder:
         else:
             k = self.base + (self.n_now < self.rem).long()
         new, masked, remasked, score = decide(cfg, ids, logits, ups, cur, x0, self.u_conf, k, self.run[:, None],
-                                              rank_select, hidden=hidden)
+                                              rank_select, hidden=hidden, scorer=self.scorer)
         self.x.index_copy_(1, self.pos_blk, new)
         self.blk_remasks += remasked.sum(1)
         if cfg.threshold is not None:
@@ -391,7 +393,7 @@ def _signature(model, cfg: SamplerConfig, ids: SpecialIds, x: torch.Tensor, attn
     return (tuple(x.shape), P, cfg.block_length, cfg.num_blocks, attn is not None, cfg.strategy, cfg.temperature,
             cfg.cfg_scale, cfg.logits_eos_inf, cfg.confidence_eos_eot_inf, cfg.cache, cfg.threshold,
             cfg.remask_threshold, capture, cfg.compile, (ids.mask, ids.eos, ids.eot), str(x.device), params,
-            cfg.layout, rule)
+            cfg.layout, rule, id(ups_scorer(model)))  # a graph bakes in the scorer's code and buffers
 
 
 def static_decoder(model: RemeDiLM, cfg: SamplerConfig, ids: SpecialIds, x: torch.Tensor,

@@ -89,7 +89,8 @@ from remedi.decoding.step import (  # noqa: F401  (re-exported: the sampler's pu
     STRATEGIES, LLADA_STRATEGIES, REMASK_STRATEGIES, RANDOM_STRATEGIES, CACHE_MODES, BlockCounts, SamplerConfig,
     StepOut, transfer_counts, unmask_schedule, layout_batch, new_cache, block_forward, prepare_logits,
     draw_candidates, gumbel_argmax, draw_uniform, eos_eot_candidates, position_scores, select_top_k,
-    threshold_confidence, threshold_step, decide, LAYOUTS, PolicyRule, policy_decide, prefill_prompt, commit_block)
+    threshold_confidence, threshold_step, decide, LAYOUTS, PolicyRule, policy_decide, prefill_prompt, commit_block,
+    ups_scorer)
 from remedi.model.loading import SpecialIds
 
 
@@ -156,6 +157,12 @@ def generate(model, prompts: list[list[int]], cfg: SamplerConfig, ids: SpecialId
         raise ValueError(f"{len(generators)} generators for {len(prompts)} prompts")
     if cfg.graphs:
         graphs.check_static_model(model)
+    scorer = ups_scorer(model) if cfg.strategy == "ups" else None
+    if scorer is not None and cfg.graphs and getattr(scorer, "host_sync", False):
+        raise ValueError(f"{type(scorer).__name__} reads the tokens on the host every step: decode it without --graphs")
+    if scorer is not None and cfg.threshold is not None:
+        raise ValueError("a UPS policy (residual UPS, slip oracle) ranks positions under the step schedule only: "
+                         "run it without --threshold (its scores are not on the (0, 1] scale a threshold compares)")
     if not cfg.compile:
         return _generate(model, prompts, cfg, ids, generators)
     compile_model(model)
@@ -266,6 +273,7 @@ class EagerDecoder:
                  attn: Optional[torch.Tensor], P: int, rule: Optional[PolicyRule] = None):
         self.model, self.cfg, self.ids, self.x, self.attn, self.P = model, cfg, ids, x, attn, P
         self.rule = rule
+        self.scorer = ups_scorer(model) if cfg.strategy == "ups" else None  # a residual UPS policy, or None
         self.causal = cfg.layout == "block_causal"
         self.forwards = 0  # model forwards (steps, and the block-causal cache's prefill and commits)
         self.device = x.device
@@ -300,7 +308,8 @@ class EagerDecoder:
             V = logits.shape[-1]
             noise = {name: torch.stack([torch.rand(shape, generator=g, dtype=dt, device=g.device) for g in step_gens])
                      .to(self.device) for name, shape, dt in self.rule.draws(cfg.block_length, V)}
-            out = policy_decide(self.rule, ids, logits, ups, cur.clone(), noise, self.K[n].expand(A), hidden)  # state kept
+            out = policy_decide(self.rule, ids, logits, ups, cur.clone(), noise, self.K[n].expand(A), hidden,
+                                self.scorer)  # state kept
             self.xa[:, lo:hi] = out.new
             self.blk_remasks += out.remasked.sum(1)
             self.new = out.new
@@ -313,7 +322,8 @@ class EagerDecoder:
         else:
             k = self.K[n].expand(A) if cfg.remasks else self.counts[:, n]
         run = None if all(running) else torch.tensor(running, device=self.device)[:, None]  # finished rows stay
-        new, masked, remasked, score = decide(cfg, ids, logits, ups, cur, x0, rand, k, run, hidden=hidden)
+        new, masked, remasked, score = decide(cfg, ids, logits, ups, cur, x0, rand, k, run, hidden=hidden,
+                                              scorer=self.scorer)
         self.xa[:, lo:hi] = new
         self.blk_remasks += remasked.sum(1)
         self.new = new

@@ -374,13 +374,21 @@ def threshold_step(cfg: SamplerConfig, score: torch.Tensor, masked: torch.Tensor
     return unmask, select(-score, low, cap)
 
 
+def ups_scorer(model):
+    """The scorer a model carries for the ``ups`` source (``model.ups_policy``: a residual UPS or the slip
+    oracle of :mod:`remedi.policy`), or None. Looks through DDP/FSDP-style ``module`` wrappers."""
+    return getattr(getattr(model, "module", model), "ups_policy", None)
+
+
 def decide(cfg: SamplerConfig, ids: SpecialIds, logits: torch.Tensor, ups: Optional[torch.Tensor],
            cur: torch.Tensor, x0: torch.Tensor, rand: Optional[torch.Tensor], k: Optional[torch.Tensor],
-           run: Optional[torch.Tensor], select=None, hidden: Optional[torch.Tensor] = None):
+           run: Optional[torch.Tensor], select=None, hidden: Optional[torch.Tensor] = None, scorer=None):
     """One step's decision for the block ``cur`` (B, Lb): (new block, masked, remasked, score).
 
-    hidden: the block's final hidden states (B, Lb, d), given by every decoder, for a scoring hook that
-    adds a learned term to :func:`position_scores` (unused by the built-in strategies).
+    hidden: the block's final hidden states (B, Lb, d), given by every decoder, for ``scorer``.
+    scorer (:func:`ups_scorer`; ``ups`` source only): replaces :func:`position_scores` by
+    ``scorer.score(logits, tokens, masked, k, ups, hidden)`` (B, Lb) float64 -- a residual UPS's
+    anchor + g(features) -- and must be pure tensor code as well (step schedule only: k is K_n).
 
     logits (B, Lb, V) prepared; x0 (B, Lb) the candidates; k (B,) the positions to keep (remask
     strategies: K_n) or to commit (LLaDA's: the step's counts), unused by threshold decoding; run (B, 1)
@@ -390,7 +398,10 @@ def decide(cfg: SamplerConfig, ids: SpecialIds, logits: torch.Tensor, ups: Optio
     select = select or select_top_k
     masked = cur == ids.mask
     tok = torch.where(masked, x0, cur) if cfg.remasks else x0
-    score = position_scores(cfg.strategy, logits, tok, ups, rand)
+    if scorer is not None and cfg.strategy == "ups":
+        score = scorer.score(logits, tok, masked, k, ups, hidden)
+    else:
+        score = position_scores(cfg.strategy, logits, tok, ups, rand)
     if cfg.confidence_eos_eot_inf:
         stop = eos_eot_candidates(x0, ids)
         score = score.masked_fill(masked & stop if cfg.remasks else stop, -torch.inf)
@@ -485,7 +496,7 @@ def pl_entropy(scores: torch.Tensor, temperature: float) -> torch.Tensor:
 
 
 def policy_decide(rule: PolicyRule, ids: SpecialIds, logits: torch.Tensor, ups: torch.Tensor, cur: torch.Tensor,
-                  noise: dict, k: torch.Tensor, hidden: Optional[torch.Tensor] = None) -> StepOut:
+                  noise: dict, k: torch.Tensor, hidden: Optional[torch.Tensor] = None, scorer=None) -> StepOut:
     """One rollout step for the block ``cur`` (B, Lb) under ``rule``: the next block and the step's record.
 
     logits (B, Lb, V) prepared (mask token at -inf); ups (B, Lb) the UPS logits h, the scores the positions
@@ -499,6 +510,12 @@ def policy_decide(rule: PolicyRule, ids: SpecialIds, logits: torch.Tensor, ups: 
     ``tok_logp`` log softmax(logits / T_tok)[x_hat] on new_mask (0 elsewhere; 0 for greedy tokens),
     ``pl_logp`` log pi_pos(order | x_t) (0 for top_k), ``pl_entropy`` (0 for top_k), ``ups`` h, and
     ``hidden`` with ``record_hidden``.
+
+    scorer (:func:`ups_scorer`, a residual UPS): the positions are ranked by its score s = anchor + g(features)
+    of the step's tokens instead of h (z = s / T_pos for PL, s itself for top_k: then the choice of the eval
+    sampler with the same scorer), in float64; ``ups`` records s, and ``features`` / ``anchor`` record what
+    s was computed from (:meth:`~remedi.policy.residual.ResidualUPS.step_inputs`), so the loss can rescore
+    the recorded steps with g's current weights without a forward (the backbone and base UPS are frozen).
     """
     B, Lb = cur.shape
     masked = cur == ids.mask
@@ -508,7 +525,13 @@ def policy_decide(rule: PolicyRule, ids: SpecialIds, logits: torch.Tensor, ups: 
     else:
         x0 = logits.argmax(-1)
     tok = torch.where(masked, x0, cur)
-    h = ups.float()
+    extra = {}
+    if scorer is not None:
+        feats, anchor = scorer.step_inputs(logits, tok, masked, k, ups, hidden)
+        h = scorer.score_from(feats, anchor, masked)  # (B, Lb) float64
+        extra = {"features": feats, "anchor": anchor}
+    else:
+        h = ups.float()
     if rule.positions == "plackett_luce":
         z = h / rule.position_temperature
         keys = z + gumbel_noise(noise["pos"])
@@ -533,4 +556,5 @@ def policy_decide(rule: PolicyRule, ids: SpecialIds, logits: torch.Tensor, ups: 
               "pl_entropy": pl_entropy(h, rule.position_temperature) if stochastic else zero}
     if rule.record_hidden and hidden is not None:
         record["hidden"] = hidden
+    record.update(extra)
     return StepOut(masked, new, remasked, h.double(), record)

@@ -224,6 +224,10 @@ def ups_state(model: RemeDiLM) -> tuple[dict[str, torch.Tensor], dict[str, Any]]
         raise ValueError("the model has no UPS to save")
     meta.update(hidden_size=cfg.d_model, n_layers=cfg.n_layers, vocab_size=cfg.vocab_size,
                 mask_token_id=cfg.mask_token_id, eos_token_id=cfg.eos_token_id)
+    policy = getattr(model, "ups_policy", None)
+    if policy is not None and hasattr(policy, "spec"):  # a residual UPS on top (remedi.policy.residual)
+        state.update({f"ups_policy.{k}": v for k, v in policy.state_dict().items()})
+        meta.update(kind="residual", residual=policy.spec())
     return state, meta
 
 
@@ -557,6 +561,12 @@ def load_ups(path: str | os.PathLike, model: RemeDiLM) -> dict[str, Any]:
             raise ValueError(f"{path}: stream taps {tuple(meta['ups_taps'])} != the model's taps {cfg.ups_taps}")
     state, meta = read_ups(path)
     ref = next(model.parameters())
+    policy = None
+    if meta.get("kind") == "residual":  # checked here, attached after the base UPS (remedi.policy.residual)
+        from remedi.policy.residual import build_residual
+
+        pol = {k.removeprefix("ups_policy."): state.pop(k) for k in sorted(state) if k.startswith("ups_policy.")}
+        policy = build_residual(meta.get("residual"), pol, cfg.d_model, path).to(ref.device)
     if meta["ups_arch"] == "head":
         head = UPSHead(cfg.d_model, int(meta.get("ups_width", 0))).to(ref.device)
         sd = {k.removeprefix("ups_head."): v for k, v in state.items()}
@@ -578,6 +588,8 @@ def load_ups(path: str | os.PathLike, model: RemeDiLM) -> dict[str, Any]:
         if not model.model.has_stream:
             add_stream(model, taps)
         model.model.load_state_dict({k: v.to(ref.dtype) for k, v in sub.items()}, strict=False)
+    if policy is not None:
+        model.ups_policy = policy
     return meta
 
 

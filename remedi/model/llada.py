@@ -324,6 +324,9 @@ class RemeDiLM(nn.Module):
         super().__init__()
         self.model = LLaDAModel(cfg)
         self.ups_head = ups_head
+        # a scorer on top of the head/stream for the ``ups`` source (remedi.policy: a residual UPS, the slip
+        # oracle), or None; the decoders pass it to decide()/policy_decide() (remedi.decoding.step.ups_scorer)
+        self.ups_policy = None
 
     @property
     def config(self) -> LLaDAConfig:
@@ -358,7 +361,11 @@ class RemeDiLM(nn.Module):
             self.model = wrapped
 
     def ups_modules(self) -> list[nn.Module]:
-        """The UPS's modules: the head, or the stream's blocks, bridges, final norm and output (also under LoRA)."""
+        """The UPS's modules: a residual UPS policy's g when one with weights is attached (what trains then;
+        the head/stream under it stays fixed), else the head, or the stream's blocks, bridges, final norm and
+        output (also under LoRA)."""
+        if self.ups_policy is not None and any(True for _ in self.ups_policy.parameters()):
+            return [self.ups_policy]
         if self.ups_head is not None:
             return [self.ups_head]
         mm = self.backbone

@@ -33,6 +33,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from remedi.decoding.step import ups_scorer
 from remedi.model.block_causal import block_causal_forward, block_causal_mask, prefix_mask
 from remedi.model.kv_cache import PrefixCache
 from remedi.rl.policy import grpo_loss, plackett_luce_logprob, token_logprob
@@ -104,14 +105,39 @@ def step_logprobs(model, batch: RolloutBatch, step: int, cfg: RolloutConfig, mas
         out = _noisy_outputs(model, batch, noisy, cache)
     if out.ups_logits is None:
         raise ValueError("the model has no UPS: Remask RL needs a UPS head or stream")
-    return _token_terms(out.logits, batch, step, cfg, mask_id), _pl_terms(out.ups_logits, batch, step, cfg)
+    policy = ups_scorer(model)
+    scores = out.ups_logits if policy is None else residual_scores(policy, out, batch, step, cfg, mask_id)
+    return _token_terms(out.logits, batch, step, cfg, mask_id), _pl_terms(scores, batch, step, cfg)
+
+
+def residual_scores(policy, out, batch: RolloutBatch, step: int, cfg: RolloutConfig, mask_id: int) -> torch.Tensor:
+    """(N, nb, Lb) float64: a residual UPS's scores anchor + g(features) of step index ``step`` of every block,
+    from a loss forward's outputs (the rollout's inputs to the scorer: prepared logits, x_hat, x_t's mask, K_n,
+    base UPS logits, hidden states); differentiable in g's weights."""
+    N, nb, S, Lb = batch.states.shape
+    logits = policy_logits(out.logits, mask_id).reshape(N * nb, Lb, -1)
+    tokens = batch.tokens[:, :, step].reshape(N * nb, Lb)
+    masked = batch.states[:, :, step].reshape(N * nb, Lb) == mask_id
+    keep = torch.full((N * nb,), cfg.schedule[step], dtype=torch.long, device=tokens.device)
+    feats, anchor = policy.step_inputs(logits, tokens, masked, keep, out.ups_logits.reshape(N * nb, Lb),
+                                       out.hidden.reshape(N * nb, Lb, -1))
+    return policy.score_from(feats, anchor, masked).view(N, nb, Lb)
 
 
 def cached_step_logprobs(model, batch: RolloutBatch, step: int, cfg: RolloutConfig) -> Tuple[torch.Tensor, torch.Tensor]:
     """:func:`step_logprobs` without a forward, for a head UPS on a frozen backbone: the token terms are the
     rollout's (the backbone does not change), the PL terms are ``model.ups_head`` on the hidden states the
-    rollout recorded (``RolloutConfig.record_hidden``). Equal to the recomputed ones up to rounding (tested).
+    rollout recorded (``RolloutConfig.record_hidden``). With a residual UPS (``model.ups_policy``) the PL
+    terms are its score anchor + g(features) from the features the rollout recorded (the backbone and the
+    base UPS are frozen, only g trains). Equal to the recomputed ones up to rounding (tested).
     """
+    policy = ups_scorer(model)
+    if policy is not None:  # a residual UPS: its recorded features and anchor, rescored with g's current weights
+        if batch.features is None:
+            raise ValueError("the rollouts carry no residual features: roll them out with the residual UPS attached")
+        masked = batch.states[:, :, step] != batch.tokens[:, :, step]  # x_hat differs from x_t exactly where masked
+        s = policy.score_from(batch.features[:, :, step], batch.anchor[:, :, step], masked)  # (N, nb, Lb)
+        return batch.tok_logp[:, :, step], _pl_terms(s, batch, step, cfg)
     if batch.hidden is None:
         raise ValueError("the rollouts carry no features: roll out with record_hidden=True (RolloutConfig)")
     head = getattr(model, "ups_head", None)

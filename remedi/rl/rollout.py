@@ -26,6 +26,11 @@ at those positions, the old PL log-prob log pi_pos(u | x_t), the UPS logits h an
 them without a second forward, :func:`remedi.rl.loss.cached_step_logprobs`). States must be stored because
 remasking breaks the "replay by decode order" trick of unmask-only diffusion RL.
 
+With a residual UPS attached (``model.ups_policy``, :mod:`remedi.policy.residual`) the positions are ranked by
+its score s = anchor + g(features) in place of h (PL over s / T_pos, or top_k over s: then the eval sampler
+with the same residual), ``ups`` records s and ``features`` / ``anchor`` what s was computed from, so the
+loss rescores the steps with g's current weights (g is what trains: ``RemeDiLM.ups_modules()``).
+
 Two layouts (``RolloutConfig.layout``, the engine's ``SamplerConfig.layout``), i.e. what the model sees
 while it decodes block j:
 
@@ -55,7 +60,7 @@ import torch
 
 from remedi.decoding.sampler import (BlockCounts, PolicyRule, SamplerConfig, decode_blocks,  # noqa: F401
                                      unmask_schedule)
-from remedi.decoding.step import POSITION_RULES, TOKEN_RULES, pl_entropy  # noqa: F401  (pl_entropy: re-exported)
+from remedi.decoding.step import POSITION_RULES, TOKEN_RULES, pl_entropy, ups_scorer  # noqa: F401  (pl_entropy: re-exported)
 from remedi.model.loading import SpecialIds
 
 CACHE_MODES = ("prefix", "none")
@@ -137,6 +142,9 @@ class RolloutBatch:
     seconds: float = 0.0
     ups: Optional[torch.Tensor] = None  # (N, nb, S, Lb) float32: the UPS logits h the positions were ranked by
     hidden: Optional[torch.Tensor] = None  # (N, nb, S, Lb, d): the block's hidden states (record_hidden only)
+    # with a residual UPS policy (model.ups_policy): what its scores (``ups``) were computed from, float64
+    features: Optional[torch.Tensor] = None  # (N, nb, S, Lb, F)
+    anchor: Optional[torch.Tensor] = None  # (N, nb, S, Lb)
 
     @property
     def n(self) -> int:
@@ -193,6 +201,12 @@ def rollout(model, prompts: Sequence[Sequence[int]], cfg: RolloutConfig, ids: Sp
         raise ValueError(f"generators must live on the model's device ({device}), got {bad[0]}")
     if getattr(model, "ups_arch", True) is None:
         raise ValueError("the model has no UPS: Remask RL needs a UPS head or stream (pass --ups_head)")
+    scorer = ups_scorer(model)
+    if scorer is not None and not hasattr(scorer, "step_inputs"):
+        raise ValueError(f"{type(scorer).__name__} is not a residual UPS: Remask RL cannot roll it out")
+    if getattr(scorer, "unmask_only", False) and cfg.positions == "plackett_luce":
+        raise ValueError("an unmask_only residual UPS gives visible positions score +inf, which has no "
+                         "Plackett-Luce probability: roll it out with positions top_k, or use the full policy")
     t0 = time.perf_counter()
     N, Lb, S, nb = len(prompts), cfg.block_length, cfg.steps_per_block, cfg.num_blocks
     rec = Recorder(N, nb, S, Lb, device)
@@ -204,7 +218,7 @@ def rollout(model, prompts: Sequence[Sequence[int]], cfg: RolloutConfig, ids: Sp
                         tokens=rec.tokens, orders=rec.orders, new_mask=rec.new_mask, tok_logp=rec.tok_logp,
                         pl_logp=rec.pl_logp, pl_entropy=rec.pl_entropy, remasks=rec.remasks, final=x[:, P:].clone(),
                         forwards=run.decoder.forwards, seconds=time.perf_counter() - t0, ups=rec.ups,
-                        hidden=rec.hidden)
+                        **rec.optional)
 
 
 def _prompt_mask(prompts, P: int, device) -> Optional[torch.Tensor]:
@@ -230,7 +244,7 @@ class Recorder:
         self.pl_logp = torch.zeros((N, nb, S), dtype=torch.float32, device=device)
         self.pl_entropy = torch.zeros((N, nb, S), dtype=torch.float32, device=device)
         self.remasks = torch.zeros((N, nb), dtype=torch.long, device=device)
-        self.hidden: Optional[torch.Tensor] = None
+        self.optional: dict = {}  # hidden (record_hidden), features / anchor (a residual UPS): (N, nb, S, ...)
 
     def __call__(self, blk: int, n: int, out) -> None:
         r = out.record
@@ -239,9 +253,9 @@ class Recorder:
                           ("pl_logp", self.pl_logp), ("pl_entropy", self.pl_entropy)):
             buf[:, blk, n] = r[name]
         self.remasks[:, blk] += out.remasked.sum(1)
-        if "hidden" in r:
-            if self.hidden is None:
-                N, nb, S, Lb = self.states.shape
-                self.hidden = torch.zeros((N, nb, S, Lb, r["hidden"].shape[-1]), dtype=r["hidden"].dtype,
-                                          device=self.states.device)
-            self.hidden[:, blk, n] = r["hidden"]
+        for name in ("hidden", "features", "anchor"):
+            if name in r:
+                if name not in self.optional:
+                    self.optional[name] = torch.zeros(self.states.shape[:3] + r[name].shape[1:], dtype=r[name].dtype,
+                                                      device=self.states.device)
+                self.optional[name][:, blk, n] = r[name]

@@ -1,0 +1,72 @@
+"""What the derivative-free stage maximises: greedy accuracy of the exact sampler with a residual UPS.
+
+Training problems are drawn fresh from the arithmetic generator (:mod:`remedi.tasks.arith`) for every
+generation of the search, from a stream named by (seed, generation) and never containing a test-split
+question, so every candidate of a generation is scored on the same problems (common random numbers) and a
+resumed search sees the same problems again. Decoding is the evaluated decision itself: the ``ups`` source
+of the sampler, greedy tokens, through :class:`remedi.session.Session` (per-item random streams), many
+problems per forward batch.
+"""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from remedi.evaluation import data as D
+from remedi.tasks import arith
+from remedi.tasks.answer_check import check
+
+
+def held_out_questions() -> set[str]:
+    """The embedded model's held-out question texts (never used for training)."""
+    path = D.ARITH_DATA_DIR / "test.jsonl"
+    return {json.loads(line)["question"] for line in path.read_text().splitlines() if line.strip()}
+
+
+def train_problems(n: int, seed: int, generation: int, exclude: Sequence[str] = ()) -> list[D.Item]:
+    """``n`` fresh arithmetic problems for one generation (ids ``search-<seed>-<gen>-<i>``)."""
+    rng = random.Random(f"policy-search:{seed}:{generation}")
+    banned, seen, rows = set(exclude), set(), []
+    while len(rows) < n:
+        item = arith.generate_problem(rng, rng.choice((1, 2, 3, 4)))
+        if item["question"] in banned or item["question"] in seen:
+            continue
+        seen.add(item["question"])
+        rows.append({"id": f"search-{seed}-{generation}-{len(rows):05d}", **item})
+    return D.rows_to_items(rows, "gsm8k", "train", "the arithmetic generator")
+
+
+@dataclass
+class GreedyObjective:
+    """Accuracy of ``session``'s model with its residual policy set to given linear weights."""
+
+    session: object  # remedi.session.Session, loaded, whose model carries a ResidualUPS as ups_policy
+    steps: int
+    batch_size: int = 512
+
+    def encode(self, items: Sequence[D.Item]) -> list[list[int]]:
+        style = D.prompt_style(D.DatasetSpec(D.ARITH, D.ARITH, "gsm8k", None, "train"), self.session.chat)
+        return [D.encode(self.session.tokenizer, D.build_prompt(it.question, "gsm8k", style), style)[0]
+                for it in items]
+
+    def correct(self, items: Sequence[D.Item], prompts: Sequence[list[int]], source: str = "ups") -> list[bool]:
+        """Per-item verdicts of one decoding pass (batched)."""
+        out = []
+        for i in range(0, len(items), self.batch_size):
+            batch = items[i:i + self.batch_size]
+            gens = self.session.generate(prompts[i:i + self.batch_size], source, [it.id for it in batch], self.steps)
+            for it, g in zip(batch, gens):
+                text = self.session.tokenizer.decode(g.tokens, skip_special_tokens=True)
+                out.append(bool(check(text, it.gold, "gsm8k").correct))
+        return out
+
+    def accuracy(self, weights: Optional[Sequence[float]], items, prompts) -> float:
+        """Accuracy with the policy's linear weights set to ``weights`` (None: the policy as it is)."""
+        if weights is not None:
+            self.session.model.ups_policy.set_linear_weights(torch.as_tensor(weights, dtype=torch.float64))
+        ok = self.correct(items, prompts)
+        return sum(ok) / max(len(ok), 1)

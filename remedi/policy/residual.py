@@ -1,0 +1,195 @@
+"""A residual UPS: score = anchor + g_theta(features), a remask policy that starts as the best heuristic.
+
+The anchor is a training-free TPS statistic computed exactly as the sampler computes it
+(:func:`remedi.decoding.sampler.position_scores` on the prepared logits, float64): ``entropy`` by default
+(minus the entropy; the best heuristic on the embedded model), or ``tps_prob`` / ``margin``, or ``none``.
+g reads the step's features (:mod:`remedi.policy.features`) -- no extra forward: the logits and tokens
+are the sampler's, and the base UPS logit and the block's hidden states come out of the same model call
+(:meth:`ResidualUPS.model_features` projects the hidden states). g's output layer starts at zero, so a fresh residual policy
+makes exactly its anchor's decisions, token for token; training can only move it away from the heuristic
+where that helps.
+
+g is ``linear`` (one weight per feature column and a bias: the few weights the derivative-free stage
+in :mod:`remedi.policy.search` optimises) or ``attention``: the features projected to ``attn_dim``, one
+self-attention layer over the block's positions (block context), and a zero-initialised output.
+
+``unmask_only``: visible positions always stay (score +inf), so the policy only orders the masked ones:
+the "unmask-only twin" of a policy, which isolates what its remasking is worth.
+
+How it plugs in: :class:`~remedi.model.llada.RemeDiLM` carries the policy as ``ups_policy`` (its forward is
+unchanged: ``ups_logits`` stay the base UPS's (B, L)); the decoders (eager and static/CUDA graph) pass it as
+``scorer`` to :func:`remedi.decoding.step.decide` for the ``ups`` source, which ranks by :meth:`ResidualUPS.score`
+(the step's logits, tokens, base UPS logits and the block's hidden states) instead of ``position_scores``;
+Remask RL rollouts pass it to :func:`~remedi.decoding.step.policy_decide`, whose Plackett-Luce / top-k
+scores are then the residual score, recording the features so :mod:`remedi.rl.loss` rescores with g's
+current weights. ``RemeDiLM.ups_modules()`` is the residual, so RL trains g (the base UPS stays fixed).
+save_ups / load_ups store it beside the base UPS (head or stream): the metadata says ``kind: residual`` and
+``residual: {...}`` (:meth:`ResidualUPS.spec`), the tensors are ``ups_policy.*``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from remedi.policy.features import check_feature_names, feature_width, step_features
+
+ANCHORS = ("entropy", "tps_prob", "margin", "none")
+G_KINDS = ("linear", "attention")
+DEFAULT_FEATURES = ("entropy", "margin", "logp_tok", "logp_max", "masked", "pos", "progress", "digit", "operator",
+                    "result_digit", "base")
+
+
+class ResidualUPS(nn.Module):
+    """score = anchor(logits, tokens) + g(features); see the module docstring."""
+
+    def __init__(self, d_model: int, type_table: torch.Tensor, anchor: str = "entropy",
+                 features: Sequence[str] = DEFAULT_FEATURES, hidden_rank: int = 0, g: str = "linear",
+                 attn_dim: int = 8, unmask_only: bool = False, seed: int = 0):
+        super().__init__()
+        if anchor not in ANCHORS:
+            raise ValueError(f"residual anchor {anchor!r}: choose one of {', '.join(ANCHORS)}")
+        if g not in G_KINDS:
+            raise ValueError(f"residual g {g!r}: choose one of {', '.join(G_KINDS)}")
+        features = tuple(features)
+        check_feature_names(features, hidden_rank)
+        self.d_model, self.anchor, self.features, self.hidden_rank = d_model, anchor, features, hidden_rank
+        self.g, self.attn_dim, self.unmask_only, self.seed = g, attn_dim, bool(unmask_only), seed
+        F = feature_width(features, hidden_rank)
+        self.register_buffer("type_table", type_table.to(torch.uint8).clone())
+        gen = torch.Generator().manual_seed(seed)
+        # A fixed random projection: the hidden state's first `hidden_rank` random directions (norm ~1).
+        self.register_buffer("hidden_proj", torch.randn(d_model, hidden_rank, generator=gen) / math.sqrt(d_model))
+        self.weight = nn.Parameter(torch.zeros(F))  # the linear residual: zero = the anchor
+        self.bias = nn.Parameter(torch.zeros(()))
+        if g == "attention":
+            a = attn_dim
+            self.inp = nn.Parameter(torch.randn(F, a, generator=gen) / math.sqrt(F))
+            self.qk = nn.Parameter(torch.randn(2, a, a, generator=gen) / math.sqrt(a))
+            self.out = nn.Parameter(torch.zeros(a))  # zero output layer: the block context starts silent
+
+    # ------------------------------------------------------------------------------- description / weights
+    def spec(self) -> dict[str, Any]:
+        """What rebuilds this policy (stored in the UPS file's metadata as ``residual``)."""
+        return {"anchor": self.anchor, "features": list(self.features), "hidden_rank": self.hidden_rank,
+                "g": self.g, "attn_dim": self.attn_dim, "unmask_only": self.unmask_only, "seed": self.seed,
+                "d_model": self.d_model, "vocab_size": int(self.type_table.numel()),
+                "feature_columns": self.feature_columns()}
+
+    def feature_columns(self) -> list[str]:
+        """One name per feature column (the hidden projection has ``hidden_rank`` of them)."""
+        cols = []
+        for n in self.features:
+            cols += [f"hidden{j}" for j in range(self.hidden_rank)] if n == "hidden" else [n]
+        return cols
+
+    def linear_weights(self) -> torch.Tensor:
+        """(F + 1,) float64: the linear weights, then the bias (what the derivative-free stage searches)."""
+        return torch.cat([self.weight.detach().double().cpu(), self.bias.detach().double().cpu()[None]])
+
+    @torch.no_grad()
+    def set_linear_weights(self, w: Sequence[float] | torch.Tensor) -> "ResidualUPS":
+        w = torch.as_tensor(w, dtype=torch.float64).reshape(-1)
+        if w.numel() != self.weight.numel() + 1:
+            raise ValueError(f"{w.numel()} weights for a linear residual of {self.weight.numel()} features + bias")
+        self.weight.copy_(w[:-1].to(self.weight))
+        self.bias.copy_(w[-1].to(self.bias))
+        return self
+
+    # ------------------------------------------------------------------------------- scoring
+    def step_inputs(self, logits: torch.Tensor, tokens: torch.Tensor, masked: torch.Tensor, keep: torch.Tensor,
+                    ups: Optional[torch.Tensor], hidden: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features (B, Lb, F), anchor (B, Lb)), float64: what the score is computed from at one step.
+
+        logits (B, Lb, V) prepared; tokens (B, Lb) candidate or current token; masked (B, Lb); keep (B,) K_n;
+        ups (B, Lb) the base UPS logits (None: 0); hidden (B, Lb, d) the block's final hidden states (read
+        only with the ``hidden`` feature). Pure tensor code (no host sync): the static decoder captures it.
+        """
+        from remedi.decoding.step import position_scores
+
+        feats = step_features(self.features, logits, tokens, masked, keep, self.type_table,
+                              self.model_features(ups, hidden, tokens), self.hidden_rank)
+        anchor = position_scores(self.anchor, logits, tokens, None, None) if self.anchor != "none" else \
+            torch.zeros(tokens.shape, dtype=torch.float64, device=tokens.device)
+        return feats, anchor
+
+    def model_features(self, ups: Optional[torch.Tensor], hidden: Optional[torch.Tensor],
+                       tokens: torch.Tensor) -> torch.Tensor:
+        """(B, Lb, 1 + hidden_rank) float64: the base UPS logit (0 without a base UPS), then the hidden
+        state's fixed random projection (detached: g never trains the backbone)."""
+        base = ups.double() if ups is not None else torch.zeros(tokens.shape, dtype=torch.float64,
+                                                                device=tokens.device)
+        cols = [base[..., None]]
+        if self.hidden_rank:
+            if hidden is None:
+                raise ValueError("a residual UPS with the 'hidden' feature needs the block's hidden states")
+            cols.append(hidden.detach().double() @ self.hidden_proj.double())  # (B, Lb, r)
+        return torch.cat(cols, -1)
+
+    def residual(self, feats: torch.Tensor) -> torch.Tensor:
+        """g(features): (B, Lb, F) float64 -> (B, Lb) float64."""
+        out = feats @ self.weight.double() + self.bias.double()
+        if self.g == "attention":
+            h = feats @ self.inp.double()  # (B, Lb, a)
+            q, k = h @ self.qk[0].double(), h @ self.qk[1].double()
+            att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(self.attn_dim), -1)  # (B, Lb, Lb)
+            out = out + (h + att @ h) @ self.out.double()
+        return out
+
+    def score_from(self, feats: torch.Tensor, anchor: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+        """anchor + g(features), (..., Lb) float64; +inf at visible positions with ``unmask_only``. Any
+        leading dims (a rollout's recorded (N, nb, Lb, F) features too); differentiable in g's weights."""
+        score = anchor + self.residual(feats)
+        if self.unmask_only:
+            score = torch.where(masked, score, torch.full_like(score, torch.inf))
+        return score
+
+    def score(self, logits: torch.Tensor, tokens: torch.Tensor, masked: torch.Tensor, keep: torch.Tensor,
+              ups: Optional[torch.Tensor] = None, hidden: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, Lb) float64: the anchor plus g, as the sampler ranks them (the scorer interface of
+        :func:`remedi.decoding.step.decide`)."""
+        feats, anchor = self.step_inputs(logits, tokens, masked, keep, ups, hidden)
+        return self.score_from(feats, anchor, masked)
+
+
+# ------------------------------------------------------------------------------------------- files
+def new_residual(model, tokenizer, **kw) -> ResidualUPS:
+    """A fresh (zero) residual policy for ``model``'s shapes, with the tokenizer's token-type table."""
+    from remedi.policy.features import token_types
+
+    cfg = model.config
+    ref = next(model.parameters())
+    return ResidualUPS(cfg.d_model, token_types(tokenizer, cfg.vocab_size), **kw).to(ref.device)
+
+
+def attach_policy(model, policy: Optional[nn.Module]) -> None:
+    """Put ``policy`` (a :class:`ResidualUPS`, a :class:`remedi.policy.slip.SlipOracle`, or None) on the model."""
+    if policy is not None:
+        policy.to(next(model.parameters()).device)
+    model.ups_policy = policy
+
+
+def build_residual(spec: dict, state: dict[str, torch.Tensor], d_model: int, path) -> ResidualUPS:
+    """The policy a UPS file describes (``meta['residual']`` and its ``ups_policy.*`` tensors, prefix removed),
+    checked: architecture, names and shapes. Raises ValueError naming the file."""
+    if not isinstance(spec, dict):
+        raise ValueError(f"{path}: metadata 'residual' must be an object (the policy's spec)")
+    if spec.get("d_model") != d_model:
+        raise ValueError(f"{path}: the residual UPS was built for hidden size {spec.get('d_model')}, this model has "
+                         f"{d_model}; use a policy made for this base model")
+    table = state.get("type_table")
+    if table is None:
+        raise ValueError(f"{path}: the residual UPS has no ups_policy.type_table tensor; the file is incomplete")
+    try:
+        policy = ResidualUPS(d_model, table, anchor=spec["anchor"], features=spec["features"],
+                             hidden_rank=int(spec.get("hidden_rank", 0)), g=spec.get("g", "linear"),
+                             attn_dim=int(spec.get("attn_dim", 8)), unmask_only=bool(spec.get("unmask_only")),
+                             seed=int(spec.get("seed", 0)))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: the residual UPS spec is not valid ({e}); re-save it") from None
+    from remedi.model.checkpoint import _load_exact  # the names/shapes check every UPS part gets
+
+    _load_exact(policy, state, path)
+    return policy

@@ -1,0 +1,266 @@
+"""The residual-UPS experiment (issue 20) on the embedded model, in resumable pieces that fit 10-minute calls.
+
+Settings match results/embedded/round2 (gen 96, block 32, exact sampler, no cache, no EOS gating, greedy,
+float32, the first N test items), so entropy reproduces 0.426 at 48 steps on 2000 items.
+
+  # 1. the derivative-free stage, one variant per call (rerun the same line until it says done)
+  python scripts/residual_experiment.py --out runs/residual --phase search --variant linear --max_seconds 540
+  # (variants: linear, no_anchor, feat_entropy, feat_head, feat_type_ctx, feat_hidden)
+  # 2. evaluation of every policy found under --out, plus heuristics, twins and the slip oracle
+  python scripts/residual_experiment.py --out runs/residual --phase eval --n_items 2000 --max_seconds 540
+  # CPU smoke of everything: --phase all --n_items 8 --problems 8 --generations 1 --popsize 2 --device cpu
+
+Writes under --out: search/<variant>/ (remedi.policy.search), results.jsonl (one record per item, policy
+and step count), mechanism.json (remasks/block and the same-token re-commit share from trajectories of the
+first --mechanism_items items), summary.json; prints the table last. Progress: one log line per CMA-ES
+generation and per eval batch, with the elapsed time. Speed: 2000-row batches and --graphs (the static
+decoder, CUDA graphs on a GPU; on by default, the slip oracle always decodes eagerly); --graphs False is the
+eager decoder, the same tokens (tests/test_residual_ups.py).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from remedi.arguments import arg, parse_args, run_main, setup_logging  # noqa: E402
+from remedi.files import append_jsonl, read_jsonl, write_json_atomic  # noqa: E402
+from remedi.policy.residual import DEFAULT_FEATURES  # noqa: E402
+
+log = logging.getLogger("residual_experiment")
+REPO = Path(__file__).resolve().parents[1]
+TRAJ_HEAD = REPO / "results" / "embedded" / "round2" / "heads" / "traj_entropy.pt"
+FULL = ",".join(DEFAULT_FEATURES)
+VARIANTS = {  # one switch each, against "linear"
+    "linear": {"features": FULL},
+    "no_anchor": {"features": FULL, "anchor": "none", "init": "base=1"},
+    "feat_entropy": {"features": "entropy"},
+    "feat_head": {"features": "entropy,base"},
+    "feat_type_ctx": {"features": "entropy,base,digit,operator,equals,result_digit,ctx_entropy,pos,progress"},
+    "feat_hidden": {"features": FULL + ",hidden", "hidden_rank": 4},
+}
+WINNER = "linear"
+
+
+@dataclass
+class ExperimentArgs:
+    out: str = arg("runs/residual", "output folder (every phase resumes in it)")
+    phase: str = arg("eval", "search (one --variant), eval, or all (every variant, then eval: the CPU smoke)")
+    variant: str = arg("linear", "search variant: " + ", ".join(VARIANTS))
+    ups_head: str = arg(str(TRAJ_HEAD), "base UPS whose logit is the 'base' feature (the trajectory-label head)")
+    n_items: int = arg(2000, "first test items to evaluate")
+    steps_list: str = arg("48,24", "step counts to evaluate")
+    batch_size: int = arg(2000, "problems per forward batch (eval and search; 2000 rows of the 3M model fit an H200 "
+                          "many times over)")
+    graphs: bool = arg(True, "static-buffer decoder (CUDA graphs on a GPU) for every policy but the slip oracle, "
+                       "whose host reads need the eager decoder")
+    problems: int = arg(512, "search: fresh training problems per generation")
+    popsize: int = arg(12, "search: CMA-ES candidates per generation")
+    generations: int = arg(20, "search: generations")
+    search_steps: int = arg(48, "search: denoising steps")
+    mechanism_items: int = arg(100, "items whose trajectories give the same-token re-commit share")
+    max_seconds: float = arg(0.0, "stop cleanly after the piece that passes this wall time (0: no limit)")
+    device: Optional[str] = arg(None, "cuda or cpu (default: cuda if available)")
+
+    def __post_init__(self):
+        if self.phase not in ("search", "eval", "all"):
+            raise ValueError(f"--phase {self.phase!r}: choose search, eval or all")
+        if self.variant not in VARIANTS:
+            raise ValueError(f"--variant {self.variant!r}: choose one of {', '.join(VARIANTS)}")
+        if self.n_items < 1 or self.batch_size < 1:
+            raise ValueError("--n_items and --batch_size must be >= 1")
+        try:
+            self.steps = [int(s) for s in self.steps_list.split(",")]
+        except ValueError:
+            raise ValueError(f"--steps_list must be comma-separated integers, got {self.steps_list!r}") from None
+
+
+def run_search(a: ExperimentArgs, variant: str, deadline: Optional[float]) -> None:
+    from remedi.policy.search import main as search
+
+    v = VARIANTS[variant]
+    argv = ["--out", str(Path(a.out) / "search" / variant), "--ups_head", a.ups_head, "--dtype", "fp32",
+            "--features", v["features"], "--anchor", v.get("anchor", "entropy"),
+            "--hidden_rank", str(v.get("hidden_rank", 0)), "--init", v.get("init", ""),
+            "--problems", str(a.problems), "--popsize", str(a.popsize), "--generations", str(a.generations),
+            "--steps", str(a.search_steps), "--batch_size", str(a.batch_size), "--graphs", str(a.graphs)]
+    if deadline is not None:
+        argv += ["--max_seconds", str(max(1.0, deadline - time.monotonic()))]
+    if a.device:
+        argv += ["--device", a.device]
+    search(argv)
+
+
+def policies(a: ExperimentArgs, session, tokenizer) -> dict:
+    """name -> (sampler source, policy or None) for every row of the table that can run now."""
+    from remedi.model.checkpoint import read_ups
+    from remedi.policy.residual import build_residual, new_residual
+    from remedi.policy.slip import SlipOracle
+
+    model = session.model
+    rows = {"entropy": ("entropy", None), "tps_prob": ("tps_prob", None), "margin": ("margin", None),
+            "entropy_unmask_only": ("ups", new_residual(model, tokenizer, features=("entropy",), unmask_only=True))}
+    mix = new_residual(model, tokenizer, features=("base",))
+    mix.set_linear_weights([0.2, 0.0])  # the untrained -entropy + 0.2 x head logit of LEARNED_POLICY.md
+    rows["mix_0.2_untrained"] = ("ups", mix)
+    for variant in VARIANTS:
+        path = Path(a.out) / "search" / variant / "ups_mean.pt"
+        if path.is_file():
+            state, meta = read_ups(path)
+            pol = {k.removeprefix("ups_policy."): v for k, v in state.items() if k.startswith("ups_policy.")}
+            rows[f"cma_{variant}"] = ("ups", build_residual(meta["residual"], pol, model.config.d_model, path))
+            if variant == WINNER:
+                twin = build_residual({**meta["residual"], "unmask_only": True}, pol, model.config.d_model, path)
+                rows[f"cma_{variant}_unmask_only"] = ("ups", twin)
+    rows["slip_oracle"] = ("ups", SlipOracle(tokenizer, model.config.vocab_size))
+    return rows
+
+
+def recommit_share(traj: list[dict]) -> tuple[int, int]:
+    """(re-commits, re-commits with the same token) of positions remasked and later unmasked again."""
+    held, prev, n, same = {}, None, 0, 0
+    for st in traj:
+        for p in st["remasked"]:
+            held[p] = prev[p] if prev is not None else None
+        for p in st["unmasked"]:
+            if p in held:
+                n += 1
+                same += int(held.pop(p) == st["tokens"][p])
+        prev = st["tokens"]
+    return n, same
+
+
+def run_eval(a: ExperimentArgs, deadline: Optional[float]) -> Optional[dict]:
+    from remedi.decoding.args import SamplingArgs
+    from remedi.evaluation import data as D
+    from remedi.evaluation.results import make_record
+    from remedi.policy.residual import attach_policy
+    from remedi.session import open_session
+
+    out = Path(a.out)
+    sampling = SamplingArgs(steps=a.steps[0], gen_length=96, block_length=32, temperature=0.0, cache="none",
+                            eos_gating=False)
+    session = open_session(_embedded(), sampling,
+                           ups_head=a.ups_head)
+    spec = D.resolve_dataset(None, None, "test", None)
+    items, _ = D.select_items(D.load_items(spec), 0, a.n_items, False, 0)
+    style = D.prompt_style(spec, session.chat)
+    enc = {it.id: D.encode(session.tokenizer, D.build_prompt(it.question, spec.fmt, style), style) for it in items}
+    session.load(a.device, "fp32")
+    rows = policies(a, session, session.tokenizer)
+    res_path = out / "results.jsonl"
+    done = {(r["source"], r["steps"], r["id"]) for r in read_jsonl(res_path, repair=True)}
+    from tqdm.auto import tqdm
+
+    todo = [(name, st) for st in a.steps for name in rows]
+    bar = tqdm(total=len(todo) * len(items), desc="eval", dynamic_ncols=True)
+    t0 = time.monotonic()
+    for name, st in todo:
+        source, policy = rows[name]
+        left = [it for it in items if (name, st, it.id) not in done]
+        bar.update(len(items) - len(left))
+        attach_policy(session.model, policy)
+        graphs = a.graphs and not getattr(policy, "host_sync", False)
+        for i in range(0, len(left), a.batch_size):
+            if deadline is not None and time.monotonic() > deadline:
+                log.info("time budget reached: rerun the same command to continue")
+                return None
+            batch = left[i:i + a.batch_size]
+            gens = session.generate([enc[it.id][0] for it in batch], source, [it.id for it in batch], st,
+                                    graphs=graphs)
+            recs = [make_record(it, name, st, enc[it.id][1], session.tokenizer.decode(g.tokens, skip_special_tokens=True),
+                                spec.fmt, nfe=g.nfe, remasks=g.remasks, remasks_per_block=g.remasks_per_block)
+                    for it, g in zip(batch, gens)]
+            append_jsonl(res_path, recs)
+            bar.update(len(batch))
+            log.info("eval %s, %d steps: %d/%d items, accuracy of this batch %.3f; %.0f s elapsed", name, st,
+                     len(items) - len(left) + i + len(batch), len(items), sum(r["correct"] for r in recs) / len(recs),
+                     time.monotonic() - t0)
+    bar.close()
+    mech_path = out / "mechanism.json"
+    mech = read_jsonl(out / "mechanism.jsonl")
+    have = {m["policy"] for m in mech}
+    for name in ("entropy", f"cma_{WINNER}", "mix_0.2_untrained"):
+        if name not in rows or name in have:
+            continue
+        source, policy = rows[name]
+        attach_policy(session.model, policy)
+        sub = items[:a.mechanism_items]
+        gens = session.generate([enc[it.id][0] for it in sub], source, [it.id for it in sub], a.steps[0],
+                                record_trajectory=True)
+        n = same = 0
+        for g in gens:
+            dn, ds = recommit_share(g.trajectory)
+            n, same = n + dn, same + ds
+        append_jsonl(out / "mechanism.jsonl", [{"policy": name, "steps": a.steps[0], "items": len(sub),
+                                                "recommits": n, "same_token_share": same / n if n else None}])
+    attach_policy(session.model, None)
+    mech = read_jsonl(out / "mechanism.jsonl")
+    write_json_atomic(mech_path, mech)
+    return summarize(read_jsonl(res_path), list(rows), a.steps, mech, out)
+
+
+def _embedded() -> str:
+    from remedi.model.loading import EMBEDDED_MODEL
+
+    return str(EMBEDDED_MODEL)
+
+
+def summarize(records: list[dict], names: list[str], steps: list[int], mech: list[dict], out: Path) -> dict:
+    from remedi.evaluation.stats import mcnemar_exact, paired_bootstrap, wilson_interval
+
+    by = {}
+    for r in records:
+        by.setdefault((r["source"], r["steps"]), {})[r["id"]] = r
+    rows = []
+    for st in steps:
+        ref = by.get(("entropy", st), {})
+        for name in names:
+            got = by.get((name, st))
+            if not got:
+                continue
+            ids = sorted(set(got) & set(ref))
+            k, n = sum(got[i]["correct"] for i in got), len(got)
+            blocks = [b for r in got.values() for b in r["remasks_per_block"]]
+            row = {"policy": name, "steps": st, "n": n, "accuracy": k / n, "ci95": list(wilson_interval(k, n)),
+                   "remasks_per_block": sum(blocks) / max(len(blocks), 1)}
+            if name != "entropy" and ids:
+                a_ok, b_ok = [got[i]["correct"] for i in ids], [ref[i]["correct"] for i in ids]
+                row["vs_entropy"] = {"diff": (sum(a_ok) - sum(b_ok)) / len(ids),
+                                     "mcnemar_p": mcnemar_exact(a_ok, b_ok)["p_value"],
+                                     "bootstrap": paired_bootstrap(a_ok, b_ok, n_boot=2000, seed=0)}
+            rows.append(row)
+    summary = {"rows": rows, "mechanism": mech}
+    write_json_atomic(out / "summary.json", summary)
+    print(f"\n{'policy':<28}{'steps':>6}{'n':>6}{'acc':>8}{'remask/blk':>11}{'diff':>8}{'McNemar p':>11}")
+    for r in rows:
+        vs = r.get("vs_entropy")
+        tail = f"{vs['diff']:>+8.3f}{vs['mcnemar_p']:>11.3g}" if vs else f"{'':>8}{'':>11}"
+        print(f"{r['policy']:<28}{r['steps']:>6}{r['n']:>6}{r['accuracy']:>8.3f}{r['remasks_per_block']:>11.1f}{tail}")
+    for m in mech:
+        share = "n/a" if m["same_token_share"] is None else f"{m['same_token_share']:.3f}"
+        print(f"mechanism {m['policy']}: {m['recommits']} re-commits, same token {share}")
+    return summary
+
+
+def main(argv=None) -> Optional[dict]:
+    (a,) = parse_args([ExperimentArgs], argv, description=__doc__)
+    setup_logging()
+    Path(a.out).mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + a.max_seconds if a.max_seconds > 0 else None
+    if a.phase in ("search", "all"):
+        for variant in (VARIANTS if a.phase == "all" else [a.variant]):
+            run_search(a, variant, deadline)
+    if a.phase in ("eval", "all"):
+        return run_eval(a, deadline)
+    return None
+
+
+if __name__ == "__main__":
+    run_main(main)
