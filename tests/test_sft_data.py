@@ -174,3 +174,23 @@ def test_record_missing_a_field_names_record_and_field(tok):
                               seq_len=200, chat=False, eos_id=EOS, eot_id=EOT, source="x.jsonl")
     assert (len(data.examples), data.n_skipped, data.n_empty) == (1, 1, 1)
     assert "(0 prompt alone too long, 1 with an empty or non-text field)" in data.summary()
+
+
+def test_one_format_inference_for_eval_and_rl(tmp_path):
+    """Evaluation and RL read a dataset's answer format through remedi.tasks.records.infer_format: the first
+    row's fields win over the name, the name decides when the fields do not; RL refuses code formats."""
+    from remedi.evaluation.data import resolve_dataset
+    from remedi.rl.data import answer_format
+    from remedi.tasks.records import infer_format
+
+    assert infer_format("openai/gsm8k") == "gsm8k" and infer_format("HuggingFaceH4/MATH-500") == "math"
+    assert infer_format("gsm_like.jsonl", {"problem": "p", "answer": "1"}) == "math"  # fields first
+    assert infer_format("x.jsonl", {"task_id": 1, "entry_point": "f", "test": "t"}) == "humaneval"
+    assert infer_format("stuff.jsonl", {"q": 1}) is None
+    f = tmp_path / "mystery.jsonl"
+    f.write_text(json.dumps({"problem": "1+1?", "answer": "2"}) + "\n")
+    assert resolve_dataset(str(f)).fmt == answer_format(str(f), [{"problem": "1+1?", "answer": "2"}]) == "math"
+    with pytest.raises(ValueError, match="--format gsm8k or --format math"):
+        answer_format("mbpp", [{"task_id": 1, "test_list": []}])
+    with pytest.raises(ValueError, match="cannot tell"):
+        answer_format("stuff", [{"q": 1}])

@@ -89,7 +89,7 @@ class EvalArgs:
 @dataclass
 class Plan:
     session: Session
-    spec: D.DatasetSpec
+    spec: D.ItemSource
     items: list
     prompts: dict  # item id -> (prompt ids, prompt text)
     sources: list[str]
@@ -143,7 +143,7 @@ def plan_run(m: ModelArgs, s: SamplingArgs, e: EvalArgs) -> Plan:
     return Plan(session, spec, items, prompts, sources, steps, fixed, note)
 
 
-def _default_output_dir(spec: D.DatasetSpec) -> Path:
+def _default_output_dir(spec: D.ItemSource) -> Path:
     name = D.ARITH if spec.kind == D.ARITH else (spec.name.replace("/", "_") if spec.kind == "hub"
                                                  else Path(spec.name).stem)
     return Path("runs") / f"eval-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -184,7 +184,7 @@ def write_reports(out: Path, records: list, title: str, n_boot: int, seed: int, 
     return summary
 
 
-def dataset_title(spec: D.DatasetSpec) -> str:
+def dataset_title(spec: D.ItemSource) -> str:
     """A reader's name for the data (never a machine path)."""
     if spec.kind == D.ARITH:
         return f"arithmetic task ({spec.split} split)"
