@@ -46,12 +46,28 @@ class TokenizedData:
     n_empty: int = 0  # a prompt or answer field empty or not text (e.g. null in a hub dataset)
     source: str = ""
     stats: dict = field(default_factory=dict)
+    dropped: list = field(default_factory=list)  # (record number from 1, why) of every skipped record
 
     def summary(self) -> str:
         return (f"{self.source}: {self.n_records} records -> {len(self.examples)} examples, "
                 f"{self.n_truncated} answers truncated to fit, {self.n_skipped} skipped "
                 f"({self.n_skipped - self.n_empty} prompt alone too long, {self.n_empty} with an empty or "
-                "non-text field)")
+                f"non-text field){self.dropped_note()}")
+
+    def dropped_note(self, limit: int = 5) -> str:
+        """'; dropped: record 3 (prompt of 47,000,000 characters ...), ...' naming the first ``limit``."""
+        if not self.dropped:
+            return ""
+        shown = ", ".join(f"record {i} ({why})" for i, why in self.dropped[:limit])
+        more = f" and {len(self.dropped) - limit} more" if len(self.dropped) > limit else ""
+        return f"; dropped: {shown}{more}"
+
+
+def max_token_chars(tokenizer) -> int:
+    """The most characters one token of ``tokenizer`` spells (>= 1): text of n characters has at least
+    n / max_token_chars tokens, which bounds a row's length before it is tokenised."""
+    vocab = tokenizer.get_vocab()
+    return max(1, max((len(t) for t in vocab), default=1))
 
 
 def resolve_fields(dataset: str, prompt_field: Optional[str], answer_field: Optional[str]):
@@ -84,6 +100,9 @@ def tokenize_records(rows: Sequence[dict], tokenizer, *, prompt_field: str, answ
 
     out = TokenizedData(examples=[], n_records=len(rows), source=source)
     end = ([eot_id] if chat and eot_id is not None else []) + [eos_id]
+    # text longer than this cannot fit seq_len tokens (each token spells at most max_token_chars characters):
+    # such a prompt is dropped and such an answer cut before tokenising, so a 47 MB record costs nothing
+    char_cap = (seq_len + 16) * max_token_chars(tokenizer)
     for i, r in enumerate(rows):
         if not isinstance(r, dict):
             raise ValueError(f"{source}: record {i + 1} is a {type(r).__name__}, not a record object")
@@ -96,13 +115,20 @@ def tokenize_records(rows: Sequence[dict], tokenizer, *, prompt_field: str, answ
         if not isinstance(q, str) or not q.strip() or any(not isinstance(a, str) for a in parts):
             out.n_skipped += 1
             out.n_empty += 1
+            out.dropped.append((i + 1, "an empty or non-text field"))
+            continue
+        if len(q) > char_cap:
+            out.n_skipped += 1
+            out.dropped.append((i + 1, f"prompt of {len(q):,} characters, longer than --seq_len {seq_len} tokens"))
             continue
         prompt_ids = encode_prompt(tokenizer, q, chat)
-        answer_ids = list(tokenizer(answer_join.join(parts), add_special_tokens=False)["input_ids"]) + end
         room = seq_len - len(prompt_ids)
         if room < 1:
             out.n_skipped += 1
+            out.dropped.append((i + 1, f"prompt of {len(prompt_ids)} tokens leaves no room in --seq_len {seq_len}"))
             continue
+        # the cut leaves >= 16 tokens past the seq_len ones kept: the kept tokens are those of the whole text
+        answer_ids = list(tokenizer(answer_join.join(parts)[:char_cap], add_special_tokens=False)["input_ids"]) + end
         if len(answer_ids) > room:
             answer_ids = answer_ids[:room]
             out.n_truncated += 1
