@@ -4,8 +4,10 @@
         --tasks gsm8k --num_fewshot 5 --output_path runs/lm_eval
     accelerate launch -m remedi.harness --model remedi --model_args pretrained=...,preset=... --tasks gsm8k ...
 
-``python -m remedi.harness ARGS`` registers the model and hands ARGS to lm-eval's own command line
-(``lm_eval.__main__.cli_evaluate``: every lm-eval flag works). The launcher also wraps lm-eval's
+``python -m remedi.harness ARGS`` registers the model and hands ARGS to lm-eval's own command line (every
+lm-eval flag works), with ``--model remedi`` as the default, the shipped tasks of :mod:`remedi.lm_eval_tasks`
+indexed, the device this machine has when ``--device`` is not given, and the model_args checked before
+anything loads (:meth:`RemediLM.check_args`: one ``error:`` line, exit 2). The launcher also wraps lm-eval's
 ``simple_evaluate`` so that, after the evaluation, the adapter's speed summary (:meth:`RemediLM.summary`:
 generated tokens per forward, response-only tokens/s, mean NFE) is printed, stored in lm-eval's results
 under ``"remedi"`` (so it lands in lm-eval's ``results_*.json``) and written with every resolved setting,
@@ -44,17 +46,12 @@ Requests:
   sampler's temperature comes from model_args / the preset; requests' ``temperature``/``do_sample``
   are not used (a warning says so once when a request asks to sample).
 * ``loglikelihood`` (multiple-choice tasks) is LLaDA's Monte-Carlo estimate of the masked-diffusion ELBO
-  of the continuation (L tokens) given the context: ``mc_num`` samples, sample j masks l_j of the L
-  continuation positions (uniformly chosen positions; the l_j are spread evenly over {1..L} from one
-  uniform random offset, so each l_j is uniform on {1..L} and together they stratify it: LLaDA's
-  lower-variance variant), loss_j = (L / l_j) * sum of -log p(token) over the masked positions; the
-  returned log-likelihood is -mean_j loss_j (a lower bound on log p(continuation | context); exact when
-  L = 1). Cost: ``mc_num`` forward rows of length len(context) + L per request (in forwards of up to
-  ``mc_batch_size`` rows of equal shape), i.e. about mc_num / mc_batch_size forwards per request: 128
-  samples on LLaDA-8B make multiple-choice tasks slow; lower ``mc_num`` for a rough pass. ``is_greedy`` is
-  true when, with the whole continuation masked, the argmax at every position is the continuation (a
-  one-step check, not LLaDA's iterative greedy decode; read from a sample with l = L, which the
-  stratification provides whenever mc_num >= L, else from one extra row). Deterministic per request.
+  of the continuation given the context (:mod:`remedi.evaluation.likelihood`, which documents it and is
+  tested without lm-eval): ``mc_num`` samples per request, in forwards of up to ``mc_batch_size`` rows;
+  ``cfg_scale`` > 0 adds LLaDA's unsupervised classifier-free guidance (the unconditional copy masks the
+  context; twice the rows). 128 samples on LLaDA-8B make multiple-choice tasks slow; lower ``mc_num`` for
+  a rough pass. Sampler settings given to a run that scores likelihoods warn once (they do not apply).
+  Deterministic per request.
 * ``loglikelihood_rolling`` (perplexity tasks) is not implemented.
 
 Randomness: request i draws from ``remedi.session.item_generator(seed, item id)``, the item id being

@@ -25,8 +25,8 @@ from remedi.decoding.sampler import (STRATEGIES, EagerDecoder, SamplerConfig,
                                      generate, layout_batch, select_top_k, threshold_step)
 from remedi.model.llada import KVCache, rope_tables
 
-from .test_fast_decoding import TGRID, _tcfg
-from .test_sampler import GRID, IDS, PROMPTS, Spy, _gens, _model, _scfg
+from tests.helpers.sampler import TGRID, _tcfg
+from tests.helpers.sampler import GRID, IDS, PROMPTS, Spy, _gens, _model, _scfg
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -358,6 +358,7 @@ def traced_graphs(monkeypatch):
     dict(strategy="margin", threshold=0.3, remask_threshold=0.2, eos_gating=True),
     dict(strategy="llada_random", threshold=0.5, temperature=0.9),
 ])
+@pytest.mark.slow
 def test_captured_step_semantics_equal_eager(model, traced_graphs, cache, kw):
     """The static step replayed as a frozen trace (what a CUDA graph does) equals the eager decoder, in two
     generate calls reusing the same captures (different prompts of the same shape the second time)."""

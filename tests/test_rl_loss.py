@@ -6,8 +6,8 @@ import torch
 from remedi.rl.loss import StepStats, clean_prefix_cache, step_logprobs, step_loss
 from remedi.rl.policy import grpo_loss
 from remedi.rl.rollout import rollout
-from tests.test_block_causal import make
-from tests.test_rl_rollout import IDS, PROMPTS, cfg, gens
+from tests.helpers.block_causal import make
+from tests.helpers.rl import IDS, PROMPTS, cfg, gens
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

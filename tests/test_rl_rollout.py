@@ -5,21 +5,15 @@ import torch
 from remedi.model.loading import SpecialIds
 from remedi.rl.policy import plackett_luce_logprob, token_logprob
 from remedi.rl.rollout import GrowingKVCache, RolloutConfig, policy_logits, rollout
-from tests.test_block_causal import cached_reference, make
+from tests.helpers.block_causal import cached_reference, make
+from tests.helpers.rl import IDS, PROMPTS, gens, cfg  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-IDS = SpecialIds(mask=96, eos=95, pad=95)
-PROMPTS = [[1, 2, 3, 4, 5], [7, 8, 9], [10, 11, 12, 13], [14]]
 
 
-def gens(n, seed=0):
-    return [torch.Generator().manual_seed(seed + i) for i in range(n)]
 
 
-def cfg(**kw):
-    base = dict(gen_length=16, block_length=8, steps=8, temperature=1.0, ups_temperature=1.0)
-    return RolloutConfig(**{**base, **kw})
 
 
 @pytest.mark.parametrize("arch", ["head", "stream"])
