@@ -4,8 +4,10 @@
         --tasks gsm8k --num_fewshot 5 --output_path runs/lm_eval
     accelerate launch -m remedi.harness --model remedi --model_args pretrained=...,preset=... --tasks gsm8k ...
 
-``python -m remedi.harness ARGS`` registers the model and hands ARGS to lm-eval's own command line
-(``lm_eval.__main__.cli_evaluate``: every lm-eval flag works). The launcher also wraps lm-eval's
+``python -m remedi.harness ARGS`` registers the model and hands ARGS to lm-eval's own command line (every
+lm-eval flag works), with ``--model remedi`` as the default, the shipped tasks of :mod:`remedi.lm_eval_tasks`
+indexed, the device this machine has when ``--device`` is not given, and the model_args checked before
+anything loads (:meth:`RemediLM.check_args`: one ``error:`` line, exit 2). The launcher also wraps lm-eval's
 ``simple_evaluate`` so that, after the evaluation, the adapter's speed summary (:meth:`RemediLM.summary`:
 generated tokens per forward, response-only tokens/s, mean NFE) is printed, stored in lm-eval's results
 under ``"remedi"`` (so it lands in lm-eval's ``results_*.json``) and written with every resolved setting,
@@ -44,17 +46,12 @@ Requests:
   sampler's temperature comes from model_args / the preset; requests' ``temperature``/``do_sample``
   are not used (a warning says so once when a request asks to sample).
 * ``loglikelihood`` (multiple-choice tasks) is LLaDA's Monte-Carlo estimate of the masked-diffusion ELBO
-  of the continuation (L tokens) given the context: ``mc_num`` samples, sample j masks l_j of the L
-  continuation positions (uniformly chosen positions; the l_j are spread evenly over {1..L} from one
-  uniform random offset, so each l_j is uniform on {1..L} and together they stratify it: LLaDA's
-  lower-variance variant), loss_j = (L / l_j) * sum of -log p(token) over the masked positions; the
-  returned log-likelihood is -mean_j loss_j (a lower bound on log p(continuation | context); exact when
-  L = 1). Cost: ``mc_num`` forward rows of length len(context) + L per request (in forwards of up to
-  ``mc_batch_size`` rows of equal shape), i.e. about mc_num / mc_batch_size forwards per request: 128
-  samples on LLaDA-8B make multiple-choice tasks slow; lower ``mc_num`` for a rough pass. ``is_greedy`` is
-  true when, with the whole continuation masked, the argmax at every position is the continuation (a
-  one-step check, not LLaDA's iterative greedy decode; read from a sample with l = L, which the
-  stratification provides whenever mc_num >= L, else from one extra row). Deterministic per request.
+  of the continuation given the context (:mod:`remedi.evaluation.likelihood`, which documents it and is
+  tested without lm-eval): ``mc_num`` samples per request, in forwards of up to ``mc_batch_size`` rows;
+  ``cfg_scale`` > 0 adds LLaDA's unsupervised classifier-free guidance (the unconditional copy masks the
+  context; twice the rows). 128 samples on LLaDA-8B make multiple-choice tasks slow; lower ``mc_num`` for
+  a rough pass. Sampler settings given to a run that scores likelihoods warn once (they do not apply).
+  Deterministic per request.
 * ``loglikelihood_rolling`` (perplexity tasks) is not implemented.
 
 Randomness: request i draws from ``remedi.session.item_generator(seed, item id)``, the item id being
@@ -90,14 +87,27 @@ except ImportError as e:  # pragma: no cover - depends on the environment
                       "(or pip install -e '.[eval]')") from e
 
 from remedi.decoding.args import SamplingArgs
-from remedi.evaluation.presets import get_preset, preset_sampling
-from remedi.model.loading import EMBEDDED_MODEL, encode_prompt
+from remedi.evaluation.likelihood import mc_loglikelihood, mc_mask_counts  # noqa: F401 (mc_mask_counts: API)
+from remedi.evaluation.presets import PRESETS, get_preset, preset_sampling
+from remedi.model.loading import EMBEDDED_MODEL, encode_prompt, pick_dtype
 from remedi.session import Session, item_generator, open_session, parse_sources
 
 log = logging.getLogger("remedi.harness")
 
+
+class _QuietShippedTasks(logging.Filter):
+    """lm-eval warns on every task that reads its rows through ``custom_dataset`` (about --metadata): the
+    shipped tasks do so only to name their files by absolute path, so that warning is dropped for them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith(("remedi_arith: Custom kwargs", "remedi_arith_mc: Custom"))
+
+
+logging.getLogger("lm_eval.api.task").addFilter(_QuietShippedTasks())
+
 SAMPLING_FIELDS = {f.name: f for f in dataclasses.fields(SamplingArgs)}
 SAMPLER_EXTRAS = {"graphs": bool, "graph_capture": bool}  # SamplerConfig fields without a command-line flag
+PRESET_NAMES = tuple(PRESETS)
 IGNORED_ARGS = ("trust_remote_code", "max_batch_size", "parallelize", "backend")  # lm-eval passes these around
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 
@@ -153,12 +163,6 @@ def capped_lengths(gen_length: int, block_length: int, steps: int, max_gen_toks:
     return new_blocks * block_length, max(1, (steps * new_blocks) // blocks)
 
 
-def mc_mask_counts(L: int, n: int, gen: torch.Generator) -> list[int]:
-    """n mask counts in {1..L}: each uniform, together spread evenly over {1..L} from one random offset."""
-    k = int(torch.randint(0, L, (1,), generator=gen))
-    return [(k + (j * L) // n) % L + 1 for j in range(n)]
-
-
 def environment() -> dict:
     """What moves the numbers besides the settings: GPU, torch/CUDA, library versions, host."""
     from remedi.model.checkpoint import versions
@@ -193,6 +197,34 @@ class RemediLM(LM):
                  seed_key: Optional[str] = None, default_ups: Any = True, run_log: Optional[str] = None,
                  **sampler: Any) -> None:
         super().__init__()
+        self._configure(pretrained, preset, strategy, ups_head, lora_path, chat, seed, mask_id, dtype, batch_size,
+                        mc_num, mc_batch_size, seed_key, default_ups, run_log, **sampler)
+        dev = self._setup_processes(device)
+        self.session.load("cpu" if dev.type == "cpu" else str(dev), self.dtype_arg)
+        self._device = self.session.device
+        self._stats = {"generate_until": {"requests": 0, "gen_tokens": 0, "nfe": 0, "remasks": 0, "seconds": 0.0},
+                       "loglikelihood": {"requests": 0, "rows": 0, "forwards": 0, "tokens": 0, "seconds": 0.0}}
+        self._warned: set = set()
+        self.batch_sizes = {"remedi": self.batch_size}  # lm-eval's summary line shows it: the size actually used
+        self.run_info = self._run_info()
+        log.info("remedi adapter: %s", json.dumps(self.run_info["settings"]))
+        RemediLM.last = self
+
+    @classmethod
+    def check_args(cls, model_args: dict) -> "RemediLM":
+        """Every check of ``model_args`` that needs no weights (keys, values, preset, model folder, lengths):
+        the configured adapter, not loaded (what ``python -m remedi.harness`` runs before lm-eval starts)."""
+        args = {k: v for k, v in model_args.items() if k != "device"}
+        lm = cls.__new__(cls)
+        lm._configure(**args)
+        return lm
+
+    def _configure(self, pretrained: Optional[str] = None, preset: Optional[str] = None,
+                   strategy: Optional[str] = None, ups_head: Optional[str] = None, lora_path: Optional[str] = None,
+                   chat: Any = False, seed: Any = 0, mask_id: Any = None, dtype: Optional[str] = "auto",
+                   batch_size: Any = 1, mc_num: Any = 128, mc_batch_size: Any = 32, seed_key: Optional[str] = None,
+                   default_ups: Any = True, run_log: Optional[str] = None, **sampler: Any) -> None:
+        """Resolve and validate the model_args, open the session (config, tokenizer, UPS metadata): no weights."""
         for k in IGNORED_ARGS:
             if sampler.pop(k, None) is not None:
                 log.info("model_args %s is not used by the remedi adapter", k)
@@ -221,6 +253,11 @@ class RemediLM(LM):
         self.run_log = run_log or None
         self.chat = bool(_coerce("chat", chat, bool))
         self.dtype_arg = dtype or "auto"
+        pick_dtype(self.dtype_arg, torch.device("cpu"))  # an unknown dtype, before anything loads
+        if pretrained and not Path(str(pretrained)).expanduser().exists() and (
+                str(pretrained).startswith((".", "/", "~")) or str(pretrained).count("/") != 1):
+            raise FileNotFoundError(f"model_args pretrained={pretrained}: no such folder (and not a hub id like "
+                                    "GSAI-ML/LLaDA-8B-Instruct); leave it out for the embedded model")
 
         self.session: Session = open_session(
             str(pretrained or EMBEDDED_MODEL), SamplingArgs(**merged), ups_head=ups_head or None,
@@ -230,16 +267,6 @@ class RemediLM(LM):
         self.session.sampler_config(self.strategy, **self.extras).validate(self.session.cfg.max_sequence_length, 1,
                                                                            self.session.has_ups)
         self.tokenizer = self.session.tokenizer
-
-        dev = self._setup_processes(device)
-        self.session.load("cpu" if dev.type == "cpu" else str(dev), self.dtype_arg)
-        self._device = self.session.device
-        self._stats = {"generate_until": {"requests": 0, "gen_tokens": 0, "nfe": 0, "remasks": 0, "seconds": 0.0},
-                       "loglikelihood": {"requests": 0, "rows": 0, "forwards": 0, "tokens": 0, "seconds": 0.0}}
-        self._warned: set = set()
-        self.run_info = self._run_info()
-        log.info("remedi adapter: %s", json.dumps(self.run_info["settings"]))
-        RemediLM.last = self
 
     # ------------------------------------------------------------------------------------------ set-up
     @staticmethod
@@ -445,7 +472,22 @@ class RemediLM(LM):
         return out  # type: ignore[return-value]
 
     # ------------------------------------------------------------------------------ loglikelihood
+    @property
+    def cfg_scale(self) -> float:
+        """LLaDA's unsupervised classifier-free guidance on the ELBO (0: none); model_args ``cfg_scale``."""
+        return float(self.session.sampling.cfg_scale or 0.0)
+
+    def generation_only_args(self) -> list[str]:
+        """The model_args / preset settings that only generate_until uses (not cfg_scale, which both use)."""
+        named = [k for k, v in self.origin.items() if k != "cfg_scale" and v == "model_args"]
+        return sorted(named + list(self.extras)) + ([f"preset={self.preset}"] if self.preset else [])
+
     def loglikelihood(self, requests: list, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        unused = self.generation_only_args()
+        if unused:
+            self._warn_once("ll-sampler", "model_args %s only apply to generate_until tasks: loglikelihood "
+                            "(multiple-choice) requests are scored by the ELBO with mc_num=%d, mc_batch_size=%d, "
+                            "cfg_scale=%s", ", ".join(unused), self.mc_num, self.mc_batch_size, self.cfg_scale)
         pairs = [self._encode_pair(*req.args[:2]) for req in requests]
         ids = self._item_ids(requests)
         results = self.mc_loglikelihood([(c, t) for c, t in pairs], [i for i, _ in ids], disable_tqdm)
@@ -455,64 +497,26 @@ class RemediLM(LM):
             self.cache_hook.add_partial("loglikelihood", req.args, r)
         return results
 
-    @torch.no_grad()
     def mc_loglikelihood(self, pairs: Sequence[tuple[list[int], list[int]]], item_ids: Sequence[str],
                          disable_tqdm: bool = True) -> list[tuple[float, bool]]:
-        """(log-likelihood estimate, is_greedy) per (context ids, continuation ids); see the module docstring."""
+        """(log-likelihood estimate, is_greedy) per (context ids, continuation ids):
+        :func:`remedi.evaluation.likelihood.mc_loglikelihood` with this model, its ``mc_num``,
+        ``mc_batch_size`` and ``cfg_scale``, and one random stream per request from (seed, item id)."""
         from tqdm.auto import tqdm
 
-        model, mask_id = self.session.model, self.session.ids.mask
-        n = self.mc_num
-        buckets: dict[tuple[int, int], list] = {}  # (len(ctx), L) -> rows (request, positions, l, greedy check)
         prepared = []
-        for r, ((ctx, cont), iid) in enumerate(zip(pairs, item_ids)):
+        for (ctx, cont), iid in zip(pairs, item_ids):
             if not cont:
                 raise ValueError(f"loglikelihood request {iid}: empty continuation")
-            ctx = self._fit(list(ctx), len(cont), "loglikelihood")
-            prepared.append((ctx, list(cont)))
-            L, g = len(cont), item_generator(self.session.seed, f"ll:{iid}")
-            rows = buckets.setdefault((len(ctx), L), [])
-            counts = mc_mask_counts(L, n, g)
-            for j, l in enumerate(counts):  # the first all-masked sample doubles as the greedy check
-                rows.append((r, torch.randperm(L, generator=g)[:l], l, l == L and L not in counts[:j]))
-            if L not in counts:
-                rows.append((r, torch.arange(L), None, True))  # an extra all-masked row for the greedy check
-        loss = [0.0] * len(prepared)
-        greedy = [False] * len(prepared)
-        st = self._stats["loglikelihood"]
-        t0 = time.perf_counter()
-        total = sum(len(v) for v in buckets.values())
+            prepared.append((self._fit(list(ctx), len(cont), "loglikelihood"), list(cont)))
+        gens = [item_generator(self.session.seed, f"ll:{iid}") for iid in item_ids]
+        total = sum(self.mc_num + (len(c) > self.mc_num) for _, c in prepared)
         bar = tqdm(total=total, desc="remedi loglikelihood", disable=disable_tqdm or self.rank != 0)
-        dev = self._device
-        for (lc, L), rows in buckets.items():
-            for a in range(0, len(rows), self.mc_batch_size):
-                chunk = rows[a:a + self.mc_batch_size]
-                x = torch.tensor([prepared[r][0] + prepared[r][1] for r, *_ in chunk], device=dev)
-                target = x[:, lc:].clone()
-                masked = torch.zeros(len(chunk), L, dtype=torch.bool)
-                for k, (_, pos, *_) in enumerate(chunk):
-                    masked[k, pos] = True
-                masked = masked.to(dev)
-                x[:, lc:][masked] = mask_id
-                logits = model(x, out_slice=slice(lc, lc + L)).logits  # (B, L, V)
-                sel = logits[masked].float()  # (M, V): only masked positions
-                nll = torch.logsumexp(sel, -1) - sel.gather(-1, target[masked][:, None]).squeeze(-1)
-                per_row = torch.zeros(len(chunk), L, device=dev, dtype=torch.float64)
-                per_row[masked] = nll.double()
-                per_row = per_row.sum(-1).cpu().tolist()
-                arg_ok = (logits.argmax(-1) == target).all(-1).cpu().tolist()
-                for k, (r, _, l, check) in enumerate(chunk):
-                    if check:
-                        greedy[r] = bool(arg_ok[k])
-                    if l is not None:
-                        loss[r] += (L / l) * per_row[k] / n
-                st["forwards"] += 1
-                st["rows"] += len(chunk)
-                st["tokens"] += int(x.numel())
-                bar.update(len(chunk))
+        out = mc_loglikelihood(self.session.model, self.session.ids.mask, prepared, gens, mc_num=self.mc_num,
+                               mc_batch_size=self.mc_batch_size, cfg_scale=self.cfg_scale, device=self._device,
+                               stats=self._stats["loglikelihood"], progress=bar.update)
         bar.close()
-        st["seconds"] += time.perf_counter() - t0
-        return [(-loss[r], greedy[r]) for r in range(len(prepared))]
+        return out
 
     def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list[float]:
         raise NotImplementedError("remedi: loglikelihood_rolling (perplexity tasks such as wikitext) is not "
@@ -576,6 +580,12 @@ def simple_evaluate(*args, **kwargs):
 
     RemediLM.last = None
     model = kwargs.get("model", args[0] if args else None)
+    if kwargs.get("task_manager") is None and len(args) <= 1:  # index the shipped tasks (remedi_arith, ...)
+        from lm_eval.tasks import TaskManager
+
+        from remedi.lm_eval_tasks import TASK_DIR
+
+        kwargs["task_manager"] = TaskManager(include_path=str(TASK_DIR))
     results = evaluator.simple_evaluate(*args, **kwargs)
     lm = model if isinstance(model, RemediLM) else RemediLM.last
     if lm is None:
@@ -596,15 +606,89 @@ def simple_evaluate(*args, **kwargs):
     return results
 
 
+HELP = f"""
+remedi: python -m remedi.harness is lm-eval's command line (every lm-eval flag below works) with the model
+`remedi` registered and used by default (--model remedi), the embedded tasks remedi_arith and remedi_arith_mc
+registered (no --include_path), and a speed summary + run log added.
+
+  python -m remedi.harness --model remedi --model_args pretrained=GSAI-ML/LLaDA-8B-Instruct,preset=fast_dllm_gsm8k \\
+      --tasks gsm8k --num_fewshot 5 --output_path runs/lm_eval
+  python -m remedi.harness --model_args strategy=tps_prob,batch_size=16 --tasks remedi_arith --limit 50
+
+--model_args for remedi (k=v,k=v; unknown keys and bad values stop the run with one error line):
+  pretrained      hub id or local folder (default: the embedded model); ups_head, lora_path, mask_id, seed
+  preset          published protocol: {", ".join(PRESET_NAMES)}
+  strategy        sampler strategy (default llada_low_confidence; ups, tps_prob, margin, entropy, random, ...)
+  sampler fields  {", ".join(sorted(set(SAMPLING_FIELDS) | set(SAMPLER_EXTRAS)))}
+  batch_size      prompts per sampler call (wins over --batch_size); mc_num, mc_batch_size: loglikelihood's
+                  Monte-Carlo ELBO samples and rows per forward; cfg_scale also guides loglikelihood
+  chat, seed_key, dtype (auto|bf16|fp16|fp32), device, default_ups, run_log
+"""
+
+
+def _help_requested(argv: Sequence[str]) -> bool:
+    return any(a in ("-h", "--help") for a in argv)
+
+
+def _apply_launcher_defaults(args: Any) -> None:
+    """Defaults of the remedi launcher over lm-eval's (only for what the user did not set): model remedi, the
+    device this machine has, lm-eval's --batch_size shown as model_args' batch_size, the shipped tasks."""
+    from remedi.lm_eval_tasks import TASK_DIR
+
+    if getattr(args, "model", None) is None and not getattr(args, "config", None):
+        args.model = "remedi"
+    if args.model != "remedi":
+        return
+    margs = getattr(args, "model_args", None) or {}
+    if getattr(args, "device", None) is None:  # lm-eval's own default is cuda:0, also on a CPU-only machine
+        args.device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    if not hasattr(args, "batch_size") and isinstance(margs, dict) and margs.get("batch_size") is not None:
+        args.batch_size = str(margs["batch_size"])  # lm-eval's summary line then shows the size in use
+    inc = getattr(args, "include_path", None)
+    if hasattr(args, "include_path"):
+        args.include_path = [str(TASK_DIR)] + ([inc] if inc else [])
+
+
+def check_model_args(model_args: Any) -> None:
+    """The adapter's checks that need no weights, for the launcher (raises the user error)."""
+    if isinstance(model_args, str):
+        from lm_eval.utils import simple_parse_args_string
+
+        model_args = simple_parse_args_string(model_args)
+    RemediLM.check_args(dict(model_args or {}))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """lm-eval's command line with the ``remedi`` model registered and the summary added."""
+    """lm-eval's command line with the ``remedi`` model registered (and default), the shipped tasks indexed,
+    the model_args checked before anything loads (``error: ...``, exit 2) and the summary added."""
     import sys
 
     import lm_eval
-    from lm_eval.__main__ import cli_evaluate
+    from lm_eval._cli import HarnessCLI
+    from lm_eval.utils import setup_logging
 
-    if argv is not None:
-        sys.argv = ["remedi.harness", *argv]
+    from remedi.arguments import USER_ERRORS
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    sys.argv = ["remedi.harness", *argv]
+    if _help_requested(argv):
+        print(HELP)
+    setup_logging()
+    parser = HarnessCLI()
+    for sub in getattr(parser, "_subparsers").choices.values():  # run --help: say which model is the default
+        for action in sub._actions:
+            if "--model" in action.option_strings:
+                action.help = "Model name (default here: remedi; see the remedi section of --help)"
+    args = parser.parse_args()
+    if hasattr(args, "model_args"):  # the run command (not ls / validate)
+        _apply_launcher_defaults(args)
+        if getattr(args, "model", None) == "remedi":
+            try:
+                check_model_args(getattr(args, "model_args", None))
+            except USER_ERRORS as e:
+                msg = str(e).removeprefix("remedi model_args: ").removeprefix("model_args ")
+                print(f"error: --model_args: {msg}", file=sys.stderr)
+                return 2
     lm_eval.simple_evaluate = simple_evaluate  # the CLI imports it from the package at call time
-    cli_evaluate()
+    parser.execute(args)
     return 0

@@ -86,7 +86,7 @@ def one_thread():
 def model():
     """The decoding tests' tiny model with a UPS head (``tests/test_sampler.py:_model``), one per module; a
     module that needs another model defines its own ``model``."""
-    from tests.test_sampler import _model
+    from tests.helpers.sampler import _model
 
     return _model()
 
@@ -94,7 +94,7 @@ def model():
 @pytest.fixture(scope="module")
 def stream_model():
     """The same tiny model with a stream UPS instead of the head (``tests/test_sampler.py:_stream_model``)."""
-    from tests.test_sampler import _stream_model
+    from tests.helpers.sampler import _stream_model
 
     return _stream_model()
 

@@ -110,6 +110,7 @@ MATH_SHIFTED_CORRECT = {
 }
 
 
+@pytest.mark.slow
 def test_math500_gold_solutions_judged_correct():
     rows = _load("math500/test.jsonl")
     misses, disagreements, shifted_correct = set(), set(), set()
@@ -310,6 +311,7 @@ def test_runaway_box_skips_math_verify():
     assert not v.correct and "skipped" in v.note
 
 
+@pytest.mark.slow
 def test_import_does_not_load_math_verify():
     code = "import sys, remedi.tasks.answer_check; assert 'math_verify' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)

@@ -26,6 +26,7 @@ def run(*args, env=None):
     (["remedi/eval_gsm_math.py", "--steps", "x"], "argument --steps: invalid int value: 'x'"),
     (["remedi/train_remask_rl.py", "--group", "4"], "--group: did you mean --group_size?"),
 ])
+@pytest.mark.slow
 def test_user_errors_are_one_line_and_exit_2(args, says):
     p = run(*args)
     assert p.returncode == 2, p.stderr[-2000:]
@@ -47,6 +48,7 @@ def test_a_bad_config_file_is_one_line_before_any_work(tmp_path, script, says):
     assert p.stderr.startswith("error: --config") and says in p.stderr
 
 
+@pytest.mark.slow
 def test_debug_shows_the_traceback():
     p = run("remedi/infer_compare.py", "--model_name", "/nonexistent/model", "--prompt", "x", "--debug")
     assert p.returncode == 1 and "Traceback" in p.stderr and "/nonexistent/model" in p.stderr

@@ -26,8 +26,9 @@ from remedi.decoding.sampler import (STRATEGIES, EagerDecoder, SamplerConfig,
                                      generate, layout_batch, select_top_k, threshold_step)
 from remedi.model.llada import KVCache, rope_tables
 
-from .test_fast_decoding import TGRID, _tcfg
-from .test_sampler import GRID, IDS, PROMPTS, Spy, _gens, _model, _scfg
+from tests.helpers.sampler import TGRID, _tcfg
+from tests.helpers.sampler import GRID, IDS, PROMPTS, Spy, _gens, _model, _scfg
+from tests.helpers.sync import SyncSpy, _per_block, _watch  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -211,66 +212,6 @@ def test_graphs_need_a_remedi_model(model):
 
 
 # ------------------------------------------------------------------------------ host synchronisation
-def _has_bool_index(idx) -> bool:
-    items = idx if isinstance(idx, tuple) else (idx,)
-    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in items)
-
-
-class SyncSpy:
-    """Counts every Python-level way a tensor's value reaches the host (each is a device sync on CUDA):
-    item/tolist/cpu/numpy, bool/int/float/index conversions, nonzero, boolean-mask indexing, and
-    torch.tensor (a host-to-device copy when the target is a GPU)."""
-
-    METHODS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__", "nonzero")
-
-    def __init__(self, monkeypatch):
-        self.count, self.names = 0, []
-        for name in self.METHODS:
-            monkeypatch.setattr(torch.Tensor, name, self._counting(getattr(torch.Tensor, name), name))
-        for name in ("__getitem__", "__setitem__"):
-            monkeypatch.setattr(torch.Tensor, name, self._counting(getattr(torch.Tensor, name), name, _has_bool_index))
-        monkeypatch.setattr(torch, "nonzero", self._counting(torch.nonzero, "torch.nonzero"))
-        monkeypatch.setattr(torch, "tensor", self._counting(torch.tensor, "torch.tensor"))
-
-    def _counting(self, fn, name, when=None):
-        def wrapper(*args, **kwargs):
-            if when is None or when(args[1]):
-                self.count += 1
-                self.names.append(name)
-            return fn(*args, **kwargs)
-        return wrapper
-
-
-def _watch(monkeypatch, cls, spy):
-    """Record (event, block, spy count) around each step, still_running and end_block of ``cls``."""
-    events = []
-    for name in ("step", "still_running", "end_block"):
-        orig = getattr(cls, name)
-
-        def wrapped(self, *a, _orig=orig, _name=name, **kw):
-            events.append((_name, self.lo, spy.count))
-            out = _orig(self, *a, **kw)
-            events.append((_name + " done", self.lo, spy.count))
-            return out
-        monkeypatch.setattr(cls, name, wrapped)
-    return events
-
-
-def _per_block(events):
-    """{block start: (syncs from its first step to end_block, syncs inside end_block, steps, still_running)}."""
-    out = {}
-    for ev, lo, c in events:
-        first, end, ended, steps, polls = out.get(lo, (None, None, None, 0, 0))
-        if ev == "step" and first is None:
-            first = c
-        steps += ev == "step"
-        polls += ev == "still_running"
-        if ev == "end_block":
-            end = c
-        if ev == "end_block done":
-            ended = c
-        out[lo] = (first, end, ended, steps, polls)
-    return {lo: (end - first, ended - end, steps, polls) for lo, (first, end, ended, steps, polls) in out.items()}
 
 
 @pytest.mark.parametrize("cache", ["none", "prefix", "dual"])
@@ -359,6 +300,7 @@ def traced_graphs(monkeypatch):
     dict(strategy="margin", threshold=0.3, remask_threshold=0.2, eos_gating=True),
     dict(strategy="llada_random", threshold=0.5, temperature=0.9),
 ])
+@pytest.mark.slow
 def test_captured_step_semantics_equal_eager(model, traced_graphs, cache, kw):
     """The static step replayed as a frozen trace (what a CUDA graph does) equals the eager decoder, in two
     generate calls reusing the same captures (different prompts of the same shape the second time)."""

@@ -61,6 +61,7 @@ def test_docs_show_every_script():
     assert {s for _, s, _ in doc_commands()} == set(_parsers())
 
 
+@pytest.mark.slow
 def test_documented_smoke_build_runs_and_reruns(tmp_path):
     env = {**os.environ, "N_TRAIN": "2000", "PRE_STEPS": "3", "PRE2_STEPS": "3", "UPS_STEPS": "3", "LORA_STEPS": "3",
            "BS": "8", "RUNS": str(tmp_path / "runs"), "DATA": str(tmp_path / "data"), "MODEL_OUT": str(tmp_path / "emb"),

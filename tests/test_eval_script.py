@@ -55,6 +55,7 @@ def _records(out: Path) -> dict:
     return {R.record_key(r): r for r in R.read_results(out / "results.jsonl")}
 
 
+@pytest.mark.slow
 def test_end_to_end_reports(tiny_model_dir, data_file, tmp_path, capsys):
     out = tmp_path / "run"
     summary = script.main(_argv(tiny_model_dir, data_file, out, "--max_samples", "3", "--infer_bs", "2",
@@ -90,6 +91,7 @@ def test_end_to_end_reports(tiny_model_dir, data_file, tmp_path, capsys):
     assert len(b) == 3 and all(a[k]["completion"] == b[k]["completion"] for k in b)
 
 
+@pytest.mark.slow
 def test_resume_skips_finished_items_and_repairs_a_torn_line(tiny_model_dir, data_file, tmp_path, count_generated):
     out = tmp_path / "run"
     argv = _argv(tiny_model_dir, data_file, out, "--sources", "llada_low_confidence,random")
@@ -172,6 +174,7 @@ def test_max_samples_beyond_split_runs_what_exists(tiny_model_dir, data_file, tm
     assert summary["groups"][0]["n"] == 2 and "running the 2 that exist" in summary["note"]
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one(tiny_model_dir, data_file, tmp_path):
     common = ["--model_name", str(tiny_model_dir), "--dataset", str(data_file), *SAMPLING, "--max_samples", "3",
               "--sources", "tps_prob,random", "--temperature", "0.7", "--infer_bs", "2"]

@@ -22,7 +22,8 @@ from remedi.decoding.sampler import (LLADA_STRATEGIES, RANDOM_STRATEGIES, REMASK
                             compile_model, generate, layout_batch)
 from remedi.decoding.reference import _row_logits, score_one
 
-from .test_sampler import GRID, IDS, PROMPTS, FakeModel, Spy, _gens, _model, _scfg
+from tests.helpers.sampler import GRID, IDS, PROMPTS, FakeModel, Spy, _gens, _model, _scfg
+from tests.helpers.sampler import TGRID, _tcfg  # noqa: F401
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -176,6 +177,7 @@ def _embedded():
 EMBEDDED_MODEL_AGREEMENT = 0.65
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["prefix", "dual"])
 def test_cached_modes_agree_with_uncached_embedded_model(mode):
     loaded, s, prompts = _embedded()
@@ -192,6 +194,7 @@ def test_cached_modes_agree_with_uncached_embedded_model(mode):
 
 
 # --------------------------------------------------------------------------------------------- compile
+@pytest.mark.slow
 @pytest.mark.parametrize("graphs", [False, True])
 def test_compile_flag_traces_few_graphs_and_changes_nothing(graphs):
     """--compile with the eager backend (dynamo's tracing and guards without code generation, fast on
@@ -283,20 +286,8 @@ def threshold_ref(model, prompt, cfg: SamplerConfig, g: torch.Generator):
     return (gen[:gen.index(IDS.eos)] if IDS.eos in gen else gen), nfe, per_block, steps
 
 
-# (gen_length, block_length, temperature, cfg_scale, confidence_eos_eot_inf, eos_gating, threshold, remask_threshold)
-TGRID = [
-    (16, 8, 0.0, 0.0, False, False, 0.3, None),
-    (16, 8, 0.0, 0.0, False, True, 0.5, 0.2),
-    (12, 4, 0.8, 0.0, True, False, 0.2, 0.2),
-    (12, 4, 0.0, 1.0, False, True, 0.4, 0.1),
-    (16, 16, 1.0, 0.0, False, False, 0.05, 0.04),
-]
 
 
-def _tcfg(strategy, t, **kw):
-    G, Lb, T, c, ceei, gate, thr, rthr = t
-    return SamplerConfig(strategy=strategy, gen_length=G, block_length=Lb, temperature=T, cfg_scale=c,
-                         confidence_eos_eot_inf=ceei, eos_gating=gate, threshold=thr, remask_threshold=rthr, **kw)
 
 
 @pytest.mark.parametrize("graphs", [False, True])
@@ -435,6 +426,7 @@ def _bench(name):
     return mod
 
 
+@pytest.mark.slow
 def test_bench_sampler_runs_on_cpu(tmp_path):
     """The GPU benchmark's code paths end to end on the tiny config (timings mean nothing here): the
     reference, exact, cached, threshold and static-buffer runs, the steady-state probe, the table, the JSON."""

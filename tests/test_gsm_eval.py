@@ -101,7 +101,7 @@ def test_arith_prompt_is_the_bare_question_as_in_training():
     assert arith.prompt("Ann has 3 pens. How many?") == "Ann has 3 pens. How many?"
     assert D.build_prompt("Q?", "gsm8k", "arith") == "Q?"
     assert D.build_prompt("Q?", "gsm8k", "arith_chat") == "Q?"  # chat: the bare question is the user message
-    spec = D.DatasetSpec("arith", "x.jsonl", "gsm8k")
+    spec = D.ItemSource("arith", "x.jsonl", "gsm8k")
     assert (D.prompt_style(spec, False), D.prompt_style(spec, True)) == ("arith", "arith_chat")
 
 

@@ -35,7 +35,8 @@ from remedi.evaluation import results as R  # noqa: E402
 from remedi.model.loading import EMBEDDED_MODEL  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-TASKS = REPO / "tests" / "lm_eval_tasks"
+TASKS = REPO / "tests" / "lm_eval_tasks"  # the toy HumanEval task; the embedded ones ship in the package
+SHIPPED = REPO / "remedi" / "lm_eval_tasks"
 ARITH_TEST = EMBEDDED_MODEL / "data" / "test.jsonl"
 N_ITEMS = 20
 
@@ -68,7 +69,7 @@ def at_repo_root(monkeypatch):
 @lru_cache(maxsize=1)
 def _task_manager() -> TaskManager:
     """lm-eval's task index with tests/lm_eval_tasks (indexing every built-in task takes seconds: once)."""
-    return TaskManager(include_path=str(TASKS))
+    return TaskManager(include_path=[str(SHIPPED), str(TASKS)])
 
 
 def _lm_eval(model_args: str, task: str, limit=None, **kw) -> dict:
@@ -86,6 +87,7 @@ def _samples(res: dict, task: str) -> dict[str, dict]:
 
 
 # ------------------------------------------------------------------------------ generate_until
+@pytest.mark.slow
 def test_lm_eval_matches_own_eval_on_embedded_model(tmp_path, capsys):
     """Same items, prompts (the bare question), settings (defaults.json: gen 96, block 32, 48 steps, dual
     cache, EOS gating), source tps_prob, greedy: lm-eval's exact match = eval_gsm_math's accuracy."""
@@ -117,6 +119,7 @@ def test_lm_eval_matches_own_eval_on_embedded_model(tmp_path, capsys):
               f"lm-eval side {t_lm:.1f}s")
 
 
+@pytest.mark.slow
 def test_sampling_streams_match_own_eval(tmp_path):
     """temperature 0.8 and the random remask source draw from item_generator(seed, item id) on both sides
     (seed_key=id), at different batch sizes: identical completions."""
@@ -148,6 +151,7 @@ def embedded_lm():
     return H.RemediLM(mc_num=8, default_ups=False)
 
 
+@pytest.mark.slow
 def test_until_and_max_gen_toks(embedded_lm, monkeypatch):
     assert H.capped_lengths(96, 32, 48, None) == (96, 48)
     assert H.capped_lengths(96, 32, 48, 200) == (96, 48)  # never longer than the protocol
@@ -190,6 +194,7 @@ def _exact_elbo(model, mask_id: int, ctx: list[int], cont: list[int]) -> float:
     return -total
 
 
+@pytest.mark.slow
 def test_multiple_choice_ranks_the_right_answer():
     res = _lm_eval("mc_num=8,seed_key=id", "remedi_arith_mc")
     assert res["results"]["remedi_arith_mc"]["acc,none"] == 1.0
@@ -202,15 +207,17 @@ def test_multiple_choice_ranks_the_right_answer():
     assert ll["requests"] == 36 and ll["rows"] == 36 * 8  # mc_num rows per request (L <= mc_num: no extra row)
 
 
+@pytest.mark.slow
 def test_multiple_choice_fails_on_an_untrained_model(tiny_model_dir):
     """The same task on a random-weight model: the ranking is not right everywhere (the task can fail)."""
     res = _lm_eval(f"pretrained={tiny_model_dir},mc_num=8,seed_key=id", "remedi_arith_mc")
     assert res["results"]["remedi_arith_mc"]["acc,none"] < 0.9
 
 
+@pytest.mark.slow
 def test_mc_estimator_exact_for_one_token_and_near_the_elbo(embedded_lm):
     lm, model = embedded_lm, embedded_lm.session.model
-    row = json.loads((TASKS / "data" / "remedi_arith_mc.jsonl").read_text().splitlines()[0])
+    row = json.loads((SHIPPED / "remedi_arith_mc.jsonl").read_text().splitlines()[0])
     ctx, _ = lm._encode_pair(row["context"], " 49")
     tok4 = lm.tokenizer.convert_tokens_to_ids("4")
     with torch.no_grad():  # L = 1: every sample masks the one token, so the estimate is log p exactly
@@ -231,15 +238,6 @@ def test_mc_estimator_exact_for_one_token_and_near_the_elbo(embedded_lm):
         lm.mc_num, lm.mc_batch_size = 8, 32
     assert est3 == pytest.approx(exact3, abs=0.6), (est3, exact3)
     assert est3b == pytest.approx(est3, abs=1e-4)  # other forward batches, same estimate
-
-
-def test_mc_mask_counts_are_stratified():
-    g = torch.Generator().manual_seed(0)
-    for L, n in ((1, 5), (3, 9), (5, 7), (4, 128)):
-        counts = H.mc_mask_counts(L, n, g)
-        assert len(counts) == n and all(1 <= c <= L for c in counts)
-        per = [counts.count(v) for v in range(1, L + 1)]
-        assert max(per) - min(per) <= 1, (L, n, per)  # spread evenly over {1..L}
 
 
 def test_loglikelihood_rolling_is_refused(embedded_lm):
@@ -299,12 +297,13 @@ def _run_files(out: Path) -> tuple[dict, dict, dict]:
     return json.loads(results.read_text()), json.loads(run_log.read_text()), samples
 
 
-LAUNCH = ["--model", "remedi", "--tasks", "remedi_arith,remedi_arith_mc", "--include_path", str(TASKS),
+LAUNCH = ["--model", "remedi", "--tasks", "remedi_arith,remedi_arith_mc",  # shipped: no --include_path
           "--limit", "5", "--log_samples",
           "--model_args", "gen_length=32,block_length=16,steps=16,strategy=random,temperature=0.7,mc_num=4,"
                           "batch_size=2,default_ups=false"]
 
 
+@pytest.mark.slow
 def test_launcher_writes_results_and_run_log(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", sys.argv[:1])
     assert H.main([*LAUNCH, "--output_path", str(tmp_path / "out")]) == 0
@@ -316,6 +315,7 @@ def test_launcher_writes_results_and_run_log(tmp_path, monkeypatch, capsys):
     assert "tokens/forward" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1", "HF_DATASETS_OFFLINE": "1",
            "PYTHONPATH": str(REPO)}
@@ -345,6 +345,7 @@ def test_two_processes_equal_one(tmp_path):
 
 
 # ---------------------------------------------------------------------------- code through lm-eval
+@pytest.mark.slow
 def test_humaneval_task_scored_by_the_project_sandbox(monkeypatch):
     """The local HumanEval-style YAML: completions (a fake sampler's known right/wrong bodies) are cut at the
     task's stop strings and executed in the project's sandbox: pass@1 = 2/3."""
@@ -368,3 +369,65 @@ def test_humaneval_task_scored_by_the_project_sandbox(monkeypatch):
     assert res["results"]["remedi_humaneval"]["pass@1,none"] == pytest.approx(2 / 3)
     resps = {s["doc"]["entry_point"]: s["resps"][0][0] for s in res["samples"]["remedi_humaneval"]}
     assert resps["add"] == "    return a + b\n" and resps["total"] == "    return sum(xs)"
+
+
+# ------------------------------------------------------------------------ the launcher's own checks
+BAD_MODEL_ARGS = [
+    ("stepz=3", "unknown ['stepz']"),
+    ("steps=many", "steps='many': expected int"),
+    ("preset=llada_gsm9k", "preset='llada_gsm9k': choose one of llada_gsm8k"),
+    ("gen_length=4096,block_length=4096,steps=32", "exceeds the model's max_sequence_length 512"),
+    ("pretrained=/nonexistent/model", "pretrained=/nonexistent/model: no such folder"),
+    ("gen_length=96,block_length=40,steps=12", "--block_length 40 must divide --gen_length 96"),
+]
+
+
+@pytest.mark.parametrize("model_args,message", BAD_MODEL_ARGS, ids=[m for m, _ in BAD_MODEL_ARGS])
+def test_bad_model_args_are_one_error_line_before_the_model_loads(model_args, message, monkeypatch, capsys):
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the model_args were checked")
+
+    monkeypatch.setattr(S.Session, "load", no_load)
+    monkeypatch.setattr(sys, "argv", sys.argv[:1])
+    assert H.main(["--tasks", "remedi_arith", "--limit", "1", "--model_args", model_args]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert err[-1].startswith("error: --model_args: ") and message in err[-1], err
+    assert not any("Traceback" in line for line in err)
+
+
+def test_help_names_the_remedi_model_its_args_and_presets(capsys, monkeypatch):
+    from remedi.evaluation.presets import PRESETS
+
+    monkeypatch.setattr(sys, "argv", sys.argv[:1])
+    with pytest.raises(SystemExit) as e:
+        H.main(["run", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--model remedi" in out and "default here: remedi" in out and "mc_num" in out and "pretrained" in out
+    assert all(name in out for name in PRESETS)
+
+
+@pytest.mark.slow
+def test_cli_defaults_model_device_batch_size_and_shipped_tasks(tmp_path, monkeypatch, capsys):
+    """No --model, --device or --include_path, on a CPU: the remedi model, the shipped multiple-choice task,
+    no CUDA warning, the summary's batch size is model_args', and sampler settings on a likelihood-only task
+    warn once."""
+    import logging
+
+    monkeypatch.setattr(sys, "argv", sys.argv[:1])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.chdir(tmp_path)  # the shipped tasks work from any folder
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("remedi.harness").addHandler(handler)
+    try:
+        assert H.main(["--tasks", "remedi_arith_mc", "--limit", "3",
+                       "--model_args", "mc_num=4,batch_size=16,steps=24,default_ups=false"]) == 0
+    finally:
+        logging.getLogger("remedi.harness").removeHandler(handler)
+    out = capsys.readouterr().out
+    assert "remedi (" in out and "batch_size: 16 (16)" in out and "remedi_arith_mc" in out
+    msgs = [r.getMessage() for r in records]
+    assert not any("CUDA is not available" in m for m in msgs)
+    assert sum("only apply to generate_until" in m for m in msgs) == 1 and any("model_args steps" in m for m in msgs)

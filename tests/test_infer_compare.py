@@ -46,6 +46,7 @@ def no_load(monkeypatch):
     monkeypatch.setattr(session, "load_model", boom)
 
 
+@pytest.mark.slow
 def test_end_to_end_with_ups(tiny_model_dir, ups_path, tmp_path, capsys):
     out, traj = tmp_path / "cmp.jsonl", tmp_path / "traj"
     recs = infer_compare.main(["--model_name", str(tiny_model_dir), "--ups_head", str(ups_path),
@@ -93,6 +94,7 @@ def test_default_sources_and_prompts_file(tiny_model_dir, tmp_path):
     assert [r["prompt"] for r in recs] == ["first", "How many apples?", "Give a brief plan"]
 
 
+@pytest.mark.slow
 def test_runs_as_a_file(tiny_model_dir, tmp_path):
     out = tmp_path / "o.jsonl"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -152,7 +154,7 @@ def test_trajectory_facts_and_files(tmp_path):
     from remedi.decoding.sampler import SamplerConfig, generate
     from remedi.decoding.trajectory import analyse, draw_trajectory
 
-    from .test_sampler import FakeModel
+    from tests.helpers.sampler import FakeModel
 
     cfg = SamplerConfig(strategy="tps_prob", steps=4, gen_length=4, block_length=4, record_trajectory=True)
     g = generate(FakeModel(P=2), [[1, 2]], cfg, SpecialIds(mask=7, eos=6, pad=6))[0]
@@ -170,12 +172,13 @@ def test_trajectory_facts_and_files(tmp_path):
                         None, tmp_path / "u.png")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["tps_prob", "llada_low_confidence"])
 def test_trajectory_of_a_gated_generation(tmp_path, strategy):
     from remedi.decoding.sampler import SamplerConfig, generate
     from remedi.decoding.trajectory import analyse, draw_trajectory
 
-    from .test_sampler import IDS, PROMPTS, _model
+    from tests.helpers.sampler import IDS, PROMPTS, _model
 
     cfg = SamplerConfig(strategy=strategy, steps=8, gen_length=16, block_length=8, eos_gating=True,
                         record_trajectory=True)

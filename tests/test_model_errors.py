@@ -8,7 +8,7 @@ import torch
 from remedi.model import checkpoint as C
 from remedi.model.config import LLaDAConfig, get_config
 from remedi.model.llada import RemeDiLM, UPSHead, init_weights
-from tests.test_checkpoint import data_offset, flip_byte
+from tests.helpers.files import data_offset, flip_byte
 
 
 def model(cfg=None, seed=0):

@@ -208,8 +208,8 @@ def test_residual_file_refusals(tmp_path, embedded):
 def test_residual_static_step_reads_nothing_from_the_host(cache):
     """The residual's score runs inside the static step without a host read (what CUDA-graph capture needs):
     zero reads from a block's first step to its end, and the same tokens as the eager decoder."""
-    from tests.test_decoding_graphs import SyncSpy, _per_block, _watch
-    from tests.test_sampler import IDS, PROMPTS, _gens, _model
+    from tests.helpers.sync import SyncSpy, _per_block, _watch
+    from tests.helpers.sampler import IDS, PROMPTS, _gens, _model
     from remedi.decoding.graphs import StaticDecoder
 
     m = _model()

@@ -11,6 +11,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_rl.py"
 
 
+@pytest.mark.slow
 def test_bench_rl_smoke(tmp_path, monkeypatch):
     out = tmp_path / "rl.json"
     monkeypatch.setattr(sys, "argv", [str(BENCH), "--smoke", "--cases", "lora_head,stream,head", "--out", str(out)])

@@ -6,8 +6,8 @@ import torch
 from remedi.rl.loss import StepStats, clean_prefix_cache, step_logprobs, step_loss
 from remedi.rl.policy import grpo_loss
 from remedi.rl.rollout import rollout
-from tests.test_block_causal import make
-from tests.test_rl_rollout import IDS, PROMPTS, cfg, gens
+from tests.helpers.block_causal import make
+from tests.helpers.rl import IDS, PROMPTS, cfg, gens
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -191,7 +191,7 @@ def test_residual_ups_loss_trains_g_and_cached_features_equal_the_recomputed_sco
     recomputed by a loss forward or from the rollout's recorded features, equal the rollout's, and the loss
     gradient reaches g's weights (the same from both paths) and nothing else."""
     from remedi.rl.loss import cached_step_logprobs
-    from tests.test_rl_rollout import residual_for
+    from tests.helpers.rl import residual_for
 
     m = make("head")
     policy = residual_for(m, seed=3, g="attention")

@@ -462,6 +462,7 @@ def train_first_pick(sign: float, iters: int = 150, group: int = 16, seed: int =
     return start, torch.softmax(theta.detach(), -1)[2].item()
 
 
+@pytest.mark.slow
 def test_grpo_loss_learns_to_draw_position_2_first():
     start, end = train_first_pick(+1.0)
     assert start == pytest.approx(1 / 6)

@@ -89,6 +89,7 @@ def _ups_tensors(path):
     return state
 
 
+@pytest.mark.slow
 def test_resume_is_exact(tiny_model_dir, data, ups, tmp_path):
     full = tmp_path / "full"
     r = main(argv(tiny_model_dir, data, ups["head"], full, "--max_updates", "4", "--save_every", "2"))
@@ -126,6 +127,7 @@ def _first_last(xs, n=3):
     return sum(xs[:n]) / n, sum(xs[-n:]) / n
 
 
+@pytest.mark.slow
 def test_the_ups_learns_a_toy_reward_and_its_opposite(tiny_model_dir, data, ups, tmp_path):
     """Remasks are decided by the position policy alone: maximising toy_remasks must raise them, maximising
     toy_no_remasks must lower them (a flipped sign anywhere in rollout -> loss -> step fails one of the two).
@@ -139,6 +141,7 @@ def test_the_ups_learns_a_toy_reward_and_its_opposite(tiny_model_dir, data, ups,
     assert last < 0.5 * first, down
 
 
+@pytest.mark.slow
 def test_lora_learns_a_token_reward(tiny_model_dir, data, ups, tmp_path):
     """toy_even_tokens needs the token policy: with LoRA on the backbone the even fraction rises."""
     even = [x["reward_mean"] for x in _learn(tiny_model_dir, data, ups["head"], tmp_path / "even", "toy_even_tokens",
@@ -147,6 +150,7 @@ def test_lora_learns_a_token_reward(tiny_model_dir, data, ups, tmp_path):
     assert last > first + 0.2, even
 
 
+@pytest.mark.slow
 def test_script_end_to_end_on_the_embedded_model(tmp_path):
     out = tmp_path / "rl"
     r = main(["--device", "cpu", "--output_dir", str(out), "--max_updates", "2", "--group_size", "2",
@@ -245,6 +249,7 @@ def test_exports_from_a_gathered_state_dict_equal_the_direct_ones(arch, train, t
         assert all(torch.equal(la[k], lb[k]) for k in la)
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(tiny_model_dir, data, ups, tmp_path):
     """Two CPU processes (gloo DDP through accelerate, launched with torchrun) split each update's prompts; the
     rollouts are seeded per (update, prompt, group index), so the run equals the single-process one."""

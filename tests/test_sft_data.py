@@ -174,3 +174,55 @@ def test_record_missing_a_field_names_record_and_field(tok):
                               seq_len=200, chat=False, eos_id=EOS, eot_id=EOT, source="x.jsonl")
     assert (len(data.examples), data.n_skipped, data.n_empty) == (1, 1, 1)
     assert "(0 prompt alone too long, 1 with an empty or non-text field)" in data.summary()
+
+
+def test_one_format_inference_for_eval_and_rl(tmp_path):
+    """Evaluation and RL read a dataset's answer format through remedi.tasks.records.infer_format: the first
+    row's fields win over the name, the name decides when the fields do not; RL refuses code formats."""
+    from remedi.evaluation.data import resolve_dataset
+    from remedi.rl.data import answer_format
+    from remedi.tasks.records import infer_format
+
+    assert infer_format("openai/gsm8k") == "gsm8k" and infer_format("HuggingFaceH4/MATH-500") == "math"
+    assert infer_format("gsm_like.jsonl", {"problem": "p", "answer": "1"}) == "math"  # fields first
+    assert infer_format("x.jsonl", {"task_id": 1, "entry_point": "f", "test": "t"}) == "humaneval"
+    assert infer_format("stuff.jsonl", {"q": 1}) is None
+    f = tmp_path / "mystery.jsonl"
+    f.write_text(json.dumps({"problem": "1+1?", "answer": "2"}) + "\n")
+    assert resolve_dataset(str(f)).fmt == answer_format(str(f), [{"problem": "1+1?", "answer": "2"}]) == "math"
+    with pytest.raises(ValueError, match="--format gsm8k or --format math"):
+        answer_format("mbpp", [{"task_id": 1, "test_list": []}])
+    with pytest.raises(ValueError, match="cannot tell"):
+        answer_format("stuff", [{"q": 1}])
+
+
+def test_huge_records_are_dropped_or_cut_before_tokenising(tok, tmp_path):
+    """A 20-million-character record is judged by its length in characters (no token can spell more than the
+    vocabulary's longest string), so it costs no tokenising; the summary and the too-few-examples error name
+    the record and why. A long answer is cut before tokenising and keeps exactly the tokens it had."""
+    import time
+
+    huge = "7 + 8 = 15. " * 1_700_000  # ~20 MB, one line in a .jsonl
+    long_answer = "x y " * 20_000
+    rows = [{"q": huge, "a": "15"}, {"q": "ok?", "a": long_answer}, {"q": "fine?", "a": "yes"}]
+    t0 = time.perf_counter()
+    data = D.tokenize_records(rows, tok, prompt_field="q", answer_fields=("a",), answer_join="", seq_len=40,
+                              chat=False, eos_id=EOS, eot_id=EOT)
+    assert time.perf_counter() - t0 < 5
+    assert (len(data.examples), data.n_skipped, data.n_truncated) == (2, 1, 1)
+    assert data.dropped == [(1, "prompt of 20,400,000 characters, longer than --seq_len 40 tokens")]
+    assert "dropped: record 1 (prompt of 20,400,000 characters" in data.summary()
+    full = list(tok(long_answer, add_special_tokens=False)["input_ids"])
+    kept = data.examples[0].answer_ids
+    assert kept == full[:len(kept)] and len(data.examples[0].prompt_ids) + len(kept) == 40
+
+    # the training script: every record too long -> the step error says they were dropped and why
+    from remedi.train_remask_sft import main as sft_main
+    from tests.conftest import build_model_dir, train_argv
+
+    data_file = tmp_path / "huge.jsonl"
+    data_file.write_text(json.dumps({"question": huge, "answer": "15"}) + "\n")
+    model = build_model_dir(tmp_path / "m")
+    with pytest.raises(ValueError, match=r"0 examples cannot fill one optimiser step .*1 of 1 records dropped; "
+                                         r"dropped: record 1 \(prompt of 20,400,000 characters"):
+        sft_main(train_argv(model, data_file, tmp_path / "out", "--max_steps", "1"))

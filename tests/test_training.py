@@ -312,6 +312,7 @@ def test_non_finite_loss_stops_with_step(tiny_model_dir, data, tmp_path, monkeyp
     assert not (tmp_path / "never.pt").exists()
 
 
+@pytest.mark.slow
 def test_two_processes_data_parallel(tiny_model_dir, data, tmp_path):
     """Two CPU processes (gloo DDP through accelerate), each on its own shard; launched with torchrun, which
     is what `accelerate launch --multi_gpu` runs underneath on GPUs."""

@@ -131,6 +131,7 @@ def test_train_head_moves_only_the_head_and_lowers_the_loss(model):
     assert all(h["auroc_visible"] is None or 0 <= h["auroc_visible"] <= 1 for h in hist)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (EMBEDDED / "data" / "validation.jsonl").is_file(), reason="embedded model not present")
 def test_cli_end_to_end_on_the_embedded_model(tmp_path):
     from remedi.model.checkpoint import read_ups, read_ups_meta

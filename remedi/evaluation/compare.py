@@ -1,8 +1,9 @@
 """Compare confidence sources on the same prompts, side by side (the library of infer_compare.py).
 
 Every check that needs no weights (prompts, sources, lengths against the model's defaults.json) runs
-before :meth:`Session.load`; each prompt's random stream comes from (seed, prompt index) through the session,
-so the same ``--seed`` draws as eval_gsm_math.py does for an item of the same id.
+in :func:`run_compare` before the weights load (``session.check_prompts``); each prompt's random stream
+comes from (seed, prompt index) through the session, so the same ``--seed`` draws as eval_gsm_math.py does
+for an item of the same id.
 """
 from __future__ import annotations
 

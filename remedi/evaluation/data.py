@@ -17,62 +17,35 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 from remedi.model.loading import EMBEDDED_MODEL, encode_prompt
-from remedi.tasks import arith, code, gsm8k, math500
+from remedi.tasks import code, gsm8k
 from remedi.tasks.answer_check import FORMATS as ANSWER_FORMATS
-from remedi.training.data import hub_records, read_records
+# items and prompts belong to the tasks (re-exported: callers import them from here too)
+from remedi.tasks.items import (ARITH, CODE_CHAT_INSTRUCTION, CODE_FORMATS, TASKS, Item,  # noqa: F401
+                                build_prompt, code_rows_to_items, is_code, rows_to_items)
+from remedi.tasks.records import hub_records, infer_format, read_records
 
-ARITH = "arith"
 ARITH_DATA_DIR = EMBEDDED_MODEL / "data"
-TASKS = {gsm8k.FORMAT: gsm8k, math500.FORMAT: math500}
 HUB_SUBSETS = {gsm8k.HUB_ID: gsm8k.HUB_SUBSET}
-CODE_FORMATS = code.FORMATS  # ("humaneval", "mbpp"): scored by sandboxed execution
 FORMATS = (*ANSWER_FORMATS, *CODE_FORMATS)
 CODE_HUB_IDS = {"openai_humaneval": "humaneval", "openai/openai_humaneval": "humaneval", "mbpp": "mbpp",
                 "google-research-datasets/mbpp": "mbpp"}
 CODE_HUB_SUBSETS = {"mbpp": "sanitized"}
 
 
-def is_code(fmt: Optional[str]) -> bool:
-    return fmt in CODE_FORMATS
-
-
 @dataclass(frozen=True)
-class Item:
-    """One eval problem. ``gold`` is the final answer only; ``solution`` the worked answer (few-shot)."""
+class ItemSource:
+    """Where eval items come from (:func:`resolve_dataset`) and which answer format reads them."""
 
-    id: str
-    question: str
-    gold: str
-    solution: Optional[str] = None
-    extra: dict = field(default_factory=dict, compare=False)
-    problem: Optional[dict] = field(default=None, compare=False)  # code formats: the row the tests come from
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
     kind: str  # "hub" | "file" | "arith"
     name: str  # hub id, or the file path
     fmt: str
     subset: Optional[str] = None
     split: str = "test"
-
-
-def _infer_format(name: str) -> Optional[str]:
-    low = name.lower()
-    if "humaneval" in low:
-        return "humaneval"
-    if "mbpp" in low:
-        return "mbpp"
-    if "gsm" in low or ARITH in low:
-        return "gsm8k"
-    if "math" in low:
-        return "math"
-    return None
 
 
 def _local_file(path: Path, split: str) -> Optional[Path]:
@@ -106,20 +79,8 @@ def _first_row(path: Path) -> dict:
     return row
 
 
-def _format_from_fields(row: dict) -> Optional[str]:
-    if "entry_point" in row and "test" in row:
-        return "humaneval"
-    if "test_list" in row:
-        return "mbpp"
-    if "problem" in row:
-        return "math"
-    if "question" in row and "answer" in row:
-        return "gsm8k"
-    return None
-
-
 def resolve_dataset(dataset: Optional[str], subset: Optional[str] = None, split: str = "test",
-                    fmt: Optional[str] = None) -> DatasetSpec:
+                    fmt: Optional[str] = None) -> ItemSource:
     """Decide where items come from and which answer format applies (cheap: reads at most one line)."""
     if fmt is not None and fmt not in FORMATS:
         raise ValueError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
@@ -128,79 +89,31 @@ def resolve_dataset(dataset: Optional[str], subset: Optional[str] = None, split:
         if not path.is_file():
             raise FileNotFoundError(f"the arithmetic task's {split} split {path} does not exist (the embedded model "
                                     "is not built yet?); pass --dataset openai/gsm8k or a local .jsonl")
-        return DatasetSpec(ARITH, str(path), fmt or "gsm8k", None, split)
+        return ItemSource(ARITH, str(path), fmt or "gsm8k", None, split)
     local = _local_file(Path(dataset).expanduser(), split)
     if local is not None:
         row = _first_row(local)
         arith = local.resolve().parent == ARITH_DATA_DIR.resolve() or str(row.get("id", "")).startswith("arith-")
         kind = ARITH if arith else "file"
-        guessed = fmt or _format_from_fields(row) or _infer_format(str(local))
+        guessed = fmt or infer_format(str(local), row)
         if guessed is None:
             raise ValueError(f"cannot tell the answer format of {local}: pass --format gsm8k, math, humaneval "
                              "or mbpp")
-        return DatasetSpec(kind, str(local), guessed, None, split)
+        return ItemSource(kind, str(local), guessed, None, split)
     if dataset in CODE_HUB_IDS:
         guessed = fmt or CODE_HUB_IDS[dataset]
-        return DatasetSpec("hub", dataset, guessed, subset or CODE_HUB_SUBSETS.get(dataset), split)
+        return ItemSource("hub", dataset, guessed, subset or CODE_HUB_SUBSETS.get(dataset), split)
     if dataset.count("/") != 1 or dataset.startswith((".", "/")) or dataset.endswith((".json", ".jsonl")):
         raise FileNotFoundError(f"--dataset {dataset!r} is neither an existing file/folder nor a hub id "
                                 "like openai/gsm8k, HuggingFaceH4/MATH-500, openai_humaneval or mbpp")
-    guessed = fmt or _infer_format(dataset)
+    guessed = fmt or infer_format(dataset)
     if guessed is None:
         raise ValueError(f"cannot tell the answer format of {dataset}: pass --format gsm8k, math, humaneval or mbpp")
     subset = subset or HUB_SUBSETS.get(dataset) or (CODE_HUB_SUBSETS.get("mbpp") if guessed == "mbpp" else None)
-    return DatasetSpec("hub", dataset, guessed, subset, split)
+    return ItemSource("hub", dataset, guessed, subset, split)
 
 
-def code_rows_to_items(rows: Sequence[dict], fmt: str, source: str) -> list[Item]:
-    """Items of a code task: id = task_id, question = the model prompt, problem = the (checked) row."""
-    items, seen = [], set()
-    for i, r in enumerate(rows):
-        iid = str(r["task_id"])
-        if iid in seen:
-            raise ValueError(f"{source}: duplicate task_id {iid!r} (row {i + 1}); ids must be unique")
-        seen.add(iid)
-        keep = ("task_id", "prompt", "test", "entry_point") if fmt == "humaneval" else \
-            ("task_id", "prompt", "test_list", "test_imports")
-        problem = {k: r[k] for k in keep if k in r}
-        gold = r.get("canonical_solution") if fmt == "humaneval" else r.get("code")
-        items.append(Item(iid, code.build_prompt(r, fmt), str(gold or ""), None, {}, problem))
-    return items
-
-
-def rows_to_items(rows: Sequence[dict], fmt: str, split: str, source: str) -> list[Item]:
-    """Map raw rows to Items for ``fmt``; raises naming the fields found when the needed ones are absent."""
-    if not rows:
-        raise ValueError(f"{source} has no rows")
-    if is_code(fmt):
-        return code_rows_to_items(rows, fmt, source)
-    found = sorted(rows[0].keys())
-    task = TASKS[fmt]
-    qkey = next((k for k in task.QUESTION_FIELDS if k in rows[0]), None)
-    akey = task.answer_field(rows[0])
-    if qkey is None or akey is None:
-        need = "question + answer" if fmt == "gsm8k" else "problem + answer (or solution)"
-        raise ValueError(f"{source} lacks the fields --format {fmt} needs ({need}); fields found: {found}")
-    items, seen = [], set()
-    for i, r in enumerate(rows):
-        iid = str(r.get("id", r.get("unique_id", f"{split}-{i:05d}")))
-        if iid in seen:
-            raise ValueError(f"{source}: duplicate item id {iid!r} (row {i}); ids must be unique")
-        seen.add(iid)
-        missing = [k for k in (qkey, akey) if k not in r]
-        if missing:
-            raise ValueError(f"{source}: row {i + 1} lacks the field(s) {missing}; every row needs {qkey!r} and "
-                             f"{akey!r}")
-        if r[akey] is None or not str(r[qkey]).strip():
-            raise ValueError(f"{source}: row {i + 1} has an empty {qkey if not str(r[qkey]).strip() else akey!r}; "
-                             "fix or remove that row")
-        gold, solution = task.gold_and_solution(r, akey)
-        extra = {k: v for k, v in r.items() if k in ("n_ops", "level", "subject", "type")}
-        items.append(Item(iid, str(r[qkey]), gold, solution, extra))
-    return items
-
-
-def load_items(spec: DatasetSpec) -> list[Item]:
+def load_items(spec: ItemSource) -> list[Item]:
     if is_code(spec.fmt):  # remedi.tasks.code reads and checks the rows (hub or local)
         rows = code.load_code_rows(spec.name, spec.fmt, spec.split, spec.subset)
         return code_rows_to_items(rows, spec.fmt, spec.name)
@@ -211,17 +124,17 @@ def load_items(spec: DatasetSpec) -> list[Item]:
     return rows_to_items(rows, spec.fmt, spec.split, src)
 
 
-def fewshot_source(spec: DatasetSpec, fewshot_file: Optional[str]) -> DatasetSpec:
+def fewshot_source(spec: ItemSource, fewshot_file: Optional[str]) -> ItemSource:
     """Where few-shot exemplars come from: --fewshot_file, else the train split of the same dataset."""
     if is_code(spec.fmt):
         raise ValueError(f"--fewshot is not supported for --format {spec.fmt} (code prompts are zero-shot)")
     if fewshot_file:
         return resolve_dataset(fewshot_file, split="train", fmt=spec.fmt)
     if spec.kind == "hub":
-        return DatasetSpec("hub", spec.name, spec.fmt, spec.subset, "train")
+        return ItemSource("hub", spec.name, spec.fmt, spec.subset, "train")
     sibling = Path(spec.name).with_name("train.jsonl")
     if sibling.is_file() and sibling.resolve() != Path(spec.name).resolve():
-        return DatasetSpec(spec.kind, str(sibling), spec.fmt, None, "train")
+        return ItemSource(spec.kind, str(sibling), spec.fmt, None, "train")
     raise ValueError(f"--fewshot needs exemplars: {spec.name} has no train.jsonl beside it; pass --fewshot_file")
 
 
@@ -257,35 +170,11 @@ def select_items(items: Sequence[Item], start: int = 0, max_samples: Optional[in
 
 
 
-def prompt_style(spec: DatasetSpec, chat: bool) -> str:
+def prompt_style(spec: ItemSource, chat: bool) -> str:
     """plain | chat for real datasets; arith | arith_chat (the bare question as the user message) for arith."""
     if spec.kind == ARITH:
         return "arith_chat" if chat else ARITH
     return "chat" if chat else "plain"
-
-
-CODE_CHAT_INSTRUCTION = ("Complete the following Python function. Answer with the complete function in a "
-                         "```python code block.")
-
-
-def build_prompt(question: str, fmt: str, style: str, exemplars: Sequence[Item] = ()) -> str:
-    """The text given to the tokenizer (for chat: the user message, before the chat template)."""
-    if is_code(fmt):
-        if exemplars:
-            raise ValueError(f"--format {fmt}: few-shot prompts are not supported")
-        if fmt == "humaneval" and style == "chat":
-            return f"{CODE_CHAT_INSTRUCTION}\n\n```python\n{question}```"
-        return question
-    shots = "".join(f"Question: {ex.question}\nAnswer: {ex.solution}\n\n" for ex in exemplars)
-    if style == ARITH:
-        return "".join(arith.prompt(ex.question) + f"{ex.solution}\n\n" for ex in exemplars) + arith.prompt(question)
-    if style == "arith_chat":
-        return "".join(arith.prompt(ex.question) + f"{ex.solution}\n\n" for ex in exemplars) + question
-    if style == "chat":
-        return f"{shots}{question}\n{TASKS[fmt].INSTRUCTION}"
-    if style == "plain":
-        return f"{shots}Question: {question}\nAnswer:"
-    raise ValueError(f"unknown prompt style {style!r}")
 
 
 def encode(tokenizer, text: str, style: str) -> tuple[list[int], str]:

@@ -91,7 +91,7 @@ class EvalArgs:
 @dataclass
 class Plan:
     session: Session
-    spec: D.DatasetSpec
+    spec: D.ItemSource
     items: list
     prompts: dict  # item id -> (prompt ids, prompt text)
     sources: list[str]
@@ -147,7 +147,7 @@ def plan_run(m: ModelArgs, s: SamplingArgs, e: EvalArgs) -> Plan:
     return Plan(session, spec, items, prompts, sources, steps, fixed, note)
 
 
-def _default_output_dir(spec: D.DatasetSpec) -> Path:
+def _default_output_dir(spec: D.ItemSource) -> Path:
     name = D.ARITH if spec.kind == D.ARITH else (spec.name.replace("/", "_") if spec.kind == "hub"
                                                  else Path(spec.name).stem)
     return Path("runs") / f"eval-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -202,7 +202,7 @@ def model_title(fixed: dict) -> Optional[str]:
     return out
 
 
-def dataset_title(spec: D.DatasetSpec) -> str:
+def dataset_title(spec: D.ItemSource) -> str:
     """A reader's name for the data (never a machine path)."""
     if spec.kind == D.ARITH:
         return f"arithmetic task ({spec.split} split)"

@@ -1,9 +1,9 @@
-"""Remask-RL prompts: (id, prompt ids, gold answer, format) from the training data readers.
+"""Remask-RL prompts: (id, prompt ids, gold answer, format) from the task modules' rows.
 
-Records come from :func:`remedi.training.data.load_records` (hub datasets, local files, the embedded
+Records come from :func:`remedi.tasks.records.load_records` (hub datasets, local files, the embedded
 model's arithmetic task generated in memory); the question and final answer of each are read by the task
-modules as in evaluation (:func:`remedi.evaluation.data.rows_to_items`); the prompt text is built as the
-evaluation builds it (:func:`remedi.evaluation.data.build_prompt`: the bare question for the arithmetic
+modules as in evaluation (:func:`remedi.tasks.items.rows_to_items`); the prompt text is built as the
+evaluation builds it (:func:`remedi.tasks.items.build_prompt`: the bare question for the arithmetic
 task, the task instruction in a chat turn for Instruct models, "Question: ... Answer:" for Base models),
 so RL trains on the prompts the model is evaluated on. Generated arithmetic problems whose question
 appears in the embedded model's held-out files (data/validation.jsonl, data/test.jsonl) are dropped.
@@ -11,35 +11,33 @@ appears in the embedded model's held-out files (data/validation.jsonl, data/test
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Optional
 
-from remedi.model.loading import default_chat, encode_prompt
+from remedi.model.loading import EMBEDDED_MODEL, default_chat, encode_prompt
 from remedi.rl.rewards import RLItem
+from remedi.tasks.items import build_prompt, rows_to_items
+from remedi.tasks.records import infer_format, load_records, read_records
 
 log = logging.getLogger(__name__)
 
 HELD_OUT_SPLITS = ("validation", "test")
 
 
-def infer_format(dataset: str, rows: list) -> str:
-    low = dataset.lower()
-    if "gsm" in low or low == "arith":
-        return "gsm8k"
-    if "math" in low or (rows and "problem" in rows[0]):
-        return "math"
-    if rows and "question" in rows[0] and "answer" in rows[0]:
-        return "gsm8k"
-    raise ValueError(f"cannot tell the answer format of --dataset {dataset}: pass --format gsm8k or --format math")
+def answer_format(dataset: str, rows: list) -> str:
+    """gsm8k or math for RL's rewards, by :func:`remedi.tasks.records.infer_format` (the first row's fields,
+    else the dataset's name); a code dataset or an unclear one is an error naming --format."""
+    fmt = infer_format(dataset, rows[0] if rows else None)
+    if fmt not in ("gsm8k", "math"):
+        raise ValueError(f"cannot tell the answer format of --dataset {dataset}"
+                         f"{f' (it looks like {fmt}, which RL does not reward)' if fmt else ''}: pass --format "
+                         "gsm8k or --format math")
+    return fmt
 
 
 def _held_out_questions() -> set:
-    from remedi.evaluation.data import ARITH_DATA_DIR
-    from remedi.training.data import read_records
-
     out: set = set()
     for split in HELD_OUT_SPLITS:
-        f = Path(ARITH_DATA_DIR) / f"{split}.jsonl"
+        f = EMBEDDED_MODEL / "data" / f"{split}.jsonl"
         if f.is_file():
             out |= {r["question"] for r in read_records(f)}
     return out
@@ -52,11 +50,8 @@ def load_items(rargs, tokenizer, model_name: str, seed: int, max_prompt_len: Opt
     Prompts longer than ``max_prompt_len`` tokens (max_sequence_length - gen_length) are dropped and
     counted; an empty result is an error.
     """
-    from remedi.evaluation.data import build_prompt, rows_to_items
-    from remedi.training.data import load_records
-
     rows, source = load_records(rargs.dataset, rargs.split, rargs.subset, arith_n=rargs.arith_n, seed=seed)
-    fmt = rargs.format or infer_format(rargs.dataset, rows)
+    fmt = rargs.format or answer_format(rargs.dataset, rows)
     items = rows_to_items(rows, fmt, rargs.split or "train", source)
     arith = rargs.dataset == "arith" or all(it.id.startswith("arith-") for it in items[:1])
     if rargs.dataset == "arith":

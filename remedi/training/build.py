@@ -176,7 +176,9 @@ def load_data(m: ModelArgs, d: DataArgs, t: TrainArgs, spec: ModelSpec, world: i
     steps_per_epoch = per_epoch // t.grad_accum
     if steps_per_epoch < 1:
         raise ValueError(f"{len(data.examples)} examples cannot fill one optimiser step of "
-                         f"{t.batch_size} x {world} processes x {t.grad_accum} accumulation")
+                         f"{t.batch_size} x {world} processes x {t.grad_accum} accumulation"
+                         + (f" ({data.n_skipped} of {data.n_records} records dropped{data.dropped_note(3)})"
+                            if data.n_skipped else ""))
     return TrainData(data, chat, steps_per_epoch, t.max_steps or t.epochs * steps_per_epoch)
 
 
