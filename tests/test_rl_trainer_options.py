@@ -55,12 +55,13 @@ def _grads_after_one_update(args):
 
 
 @pytest.mark.filterwarnings("ignore:Detected call of")
-@pytest.mark.parametrize("tokens", ["sample", "greedy"])
-def test_cached_features_give_the_recomputed_gradient(tokens, tiny_model_dir, data, ups, tmp_path, monkeypatch,
-                                                      clean_accelerate):
-    """--cache_features scores the head from the rollout's hidden states: the same gradient as the loss
-    forward, and no loss forward runs at all."""
-    common = ("--rollout_tokens", tokens, "--kl_coef", "0.1")
+@pytest.mark.parametrize("tokens, layout", [("sample", "block_causal"), ("greedy", "block_causal"),
+                                           ("greedy", "bidirectional")])
+def test_cached_features_give_the_recomputed_gradient(tokens, layout, tiny_model_dir, data, ups, tmp_path,
+                                                      monkeypatch, clean_accelerate):
+    """--cache_features scores the head from the rollout's hidden states: the same gradient (and KL) as the
+    loss forward, and no loss forward runs at all."""
+    common = ("--rollout_tokens", tokens, "--kl_coef", "0.1", "--layout", layout)
     ref, rec_ref = _grads_after_one_update(argv(tiny_model_dir, data, ups["head"], tmp_path / "a", *common))
 
     def no_forward(*a, **k):

@@ -2,15 +2,22 @@
 
 One update (optimiser step), as the RemeDi authors run it (RemeDi, arXiv:2509.23653, Eq. 8):
 
-1. ``prompts_per_update`` prompts, ``group_size`` rollouts each (:func:`remedi.rl.rollout.rollout`), split
-   over processes and ``grad_accum`` chunks of whole groups. Rollout b of prompt p draws from its own
-   generator seeded by (seed, update, prompt id, group index), so a run is the same at any chunking.
-2. Rewards (``--reward``, 0/1 math-verify by default) and group advantages A = (R - mean) / (std + 1e-4).
-3. For each step index i: one forward that re-scores step i of every block (block-causal layout
-   [prompt | final | x_t(i) of every block]; with ``--layout bidirectional`` one row per block, the
-   sampler's view) and one backward of the clipped surrogate (:mod:`remedi.rl.loss`), normalised by the
-   update's number of rollouts per process (DDP averages processes), so the S passes sum to the gradient
-   of the loss.
+1. ``prompts_per_update`` prompts, ``group_size`` rollouts each (:func:`remedi.rl.rollout.rollout`, on the
+   sampler's engine: ``--rollout_tokens``, ``--rollout_positions``, ``--rollout_graphs``), split over
+   processes and ``grad_accum`` chunks of whole groups, and decoded ``--rollout_batch`` rollouts at a time.
+   Rollout b of prompt p draws from its own generator seeded by (seed, update, prompt id, group index), so
+   a run is the same at any chunking or batching. Unless ``--no_greedy_stats``, each prompt is also decoded
+   once with the evaluated decision (greedy tokens, top_k positions): its reward is the ``--advantage
+   greedy`` baseline, its remasks/block the number the rollouts' should stay close to.
+2. Rewards (``--reward``, 0/1 math-verify by default; ``--reward_weight`` for the shaped one) and
+   advantages (:func:`remedi.rl.advantages.advantages`: ``--advantage group`` A = (R - mean) / (std + 1e-4)
+   as the authors, ``loo`` or ``greedy``; ``--credit block``: per-block reward-to-go, (N, nb)).
+3. For each rollout batch and step index i: one forward that re-scores step i of every block (block-causal
+   layout [prompt | final | x_t(i) of every block]; with ``--layout bidirectional`` one row per block, the
+   sampler's view) -- or, with ``--cache_features``, the head UPS on the hidden states the rollout
+   recorded, no forward -- and one backward of the clipped surrogate (:mod:`remedi.rl.loss`), normalised
+   by the update's number of rollouts per process (DDP averages processes), so the passes sum to the
+   gradient of the loss.
 4. Gradient clipping, AdamW step, warm-up schedule. The policy changes once per rollout batch, so the
    ratios are 1 when the gradient is taken (REINFORCE with group baselines, clipping inactive).
 
