@@ -162,3 +162,33 @@ def test_bad_combinations_are_refused_before_the_model_loads(extra, msg, tiny_mo
     with pytest.raises(ValueError, match=msg.replace("(", r"\(").replace("+", r"\+")) as err:
         main(argv(tiny_model_dir, data, ups["head"], tmp_path / "out", *extra))
     assert "\n" not in str(err.value)
+
+
+def test_two_processes_match_one_with_cached_features(tiny_model_dir, data, ups, tmp_path):
+    """--cache_features scores the head outside the DDP wrapper and averages its gradient by hand: two CPU
+    processes (gloo, torchrun) give the single-process update."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    common = ("--max_updates", "2", "--rollout_tokens", "greedy", "--advantage", "loo", "--cache_features",
+              "--rollout_batch", "3", "--reward", "toy_remasks")
+    one = main(argv(tiny_model_dir, data, ups["head"], tmp_path / "one", *common))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           "remedi/train_remask_rl.py", *argv(tiny_model_dir, data, ups["head"], tmp_path / "two", *common)]
+    proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    la, lb = _lines(tmp_path / "one"), _lines(tmp_path / "two")
+    assert [x["update"] for x in lb] == [1, 2]
+    for key in ("reward_mean", "remasks_per_block", "greedy_remasks_per_block", "zero_advantage_share"):
+        assert la[0][key] == pytest.approx(lb[0][key], abs=1e-6), key
+    assert abs(la[0]["grad_norm"] - lb[0]["grad_norm"]) < 1e-4 * la[0]["grad_norm"]
+    a, b = _ups_tensors(Path(one["paths"]["ups"])), _ups_tensors(tmp_path / "two" / "ups.pt")
+    for k in a:
+        if a[k].numel() > 1:  # the output bias: Plackett-Luce is shift-invariant (see test_two_processes_match_one)
+            torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
