@@ -245,24 +245,29 @@ def test_exports_from_a_gathered_state_dict_equal_the_direct_ones(arch, train, t
         assert all(torch.equal(la[k], lb[k]) for k in la)
 
 
-def test_two_processes_match_one(tiny_model_dir, data, ups, tmp_path):
-    """Two CPU processes (gloo DDP through accelerate, launched with torchrun) split each update's prompts; the
-    rollouts are seeded per (update, prompt, group index), so the run equals the single-process one."""
+def run_two_processes(args) -> None:
+    """train_remask_rl.py ``args`` on two CPU processes (gloo DDP through accelerate, launched with torchrun)."""
     import os
     import socket
     import subprocess
     import sys
 
-    common = ["--max_updates", "2", "--prompts_per_update", "2", "--save_every", "1"]
-    one = main(argv(tiny_model_dir, data, ups["head"], tmp_path / "one", *common))
     with socket.socket() as sock:  # a free port: other test runs may share this machine
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           "remedi/train_remask_rl.py", *argv(tiny_model_dir, data, ups["head"], tmp_path / "two", *common)]
+           "remedi/train_remask_rl.py", *args]
     proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=180,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"})
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_two_processes_match_one(tiny_model_dir, data, ups, tmp_path):
+    """Two CPU processes (gloo DDP through accelerate, launched with torchrun) split each update's prompts; the
+    rollouts are seeded per (update, prompt, group index), so the run equals the single-process one."""
+    common = ["--max_updates", "2", "--prompts_per_update", "2", "--save_every", "1"]
+    one = main(argv(tiny_model_dir, data, ups["head"], tmp_path / "one", *common))
+    run_two_processes(argv(tiny_model_dir, data, ups["head"], tmp_path / "two", *common))
     la = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
     lb = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert [x["update"] for x in lb] == [1, 2]

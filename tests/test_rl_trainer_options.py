@@ -11,7 +11,8 @@ import torch
 from remedi.model import loading
 from remedi.rl import loss as L
 from remedi.train_remask_rl import main
-from tests.test_rl_trainer import ROWS, _first_last, _learn, _ups_tensors, argv, make_trainer, ups  # noqa: F401
+from tests.test_rl_trainer import (ROWS, _first_last, _learn, _ups_tensors, argv, make_trainer,  # noqa: F401
+                                  run_two_processes, ups)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -167,22 +168,10 @@ def test_bad_combinations_are_refused_before_the_model_loads(extra, msg, tiny_mo
 def test_two_processes_match_one_with_cached_features(tiny_model_dir, data, ups, tmp_path):
     """--cache_features scores the head outside the DDP wrapper and averages its gradient by hand: two CPU
     processes (gloo, torchrun) give the single-process update."""
-    import os
-    import socket
-    import subprocess
-    import sys
-
     common = ("--max_updates", "2", "--rollout_tokens", "greedy", "--advantage", "loo", "--cache_features",
               "--rollout_batch", "3", "--reward", "toy_remasks")
     one = main(argv(tiny_model_dir, data, ups["head"], tmp_path / "one", *common))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           "remedi/train_remask_rl.py", *argv(tiny_model_dir, data, ups["head"], tmp_path / "two", *common)]
-    proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=180,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_two_processes(argv(tiny_model_dir, data, ups["head"], tmp_path / "two", *common))
     la, lb = _lines(tmp_path / "one"), _lines(tmp_path / "two")
     assert [x["update"] for x in lb] == [1, 2]
     for key in ("reward_mean", "remasks_per_block", "greedy_remasks_per_block", "zero_advantage_share"):
