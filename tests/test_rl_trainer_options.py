@@ -166,10 +166,11 @@ def test_bad_combinations_are_refused_before_the_model_loads(extra, msg, tiny_mo
 
 
 def test_two_processes_match_one_with_cached_features(tiny_model_dir, data, ups, tmp_path):
-    """--cache_features scores the head outside the DDP wrapper and averages its gradient by hand: two CPU
-    processes (gloo, torchrun) give the single-process update."""
+    """--cache_features scores the head outside the DDP wrapper and averages its gradient by hand, and
+    --rollout_graphs decodes with the bare model under DDP: two CPU processes (gloo, torchrun) give the
+    single-process update."""
     common = ("--max_updates", "2", "--rollout_tokens", "greedy", "--advantage", "loo", "--cache_features",
-              "--rollout_batch", "3", "--reward", "toy_remasks")
+              "--rollout_batch", "3", "--reward", "toy_remasks", "--rollout_graphs")
     one = main(argv(tiny_model_dir, data, ups["head"], tmp_path / "one", *common))
     run_two_processes(argv(tiny_model_dir, data, ups["head"], tmp_path / "two", *common))
     la, lb = _lines(tmp_path / "one"), _lines(tmp_path / "two")
