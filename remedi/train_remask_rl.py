@@ -6,6 +6,8 @@ r"""Remask RL: GRPO on the joint token / Plackett-Luce position policy, from a R
         --steps 128 --temperature 1.2 --ups_temperature 1.2 --clip 0.2 --lr 3e-6 --max_updates 100 \
         --save_every 10 --output_dir runs/rl_gsm8k --save_ups_head checkpoints/ups_rl.pt
     accelerate launch --config_file configs/accelerate_ddp.yaml remedi/train_remask_rl.py ...
+    python remedi/train_remask_rl.py --rollout_tokens greedy --ups_temperature 0.05 --advantage loo \
+        --reward math_verify+equation_truth --credit block --probe_temperatures 0.05,0.1,0.3   # the evaluated decision
 
 ``--train ups`` trains the UPS (head or stream) on the frozen backbone; ``--train ups_lora`` adds LoRA
 adapters (new, or continued from --lora_path). ``--layout block_causal`` (default) decodes as the authors'

@@ -6,54 +6,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from remedi.arguments import ModelArgs
-from remedi.model.checkpoint import add_stream, load_pretrained, read_ups, save_ups
-from remedi.model.llada import UPSHead, init_weights
+from remedi.model.checkpoint import read_ups
 from remedi.model import loading
 from remedi.rl import trainer as T
-from remedi.rl.args import RLArgs
 from remedi.train_remask_rl import main
 from remedi.training.runtime import Diverged, NonFiniteLoss
+from tests.helpers.rl_trainer import (ROWS, _first_last, _learn, _ups_tensors, argv, make_trainer,  # noqa: F401
+                                      run_two_processes, ups)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-ROWS = [{"id": f"p{i}", "question": f"Tom has {i} apples and buys {i % 7 + 2} more. How many?",
-         "answer": f"{i} + {i % 7 + 2} = {i + i % 7 + 2}. #### {i + i % 7 + 2}"} for i in range(24)]
-
-
-@pytest.fixture(scope="module")
-def ups(tiny_model_dir, tmp_path_factory):
-    """A head checkpoint (MLP width 32) and a stream checkpoint (taps 0, 2) for the tiny model."""
-    d = tmp_path_factory.mktemp("rl_ups")
-    lm = load_pretrained(tiny_model_dir, dtype=torch.float32)
-    head = UPSHead(lm.config.d_model, 32)
-    init_weights(head, std=0.2, generator=torch.Generator().manual_seed(1))
-    lm.attach_head(head)
-    save_ups(d / "head.pt", lm)
-    lm = load_pretrained(tiny_model_dir, dtype=torch.float32)
-    add_stream(lm, (0, 2))
-    with torch.no_grad():
-        for lin in lm.model.backprop_linears:  # live bridges: the stream also moves the token policy
-            lin.weight.normal_(0, 0.02, generator=torch.Generator().manual_seed(2))
-    save_ups(d / "stream.pt", lm)
-    return {"head": d / "head.pt", "stream": d / "stream.pt"}
-
-
-def argv(model_dir, data, ups_path, out, *extra):
-    return ["--model_name", str(model_dir), "--ups_head", str(ups_path), "--dataset", str(data), "--device", "cpu",
-            "--output_dir", str(out), "--gen_length", "16", "--block_length", "8", "--steps", "8",
-            "--group_size", "4", "--prompts_per_update", "2", "--max_updates", "2", "--lr", "1e-2",
-            "--warmup_steps", "0", "--reward", "toy_even_tokens", *extra]
-
-
-def make_trainer(args):
-    from remedi.arguments import parse_args
-
-    margs, rargs = parse_args([ModelArgs, RLArgs], args)
-    tr = T.RLTrainer(margs, rargs)
-    tr.setup()
-    return tr
 
 
 @pytest.mark.filterwarnings("ignore:Detected call of")  # the optimiser step is replaced by a probe
@@ -84,11 +46,6 @@ def test_gradients_reach_only_the_intended_parameters(arch, train, tiny_model_di
     assert any("lora_B" in n for n in seen) == (train == "ups_lora")
 
 
-def _ups_tensors(path):
-    state, _ = read_ups(path)
-    return state
-
-
 @pytest.mark.slow
 def test_resume_is_exact(tiny_model_dir, data, ups, tmp_path):
     full = tmp_path / "full"
@@ -115,16 +72,6 @@ def test_resume_is_exact(tiny_model_dir, data, ups, tmp_path):
     assert [x["reward_mean"] for x in la] == [x["reward_mean"] for x in lb]
     with pytest.raises(ValueError, match="different arguments"):
         main(argv(tiny_model_dir, data, ups["head"], part, "--max_updates", "4", "--resume", "--clip", "0.3"))
-
-
-def _learn(model_dir, data, ups_path, out, reward, *extra):
-    r = main(argv(model_dir, data, ups_path, out, "--reward", reward, "--max_updates", "14", "--group_size", "8",
-                  "--lr", "5e-2", "--temperature", "1.0", "--ups_temperature", "1.0", *extra))
-    return [json.loads(x) for x in (Path(r["output_dir"]) / "metrics.jsonl").read_text().splitlines()]
-
-
-def _first_last(xs, n=3):
-    return sum(xs[:n]) / n, sum(xs[-n:]) / n
 
 
 @pytest.mark.slow
@@ -253,21 +200,9 @@ def test_exports_from_a_gathered_state_dict_equal_the_direct_ones(arch, train, t
 def test_two_processes_match_one(tiny_model_dir, data, ups, tmp_path):
     """Two CPU processes (gloo DDP through accelerate, launched with torchrun) split each update's prompts; the
     rollouts are seeded per (update, prompt, group index), so the run equals the single-process one."""
-    import os
-    import socket
-    import subprocess
-    import sys
-
     common = ["--max_updates", "2", "--prompts_per_update", "2", "--save_every", "1"]
     one = main(argv(tiny_model_dir, data, ups["head"], tmp_path / "one", *common))
-    with socket.socket() as sock:  # a free port: other test runs may share this machine
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           "remedi/train_remask_rl.py", *argv(tiny_model_dir, data, ups["head"], tmp_path / "two", *common)]
-    proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=180,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_two_processes(argv(tiny_model_dir, data, ups["head"], tmp_path / "two", *common))
     la = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
     lb = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert [x["update"] for x in lb] == [1, 2]

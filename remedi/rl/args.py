@@ -25,6 +25,7 @@ from typing import Optional
 
 from remedi.arguments import arg, fill_defaults
 from remedi.decoding.args import MODEL_DEFAULTS_FILE, model_sampling_defaults
+from remedi.rl.advantages import BASELINES, CREDITS
 from remedi.rl.rewards import REWARDS
 from remedi.tracking import REPORT_TO_HELP
 
@@ -36,6 +37,13 @@ EMBEDDED_DEFAULTS = {"group_size": 4, "prompts_per_update": 2, "max_updates": 4,
                      "layout": "bidirectional"}
 TRAIN_MODES = ("ups", "ups_lora")
 CLIP_MODES = ("separate", "joint")
+ROLLOUT_TOKENS = ("sample", "greedy")
+ROLLOUT_POSITIONS = ("plackett_luce", "top_k")
+BLOCK_PART_REWARDS = frozenset({"math_verify", "equation_truth", "math_verify+equation_truth", "toy_remasks",
+                                "toy_no_remasks"})
+"""Rewards that return per-block parts (``RewardResult.block_reward``), i.e. the ones ``--credit block`` can use."""
+WEIGHTED_REWARDS = frozenset({"math_verify+equation_truth"})
+"""Rewards that read ``--reward_weight`` (lambda of correct + lambda * shaped)."""
 
 
 MODEL_DEFAULTS = {"gen_length": 256, "block_length": 32, "steps": 128}  # library values; defaults.json may override
@@ -74,6 +82,13 @@ class RLArgs:
     max_examples: Optional[int] = arg(None, "use the first N problems only")
     arith_n: int = arg(2000, "--dataset arith: problems generated for training")
     reward: str = arg("math_verify", "reward function: " + ", ".join(sorted(REWARDS)))
+    reward_weight: float = arg(0.5, "lambda of math_verify+equation_truth (correct + lambda x share of true "
+                               "equations; < 1 keeps every right answer above every wrong one)")
+    advantage: str = arg("group", "baseline: group ((R - mean) / std over the group, the authors'), loo (R minus "
+                         "the mean of the group's other rollouts) or greedy (R minus the reward of the item's greedy "
+                         "rollout: the evaluated decision; one extra rollout per prompt)")
+    credit: str = arg("sequence", "sequence (one advantage per rollout) or block (per-block reward-to-go: block j's "
+                      "decisions get the reward of blocks j..end; needs a reward with block parts)")
     # rollouts
     group_size: Optional[int] = auto("group_size", "rollouts per prompt (GRPO group)")
     prompts_per_update: Optional[int] = auto("prompts_per_update", "prompts per optimiser step (all processes)")
@@ -82,6 +97,22 @@ class RLArgs:
     steps: Optional[int] = from_model("steps", "denoising steps per rollout (steps / blocks per block)")
     temperature: float = arg(1.2, "token temperature T_tok")
     ups_temperature: float = arg(1.2, "Plackett-Luce position temperature T_pos")
+    rollout_tokens: str = arg("sample", "sample (at --temperature, the authors') or greedy (argmax, as the eval "
+                              "sampler: only the positions are stochastic)")
+    rollout_positions: str = arg("plackett_luce", "plackett_luce (at --ups_temperature) or top_k (the K_n best "
+                                 "UPS scores, the eval rule: only the tokens are stochastic)")
+    rollout_graphs: bool = arg(False, "roll out on the static-buffer decoder (CUDA graphs on a GPU): the bare "
+                               "model only (not with --train ups_lora or FSDP)")
+    rollout_batch: int = arg(0, "rollouts decoded (and scored by the loss) per batch; 0: all of a --grad_accum "
+                             "chunk at once. Lets thousands of rollouts an update fit in memory")
+    greedy_stats: bool = arg(True, "decode each prompt once more with the eval decision (greedy tokens, top_k "
+                             "positions) per update and log its reward and remasks/block (always on with "
+                             "--advantage greedy; --no_greedy_stats saves 1 / group_size of the rollouts)")
+    probe_temperatures: Optional[str] = arg(None, "comma list of position temperatures (e.g. 0.05,0.1,0.3): "
+                                            "before training, print remasks/block of rollouts at each against the "
+                                            "greedy decode on a few prompts (probe.json)")
+    cache_features: bool = arg(False, "record the hidden states at rollout time and score the head UPS from them "
+                               "(no loss forward; a head UPS on the frozen backbone, --train ups only)")
     layout: Optional[str] = auto("layout", "what a block sees while it is decoded: block_causal (the prompt and "
                                  "finished blocks; the authors' RL, for a model SFT'd in block-diffusion form) or "
                                  "bidirectional (the whole sequence, later blocks masked: the project's sampler, for a "
@@ -139,10 +170,47 @@ class RLArgs:
             (self.arith_n >= 1 and (self.max_examples is None or self.max_examples >= 1),
              "--arith_n/--max_examples must be >= 1"),
             (not self.resume or self.output_dir, "--resume needs the --output_dir of the run to continue"),
+            (self.rollout_tokens in ROLLOUT_TOKENS,
+             f"--rollout_tokens {self.rollout_tokens!r}: choose {' or '.join(ROLLOUT_TOKENS)}"),
+            (self.rollout_positions in ROLLOUT_POSITIONS,
+             f"--rollout_positions {self.rollout_positions!r}: choose {' or '.join(ROLLOUT_POSITIONS)}"),
+            (not (self.rollout_tokens == "greedy" and self.rollout_positions == "top_k"),
+             "--rollout_tokens greedy with --rollout_positions top_k is the deterministic eval decision: nothing "
+             "to learn from; sample the tokens or use --rollout_positions plackett_luce"),
+            (self.advantage in BASELINES, f"--advantage {self.advantage!r}: choose one of {', '.join(BASELINES)}"),
+            (self.credit in CREDITS, f"--credit {self.credit!r}: choose one of {', '.join(CREDITS)}"),
+            (self.credit != "block" or self.reward in BLOCK_PART_REWARDS,
+             f"--credit block needs a reward with per-block parts ({', '.join(sorted(BLOCK_PART_REWARDS))}); "
+             f"--reward {self.reward} has none: use --credit sequence"),
+            (isinstance(self.reward_weight, (int, float)) and 0 <= self.reward_weight < float("inf"),
+             f"--reward_weight must be a number >= 0, got {self.reward_weight}"),
+            (self.reward_weight == 0.5 or self.reward in WEIGHTED_REWARDS,
+             f"--reward_weight is read by {', '.join(sorted(WEIGHTED_REWARDS))} only, not --reward {self.reward}"),
+            (self.rollout_batch >= 0, f"--rollout_batch must be >= 0 (0: a whole chunk), got {self.rollout_batch}"),
+            (not (self.rollout_graphs and self.train == "ups_lora"),
+             "--rollout_graphs runs the bare model's blocks and cannot decode through LoRA adapters that train: "
+             "drop --rollout_graphs or use --train ups"),
+            (not (self.cache_features and self.train != "ups"),
+             "--cache_features needs a frozen backbone (--train ups): with LoRA training the features change "
+             "every update, drop --cache_features"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)
+        self.probe_temperature_list()  # checked here, before any model loads
+
+    def probe_temperature_list(self) -> list[float]:
+        """--probe_temperatures as floats (empty when not given); each must be > 0."""
+        if not self.probe_temperatures:
+            return []
+        try:
+            out = [float(t) for t in self.probe_temperatures.split(",") if t.strip()]
+        except ValueError:
+            raise ValueError(f"--probe_temperatures {self.probe_temperatures!r}: a comma list of numbers, e.g. "
+                             "0.05,0.1,0.3") from None
+        if not out or any(not (0 < t < float("inf")) for t in out):
+            raise ValueError(f"--probe_temperatures {self.probe_temperatures!r}: every temperature must be > 0")
+        return out
 
     def resolve(self, model_dir: str | Path, embedded: bool) -> dict[str, str]:
         """Fill the ``None`` fields (see the module docstring) with the reader every script uses
@@ -166,9 +234,11 @@ class RLArgs:
         for name in ("group_size", "prompts_per_update", "max_updates"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        if self.group_size < 2:
-            raise ValueError("--group_size must be >= 2: a group of one has no baseline (its advantage is 0)")
+        if self.group_size < 2 and self.advantage != "greedy":
+            raise ValueError(f"--advantage {self.advantage} needs --group_size >= 2: a group of one has no baseline "
+                             "(its advantage is 0); raise --group_size or use --advantage greedy")
         if self.lr <= 0 or (self.lr_lora is not None and self.lr_lora <= 0):
             raise ValueError("--lr / --lr_lora must be > 0")
         if self.warmup_steps < 0:
             raise ValueError("--warmup_steps must be >= 0")
+

@@ -2,9 +2,13 @@
 
     python -m remedi.rl.plots runs/train_remask_rl-.../metrics.jsonl --out curves.png
 
-Left: mean reward over the update's rollouts (band: +- one standard error of that mean) and the fraction
-answered correctly (the same curve for a 0/1 reward, drawn dashed on top). Right: what the position
-policy does: remasks per block and the entropy of its first Plackett-Luce draw.
+Left: mean reward over the update's rollouts (band: +- one standard error of that mean), the fraction
+answered correctly (the same curve for a 0/1 reward, drawn dashed on top), and where logged the greedy
+decode's (the evaluated decision's) reward and accuracy, the share of true equations and the share of
+groups whose advantages are all zero. Right: what the position policy does: remasks per block in the
+rollouts and in the greedy decode (close together when the rollouts train the evaluated policy), the
+entropy of its Plackett-Luce draws, and the share of remasked positions that get the same token back.
+Rollouts per second go in the title of the right panel.
 """
 from __future__ import annotations
 
@@ -37,6 +41,12 @@ def plot_curves(rows: Sequence[dict], out, title: str = "Remask RL") -> Path:
                     label="+- 1 standard error")
     ax.plot(u, [r["accuracy"] for r in rows], marker="x" if marker else None, linestyle="--",
             label="accuracy (answer correct)")
+    for key, style, label in (("greedy_reward_mean", "-.", "greedy decode: reward"),
+                              ("greedy_accuracy", ":", "greedy decode: accuracy"),
+                              ("equation_truth", "-", "share of true equations"),
+                              ("zero_advantage_share", ":", "groups with zero advantage")):
+        if all(key in r for r in rows):
+            ax.plot(u, [r[key] for r in rows], linestyle=style, label=label, alpha=0.8)
     ax.set_xlabel("update (optimiser step)")
     ax.set_ylabel("per rollout")
     ax.set_title("reward and accuracy of the rollouts")
@@ -45,13 +55,22 @@ def plot_curves(rows: Sequence[dict], out, title: str = "Remask RL") -> Path:
     for a in (ax, bx):
         a.xaxis.set_major_locator(MaxNLocator(integer=True))
     bx.plot(u, [r["remasks_per_block"] for r in rows], marker=marker, color="tab:red", label="remasks / block")
+    if all("greedy_remasks_per_block" in r for r in rows):
+        bx.plot(u, [r["greedy_remasks_per_block"] for r in rows], marker=marker, color="tab:red", linestyle="--",
+                alpha=0.7, label="remasks / block, greedy decode")
     bx.set_xlabel("update (optimiser step)")
     bx.set_ylabel("remasks per block", color="tab:red")
-    bx.set_title("position policy")
+    speed = [r["rollouts_per_s"] for r in rows if "rollouts_per_s" in r]
+    bx.set_title("position policy" + (f" ({sum(speed) / len(speed):.2f} rollouts/s)" if speed else ""))
     bx.grid(alpha=0.3)
     cx = bx.twinx()
     cx.plot(u, [r["pl_entropy"] for r in rows], marker=marker, color="tab:green", label="PL entropy")
-    cx.set_ylabel("entropy of softmax(h / T_pos) (nats)", color="tab:green")
+    if all("same_token_recommit_share" in r for r in rows):
+        cx.plot(u, [r["same_token_recommit_share"] for r in rows], color="tab:purple", linestyle=":",
+                label="same-token re-commit share")
+    cx.set_ylabel("PL entropy (nats) / share", color="tab:green")
+    handles = [h for a in (bx, cx) for h in a.get_legend_handles_labels()[0]]
+    bx.legend(handles, [h.get_label() for h in handles], fontsize=8)
     from remedi.evaluation.plots import no_paths
 
     fig.suptitle(no_paths(title))

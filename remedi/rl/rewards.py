@@ -13,7 +13,7 @@ A reward function maps a batch of finished rollouts to one scalar per rollout:
   arithmetic task) compares the final number exactly, ``math`` compares the last boxed answer with
   math-verify.
 * ``toy_remasks`` / ``toy_no_remasks`` (tests, diagnostics): the number of remasks per block over the
-  block length, or one minus it. Only the position policy decides remasks, so a UPS learns either in a
+  block length, or one minus it (per-block parts: each block's share, for ``--credit block``). Only the position policy decides remasks, so a UPS learns either in a
   few updates (rank masked positions above visible ones, or the reverse); the pair is the loop's sign test.
 * ``toy_even_tokens``: the fraction of generated positions holding an even token id. The UPS cannot see a
   masked position's candidate, so this is learned by the token policy (``--train ups_lora``).
@@ -142,14 +142,17 @@ def math_verify_reward(batch: RolloutBatch, items: Sequence[RLItem], ctx: Reward
 
 @register_reward("toy_remasks")
 def remasks_reward(batch: RolloutBatch, items: Sequence[RLItem], ctx: RewardContext) -> RewardResult:
-    r = (batch.remasks.float().mean(1) / batch.states.shape[-1]).cpu()  # (N,)
-    return RewardResult(r, r > 0)
+    part = (batch.remasks.float() / (batch.states.shape[-1] * batch.remasks.shape[1])).cpu()  # (N, nb)
+    r = part.sum(1)  # (N,): remasks per block / Lb
+    return RewardResult(r, r > 0, block_reward=part)
 
 
 @register_reward("toy_no_remasks")
 def no_remasks_reward(batch: RolloutBatch, items: Sequence[RLItem], ctx: RewardContext) -> RewardResult:
-    r = 1 - (batch.remasks.float().mean(1) / batch.states.shape[-1]).cpu()  # (N,)
-    return RewardResult(r, r >= 1.0)
+    nb = batch.remasks.shape[1]
+    part = (1 - batch.remasks.float() / batch.states.shape[-1]).cpu() / nb  # (N, nb)
+    r = part.sum(1)  # (N,)
+    return RewardResult(r, r >= 1.0, block_reward=part)
 
 
 @register_reward("toy_even_tokens")
