@@ -49,7 +49,7 @@ class GreedyObjective:
     batch_size: int = 512
 
     def encode(self, items: Sequence[D.Item]) -> list[list[int]]:
-        style = D.prompt_style(D.DatasetSpec(D.ARITH, D.ARITH, "gsm8k", None, "train"), self.session.chat)
+        style = "arith_chat" if self.session.chat else D.ARITH  # the arithmetic task's prompt style
         return [D.encode(self.session.tokenizer, D.build_prompt(it.question, "gsm8k", style), style)[0]
                 for it in items]
 
