@@ -1,8 +1,8 @@
 """Static-buffer decoding and CUDA graphs for the block sampler (``SamplerConfig.graphs``).
 
-Why: a cached LLaDA-8B step at batch 1 computes 32 tokens, about one read of the 16 GB of weights (~4 ms
-on an H200), yet the eager step took 18 ms: hundreds of kernel launches and a host synchronisation per
-step left the GPU idle 70% of the time. A CUDA graph replays a whole step with one launch; capturing one
+Why: a cached LLaDA-8B step at batch 1 computes 32 tokens, about one read of the 16 GB of weights, yet
+the eager step is launch-bound: hundreds of kernel launches and a host synchronisation per step leave the
+GPU idle most of the time (BENCHMARKS.md has the measurements). A CUDA graph replays a whole step with one launch; capturing one
 needs every tensor of the step at a fixed address with a fixed shape, and no host sync inside.
 
 What is static (one :class:`StaticDecoder` per model and (batch, prompt and block lengths, flags that

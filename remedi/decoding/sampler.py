@@ -34,8 +34,7 @@ token for token):
   temperature > 0, then uniform confidences of shape (block_length,) in float64 for the random
   strategies. Hence a row gives the same output alone or in any batch, and temperature 0 with a
   deterministic strategy draws nothing (independent of the seed).
-* "The same alone or in any batch" is exact in float32 (tested on CPU; 8/8 rows identical on an H100 with
-  LLaDA-8B in float32). In bfloat16 it holds only up to rounding: padding and batch size change the
+* "The same alone or in any batch" is exact in float32 (tested on CPU; the GPU check is in BENCHMARKS.md). In bfloat16 it holds only up to rounding: padding and batch size change the
   kernels' summation order, logits move by a few bf16 ulps, and near-ties can flip a token, after which
   the row diverges (a random-weight 8B in bf16 agreed on ~90% of argmaxes and on 0/8 whole rows). For
   bit-reproducible evaluations in bf16 keep the batch size fixed (or 1).

@@ -408,8 +408,8 @@ class RemeDiLM(nn.Module):
     def compile_blocks(self, **kwargs) -> "RemeDiLM":
         """torch.compile every transformer block (backbone and stream) in place.
 
-        Blocks of one class share compiled code, so this costs one compilation per input shape. On an
-        H200 it lifted an 8B forward from 47% to 67% of the matmul rate at batch 1 (BENCHMARKS.md).
+        Blocks of one class share compiled code, so this costs one compilation per input shape. What it
+        gains on a GPU is measured in BENCHMARKS.md.
         """
         blocks = list(self.model.transformer.blocks) + list(getattr(self.model, "blocks_upm", []))
         for blk in blocks:

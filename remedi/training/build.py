@@ -284,8 +284,7 @@ def build_model(m: ModelArgs, t: TrainArgs, p: Plan, spec: ModelSpec, device: to
 
 def adamw(groups: list[dict], **kwargs) -> torch.optim.AdamW:
     """AdamW over parameter groups; the fused kernel when every parameter is on a GPU (one launch for all of
-    them instead of several per tensor: on an H200 the stream UPS's 940M float32 parameters spent 20 ms a step
-    in the default kernels). Same update rule; CPU runs keep the default, so their numbers do not change."""
+    them instead of several per tensor; BENCHMARKS.md has the measured difference for the stream UPS). Same update rule; CPU runs keep the default, so their numbers do not change."""
     params = [q for g in groups for q in g["params"]]
     fused = bool(params) and all(q.is_cuda for q in params)
     return torch.optim.AdamW(groups, fused=True if fused else None, **kwargs)
