@@ -1,6 +1,6 @@
 """The package's layering (issue 19): no import runs up a floor and none closes a cycle, checked with
 scripts/import_map.py -- and that checker does catch a planted upward import, a lazy cycle and an unplaced
-module in a tiny fake package."""
+module in a tiny fake package; README names the floors in their order."""
 import importlib.util
 from pathlib import Path
 
@@ -66,3 +66,9 @@ def test_the_checker_names_a_module_on_no_floor(tmp_path):
     root = _package(tmp_path, {"attic/x.py": "from remedi.model import a\n", "model/a.py": ""})
     assert import_map.problems(root=root) == ["remedi.attic: floor 'attic' is not in FLOORS",
                                               "remedi.attic.x: floor 'attic' is not in FLOORS"]
+
+
+def test_readme_names_the_floors_in_order():
+    floors = " → ".join(", ".join(f"`{n}`" for n in names) for names in import_map.FLOORS[:-1]) + " → scripts"
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert floors in readme, f"README's 'How the code is organised' should say the arrows run: {floors}"
