@@ -1,4 +1,4 @@
-"""The residual UPS (remedi.policy): a zero residual is its anchor token for token, features match a slow
+"""The residual UPS (remedi.model.residual): a zero residual is its anchor token for token, features match a slow
 reference, the file round-trips through save_ups/load_ups (head and stream, 8B-like shapes), old files load."""
 import dataclasses
 import json
