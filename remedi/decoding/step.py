@@ -357,7 +357,7 @@ def threshold_step(cfg: SamplerConfig, score: torch.Tensor, masked: torch.Tensor
 
 def ups_scorer(model):
     """The scorer a model carries for the ``ups`` source (``model.ups_policy``: a residual UPS or the slip
-    oracle of :mod:`remedi.policy`), or None. Looks through DDP/FSDP-style ``module`` wrappers."""
+    oracle of :mod:`remedi.policy.slip`), or None. Looks through DDP/FSDP-style ``module`` wrappers."""
     return getattr(getattr(model, "module", model), "ups_policy", None)
 
 
