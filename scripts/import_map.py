@@ -2,6 +2,9 @@
 
     python scripts/import_map.py            # the floor-to-floor arrows, then the problems (exit 1 if any)
 
+tests/test_layering.py runs :func:`problems` on the package (and on a planted bad package: ``root`` names
+the package folder to read, ``remedi/`` by default).
+
 A floor is a top-level module or sub-package of ``remedi``. FLOORS lists them bottom first: a module may
 import from its own floor or any floor below it. Imports inside functions count too (a lazy import is
 still a dependency); ``if TYPE_CHECKING:`` blocks do not.
@@ -12,6 +15,7 @@ import ast
 import sys
 from collections import defaultdict
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1] / "remedi"
 
@@ -22,9 +26,10 @@ FLOORS: list[tuple[str, ...]] = [
     ("arguments",),
     ("decoding",),
     ("training", "tracking"),
-    ("policy",),
     ("session",),
     ("evaluation", "rl"),
+    ("policy",),
+    ("lm_eval_tasks",),
     ("harness",),
     ("train_remask_sft", "train_remask_lora", "train_remask_rl", "infer_compare", "eval_gsm_math", "cli",
      "__init__", "__main__"),
@@ -43,8 +48,9 @@ def _type_checking(node: ast.If) -> bool:
         isinstance(t, ast.Attribute) and t.attr == "TYPE_CHECKING")
 
 
-def imports(path: Path, module: str, known: set[str]) -> set[str]:
-    """Absolute names of the remedi modules ``path`` imports (``from pkg import sub`` counts as ``pkg.sub``)."""
+def imports(path: Path, module: str, known: set[str], top: str = "remedi") -> set[str]:
+    """Absolute names of the ``top`` package's modules ``path`` imports (``from pkg import sub`` counts as
+    ``pkg.sub``)."""
     tree = ast.parse(path.read_text(), str(path))
     skip = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and _type_checking(node)
             for n in ast.walk(node)}
@@ -54,32 +60,37 @@ def imports(path: Path, module: str, known: set[str]) -> set[str]:
         if id(node) in skip:
             continue
         if isinstance(node, ast.Import):
-            out |= {a.name for a in node.names if a.name.split(".")[0] == "remedi"}
+            out |= {a.name for a in node.names if a.name.split(".")[0] == top}
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = pkg.split(".")[: len(pkg.split(".")) - node.level + 1]
                 name = ".".join(base + ([node.module] if node.module else []))
             else:
                 name = node.module or ""
-            if name.split(".")[0] == "remedi":
+            if name.split(".")[0] == top:
                 subs = {f"{name}.{a.name}" for a in node.names}
                 out |= subs if all(s in known for s in subs) else subs | {name}
     return out
 
 
-def module_graph() -> dict[str, set[str]]:
+def module_graph(root: Path = ROOT) -> dict[str, set[str]]:
+    """module -> the package modules it imports, for every module under the package folder ``root``."""
     mods = {}
-    for p in sorted(ROOT.rglob("*.py")):
-        rel = p.relative_to(ROOT.parent).with_suffix("")
+    for p in sorted(root.rglob("*.py")):
+        rel = p.relative_to(root.parent).with_suffix("")
         name = ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
         mods[name] = p
     graph = {}
     for name, p in mods.items():
-        graph[name] = {m for m in imports(p, name, set(mods)) if m in mods and m != name}
+        graph[name] = {m for m in imports(p, name, set(mods), root.name) if m in mods and m != name}
     return graph
 
 
-def problems(graph: dict[str, set[str]]) -> list[str]:
+def problems(graph: Optional[dict[str, set[str]]] = None, root: Path = ROOT) -> list[str]:
+    """Every module on no floor, arrow that runs up (``up: a -> b``) and import cycle (``cycle: a <-> b``) of
+    ``graph`` (default: :func:`module_graph` of ``root``); empty when the layering holds."""
+    if graph is None:
+        graph = module_graph(root)
     out = []
     for a, targets in graph.items():
         fa = floor_of(a)
@@ -112,7 +123,7 @@ def problems(graph: dict[str, set[str]]) -> list[str]:
                 comp.append(w)
                 if w == v:
                     break
-            pkgs = {c for c in comp if (ROOT.parent / Path(*c.split("."), "__init__.py")).is_file()}
+            pkgs = {c for c in comp if (root.parent / Path(*c.split("."), "__init__.py")).is_file()}
             real = [c for c in comp if c not in pkgs]
             if len(real) > 1:
                 cycles.append(sorted(real))

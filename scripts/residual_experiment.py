@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from remedi.arguments import arg, parse_args, run_main, setup_logging  # noqa: E402
 from remedi.files import append_jsonl, read_jsonl, write_json_atomic  # noqa: E402
-from remedi.policy.residual import DEFAULT_FEATURES  # noqa: E402
+from remedi.model.residual import DEFAULT_FEATURES  # noqa: E402
 
 log = logging.getLogger("residual_experiment")
 REPO = Path(__file__).resolve().parents[1]
@@ -99,8 +99,8 @@ def run_search(a: ExperimentArgs, variant: str, deadline: Optional[float]) -> No
 
 def policies(a: ExperimentArgs, session, tokenizer) -> dict:
     """name -> (sampler source, policy or None) for every row of the table that can run now."""
-    from remedi.model.checkpoint import read_ups
-    from remedi.policy.residual import build_residual, new_residual
+    from remedi.model.checkpoint import build_residual, read_ups
+    from remedi.model.residual import new_residual
     from remedi.policy.slip import SlipOracle
 
     model = session.model
@@ -140,7 +140,7 @@ def run_eval(a: ExperimentArgs, deadline: Optional[float]) -> Optional[dict]:
     from remedi.decoding.args import SamplingArgs
     from remedi.evaluation import data as D
     from remedi.evaluation.results import make_record
-    from remedi.policy.residual import attach_policy
+    from remedi.model.residual import attach_policy
     from remedi.session import open_session
 
     out = Path(a.out)

@@ -1,4 +1,4 @@
-"""The residual UPS (remedi.policy): a zero residual is its anchor token for token, features match a slow
+"""The residual UPS (remedi.model.residual): a zero residual is its anchor token for token, features match a slow
 reference, the file round-trips through save_ups/load_ups (head and stream, 8B-like shapes), old files load."""
 import dataclasses
 import json
@@ -11,9 +11,9 @@ from remedi.model.checkpoint import load_ups, read_ups_meta, save_ups
 from remedi.model.config import get_config
 from remedi.model.llada import RemeDiLM, UPSHead, init_weights
 from remedi.model.loading import EMBEDDED_MODEL, load_for_inference
-from remedi.policy.features import (FEATURES, TYPE_DIGIT, TYPE_EQUALS, TYPE_SPACE, step_features,
+from remedi.model.features import (FEATURES, TYPE_DIGIT, TYPE_EQUALS, TYPE_SPACE, step_features,
                                     step_features_reference, token_types)
-from remedi.policy.residual import ResidualUPS, attach_policy, new_residual
+from remedi.model.residual import ResidualUPS, attach_policy, new_residual
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

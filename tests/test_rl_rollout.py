@@ -259,7 +259,7 @@ def test_residual_static_rollout_equals_eager(layout, cache):
 
 
 def test_unmask_only_residual_has_no_plackett_luce_rollout():
-    from remedi.policy.residual import ResidualUPS, attach_policy
+    from remedi.model.residual import ResidualUPS, attach_policy
 
     m = make("head")
     attach_policy(m, ResidualUPS(m.config.d_model, torch.zeros(m.config.vocab_size), unmask_only=True))

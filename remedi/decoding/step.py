@@ -7,10 +7,10 @@ every public name here, so ``from remedi.decoding.sampler import SamplerConfig, 
 
 What a step computes for the block ``cur``: a forward (:func:`block_forward`, or the static forward),
 the prepared logits, candidate tokens, then :func:`decide` -- the scores of every position
-(:func:`position_scores`) and the selection rule that turns scores into the next block state. The
-selection rule is the eval one (deterministic top-K_n, :func:`select_top_k` / :func:`rank_select`) unless
-a :class:`~remedi.decoding.rules.PolicyRule` is given (Remask RL rollouts: Plackett-Luce over the UPS
-logits; see :mod:`remedi.decoding.rules`).
+(:func:`position_scores`, which lives in :mod:`remedi.model.scores` so the residual UPS reads it too) and the
+selection rule that turns scores into the next block state. The selection rule is the eval one (deterministic
+top-K_n, :func:`select_top_k` / :func:`rank_select`) unless a :class:`PolicyRule` is given (Remask RL
+rollouts: Plackett-Luce over the UPS logits; see :func:`policy_decide`).
 """
 from __future__ import annotations
 
@@ -22,11 +22,11 @@ import torch
 from remedi.model.block_causal import prefix_mask
 from remedi.model.kv_cache import EagerUpdateCache, GrowingKVCache, KVCache
 from remedi.model.loading import SpecialIds
+from remedi.model.scores import RANDOM_STRATEGIES, position_scores  # noqa: F401  (re-exported)
 
 STRATEGIES = ("llada_low_confidence", "llada_random", "ups", "tps_prob", "margin", "entropy", "random")
 LLADA_STRATEGIES = ("llada_low_confidence", "llada_random")
 REMASK_STRATEGIES = ("ups", "tps_prob", "margin", "entropy", "random")
-RANDOM_STRATEGIES = ("llada_random", "random")
 CACHE_MODES = ("none", "prefix", "dual")
 LAYOUTS = ("bidirectional", "block_causal")
 
@@ -296,25 +296,6 @@ def eos_eot_candidates(x0: torch.Tensor, ids: SpecialIds) -> torch.Tensor:
     return hit
 
 
-def position_scores(strategy: str, logits: torch.Tensor, tokens: torch.Tensor, ups: Optional[torch.Tensor],
-                    rand: Optional[torch.Tensor]) -> torch.Tensor:
-    """(B, Lb) float64 score of ``tokens`` (candidate or current token) at each position."""
-    if strategy in RANDOM_STRATEGIES:
-        return rand
-    if strategy == "ups":
-        return torch.sigmoid(ups.double())
-    logp = torch.log_softmax(logits.double(), -1)  # (B, Lb, V)
-    if strategy in ("tps_prob", "llada_low_confidence"):
-        return logp.gather(-1, tokens[..., None]).squeeze(-1).exp()
-    p = logp.exp()
-    if strategy == "margin":
-        top = p.topk(2, dim=-1).values
-        return top[..., 0] - top[..., 1]
-    if strategy == "entropy":
-        return torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1)  # minus the entropy
-    raise ValueError(f"unknown strategy {strategy!r}")
-
-
 def select_top_k(scores: torch.Tensor, eligible: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """Bool (B, Lb): the k[b] highest-scoring eligible positions of each row (ties: earlier position).
 
@@ -376,7 +357,7 @@ def threshold_step(cfg: SamplerConfig, score: torch.Tensor, masked: torch.Tensor
 
 def ups_scorer(model):
     """The scorer a model carries for the ``ups`` source (``model.ups_policy``: a residual UPS or the slip
-    oracle of :mod:`remedi.policy`), or None. Looks through DDP/FSDP-style ``module`` wrappers."""
+    oracle of :mod:`remedi.policy.slip`), or None. Looks through DDP/FSDP-style ``module`` wrappers."""
     return getattr(getattr(model, "module", model), "ups_policy", None)
 
 
@@ -514,7 +495,7 @@ def policy_decide(rule: PolicyRule, ids: SpecialIds, logits: torch.Tensor, ups: 
     scorer (:func:`ups_scorer`, a residual UPS): the positions are ranked by its score s = anchor + g(features)
     of the step's tokens instead of h (z = s / T_pos for PL, s itself for top_k: then the choice of the eval
     sampler with the same scorer), in float64; ``ups`` records s, and ``features`` / ``anchor`` record what
-    s was computed from (:meth:`~remedi.policy.residual.ResidualUPS.step_inputs`), so the loss can rescore
+    s was computed from (:meth:`~remedi.model.residual.ResidualUPS.step_inputs`), so the loss can rescore
     the recorded steps with g's current weights without a forward (the backbone and base UPS are frozen).
     """
     B, Lb = cur.shape

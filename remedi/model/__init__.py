@@ -1,1 +1,1 @@
-"""The model: LLaDA config and backbone, the UPS (head and stream), checkpoints, and the one loader."""
+"""The model: LLaDA config and backbone, the UPS (head, stream, residual policy), checkpoints, and the one loader."""

@@ -35,6 +35,7 @@ from safetensors.torch import save_file
 from remedi.files import atomic_path
 from remedi.model.config import LLaDAConfig
 from remedi.model.llada import RemeDiLM, UPSHead
+from remedi.model.residual import ResidualUPS
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +226,7 @@ def ups_state(model: RemeDiLM) -> tuple[dict[str, torch.Tensor], dict[str, Any]]
     meta.update(hidden_size=cfg.d_model, n_layers=cfg.n_layers, vocab_size=cfg.vocab_size,
                 mask_token_id=cfg.mask_token_id, eos_token_id=cfg.eos_token_id)
     policy = getattr(model, "ups_policy", None)
-    if policy is not None and hasattr(policy, "spec"):  # a residual UPS on top (remedi.policy.residual)
+    if policy is not None and hasattr(policy, "spec"):  # a residual UPS on top (remedi.model.residual)
         state.update({f"ups_policy.{k}": v for k, v in policy.state_dict().items()})
         meta.update(kind="residual", residual=policy.spec())
     return state, meta
@@ -562,9 +563,7 @@ def load_ups(path: str | os.PathLike, model: RemeDiLM) -> dict[str, Any]:
     state, meta = read_ups(path)
     ref = next(model.parameters())
     policy = None
-    if meta.get("kind") == "residual":  # checked here, attached after the base UPS (remedi.policy.residual)
-        from remedi.policy.residual import build_residual
-
+    if meta.get("kind") == "residual":  # checked here, attached after the base UPS (remedi.model.residual)
         pol = {k.removeprefix("ups_policy."): state.pop(k) for k in sorted(state) if k.startswith("ups_policy.")}
         policy = build_residual(meta.get("residual"), pol, cfg.d_model, path).to(ref.device)
     if meta["ups_arch"] == "head":
@@ -591,6 +590,28 @@ def load_ups(path: str | os.PathLike, model: RemeDiLM) -> dict[str, Any]:
     if policy is not None:
         model.ups_policy = policy
     return meta
+
+
+def build_residual(spec: dict, state: dict[str, torch.Tensor], d_model: int, path) -> ResidualUPS:
+    """The residual UPS a UPS file describes (``meta['residual']`` and its ``ups_policy.*`` tensors, prefix
+    removed), checked: architecture, names and shapes. Raises ValueError naming the file."""
+    if not isinstance(spec, dict):
+        raise ValueError(f"{path}: metadata 'residual' must be an object (the policy's spec)")
+    if spec.get("d_model") != d_model:
+        raise ValueError(f"{path}: the residual UPS was built for hidden size {spec.get('d_model')}, this model has "
+                         f"{d_model}; use a policy made for this base model")
+    table = state.get("type_table")
+    if table is None:
+        raise ValueError(f"{path}: the residual UPS has no ups_policy.type_table tensor; the file is incomplete")
+    try:
+        policy = ResidualUPS(d_model, table, anchor=spec["anchor"], features=spec["features"],
+                             hidden_rank=int(spec.get("hidden_rank", 0)), g=spec.get("g", "linear"),
+                             attn_dim=int(spec.get("attn_dim", 8)), unmask_only=bool(spec.get("unmask_only")),
+                             seed=int(spec.get("seed", 0)))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: the residual UPS spec is not valid ({e}); re-save it") from None
+    _load_exact(policy, state, path)  # the names/shapes check every UPS part gets
+    return policy
 
 
 def _load_exact(module: torch.nn.Module, state: dict[str, torch.Tensor], path) -> None:

@@ -324,8 +324,9 @@ class RemeDiLM(nn.Module):
         super().__init__()
         self.model = LLaDAModel(cfg)
         self.ups_head = ups_head
-        # a scorer on top of the head/stream for the ``ups`` source (remedi.policy: a residual UPS, the slip
-        # oracle), or None; the decoders pass it to decide()/policy_decide() (remedi.decoding.step.ups_scorer)
+        # a scorer on top of the head/stream for the ``ups`` source (a residual UPS, remedi.model.residual; the
+        # slip oracle, remedi.policy.slip), or None; the decoders pass it to decide()/policy_decide()
+        # (remedi.decoding.step.ups_scorer)
         self.ups_policy = None
 
     @property

@@ -1,1 +1,2 @@
-"""Learned remask policies on top of the sampler: the residual UPS, its features, and its derivative-free search."""
+"""Searching remask policies: CMA-ES over a residual UPS's weights (the policy itself is remedi.model.residual), its
+objective through the inference session, and the slip oracle."""

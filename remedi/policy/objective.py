@@ -5,29 +5,30 @@ generation of the search, from a stream named by (seed, generation) and never co
 question, so every candidate of a generation is scored on the same problems (common random numbers) and a
 resumed search sees the same problems again. Decoding is the evaluated decision itself: the ``ups`` source
 of the sampler, greedy tokens, through :class:`remedi.session.Session` (per-item random streams), many
-problems per forward batch.
+problems per forward batch. Items and prompts come from the task modules (:mod:`remedi.tasks.items`), the
+prompt ids from the model's one encoder (:func:`remedi.model.loading.encode_prompt`), as the eval builds them.
 """
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 
-from remedi.evaluation import data as D
+from remedi.model.loading import EMBEDDED_MODEL, encode_prompt
 from remedi.tasks import arith
 from remedi.tasks.answer_check import check
+from remedi.tasks.items import ARITH, Item, build_prompt, rows_to_items
+from remedi.tasks.records import read_records
 
 
 def held_out_questions() -> set[str]:
     """The embedded model's held-out question texts (never used for training)."""
-    path = D.ARITH_DATA_DIR / "test.jsonl"
-    return {json.loads(line)["question"] for line in path.read_text().splitlines() if line.strip()}
+    return {row["question"] for row in read_records(EMBEDDED_MODEL / "data" / "test.jsonl")}
 
 
-def train_problems(n: int, seed: int, generation: int, exclude: Sequence[str] = ()) -> list[D.Item]:
+def train_problems(n: int, seed: int, generation: int, exclude: Sequence[str] = ()) -> list[Item]:
     """``n`` fresh arithmetic problems for one generation (ids ``search-<seed>-<gen>-<i>``)."""
     rng = random.Random(f"policy-search:{seed}:{generation}")
     banned, seen, rows = set(exclude), set(), []
@@ -37,7 +38,7 @@ def train_problems(n: int, seed: int, generation: int, exclude: Sequence[str] = 
             continue
         seen.add(item["question"])
         rows.append({"id": f"search-{seed}-{generation}-{len(rows):05d}", **item})
-    return D.rows_to_items(rows, "gsm8k", "train", "the arithmetic generator")
+    return rows_to_items(rows, "gsm8k", "train", "the arithmetic generator")
 
 
 @dataclass
@@ -48,12 +49,12 @@ class GreedyObjective:
     steps: int
     batch_size: int = 512
 
-    def encode(self, items: Sequence[D.Item]) -> list[list[int]]:
-        style = "arith_chat" if self.session.chat else D.ARITH  # the arithmetic task's prompt style
-        return [D.encode(self.session.tokenizer, D.build_prompt(it.question, "gsm8k", style), style)[0]
+    def encode(self, items: Sequence[Item]) -> list[list[int]]:
+        style = "arith_chat" if self.session.chat else ARITH  # the arithmetic task's prompt style
+        return [encode_prompt(self.session.tokenizer, build_prompt(it.question, "gsm8k", style), self.session.chat)
                 for it in items]
 
-    def correct(self, items: Sequence[D.Item], prompts: Sequence[list[int]], source: str = "ups") -> list[bool]:
+    def correct(self, items: Sequence[Item], prompts: Sequence[list[int]], source: str = "ups") -> list[bool]:
         """Per-item verdicts of one decoding pass (batched)."""
         out = []
         for i in range(0, len(items), self.batch_size):

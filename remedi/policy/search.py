@@ -40,7 +40,7 @@ class SearchArgs:
                                   "model's ups_head.pt")
     anchor: str = arg("entropy", "the heuristic the residual starts as: entropy, tps_prob, margin or none")
     features: str = arg("entropy,margin,logp_tok,logp_max,masked,pos,progress,digit,operator,result_digit,base",
-                        "comma list of residual features (remedi.policy.features)")
+                        "comma list of residual features (remedi.model.features)")
     hidden_rank: int = arg(0, "columns of the hidden-state projection (needs 'hidden' in --features)")
     problems: int = arg(256, "fresh training problems per generation (every candidate sees the same ones)")
     popsize: int = arg(8, "CMA-ES candidates per generation")
@@ -138,8 +138,8 @@ def main(argv=None) -> dict:
     out = check_writable(a.out, "--out", is_dir=True)
     from remedi.decoding.args import SamplingArgs
     from remedi.model.checkpoint import save_ups
+    from remedi.model.residual import attach_policy, new_residual
     from remedi.policy.objective import GreedyObjective, held_out_questions, train_problems
-    from remedi.policy.residual import attach_policy, new_residual
     from remedi.session import open_session
 
     features = [f.strip() for f in a.features.split(",") if f.strip()]

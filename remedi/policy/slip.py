@@ -14,6 +14,8 @@ from fractions import Fraction
 
 import torch
 
+from remedi.model.scores import position_scores
+
 EQUATION = re.compile(r"(\d+)\s*([-+*/x×])\s*(\d+)\s*=\s*(\d+)")
 BOTTOM = 1e6  # subtracted from a flagged position's entropy score: below every unflagged one
 
@@ -57,8 +59,6 @@ class SlipOracle(torch.nn.Module):
 
     def score(self, logits, tokens, masked, keep, ups=None, hidden=None):
         """The scorer interface of :func:`remedi.decoding.step.decide`: (B, Lb) float64."""
-        from remedi.decoding.step import position_scores
-
         s = position_scores("entropy", logits, tokens, None, None)
         need = torch.isin(tokens, self.eq_ids.to(tokens.device)).any(1).nonzero().squeeze(1).tolist()  # rows with '='
         sub = tokens[need].tolist() if need else []

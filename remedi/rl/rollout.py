@@ -26,7 +26,7 @@ at those positions, the old PL log-prob log pi_pos(u | x_t), the UPS logits h an
 them without a second forward, :func:`remedi.rl.loss.cached_step_logprobs`). States must be stored because
 remasking breaks the "replay by decode order" trick of unmask-only diffusion RL.
 
-With a residual UPS attached (``model.ups_policy``, :mod:`remedi.policy.residual`) the positions are ranked by
+With a residual UPS attached (``model.ups_policy``, :mod:`remedi.model.residual`) the positions are ranked by
 its score s = anchor + g(features) in place of h (PL over s / T_pos, or top_k over s: then the eval sampler
 with the same residual), ``ups`` records s and ``features`` / ``anchor`` what s was computed from, so the
 loss rescores the steps with g's current weights (g is what trains: ``RemeDiLM.ups_modules()``).

@@ -22,8 +22,8 @@ def cfg(**kw):
 
 def residual_for(m, seed: int = 0, g: str = "linear"):
     """A non-zero residual UPS (every feature, a hidden projection) for the tiny model, attached to it."""
-    from remedi.policy.features import FEATURES
-    from remedi.policy.residual import ResidualUPS, attach_policy
+    from remedi.model.features import FEATURES
+    from remedi.model.residual import ResidualUPS, attach_policy
 
     V = m.config.vocab_size
     types = torch.randint(0, 5, (V,), generator=torch.Generator().manual_seed(seed))

@@ -1,9 +1,9 @@
 """A residual UPS: score = anchor + g_theta(features), a remask policy that starts as the best heuristic.
 
 The anchor is a training-free TPS statistic computed exactly as the sampler computes it
-(:func:`remedi.decoding.sampler.position_scores` on the prepared logits, float64): ``entropy`` by default
+(:func:`remedi.model.scores.position_scores` on the prepared logits, float64): ``entropy`` by default
 (minus the entropy; the best heuristic on the embedded model), or ``tps_prob`` / ``margin``, or ``none``.
-g reads the step's features (:mod:`remedi.policy.features`) -- no extra forward: the logits and tokens
+g reads the step's features (:mod:`remedi.model.features`) -- no extra forward: the logits and tokens
 are the sampler's, and the base UPS logit and the block's hidden states come out of the same model call
 (:meth:`ResidualUPS.model_features` projects the hidden states). g's output layer starts at zero, so a fresh residual policy
 makes exactly its anchor's decisions, token for token; training can only move it away from the heuristic
@@ -24,7 +24,8 @@ Remask RL rollouts pass it to :func:`~remedi.decoding.step.policy_decide`, whose
 scores are then the residual score, recording the features so :mod:`remedi.rl.loss` rescores with g's
 current weights. ``RemeDiLM.ups_modules()`` is the residual, so RL trains g (the base UPS stays fixed).
 save_ups / load_ups store it beside the base UPS (head or stream): the metadata says ``kind: residual`` and
-``residual: {...}`` (:meth:`ResidualUPS.spec`), the tensors are ``ups_policy.*``.
+``residual: {...}`` (:meth:`ResidualUPS.spec`), the tensors are ``ups_policy.*``;
+:func:`remedi.model.checkpoint.build_residual` rebuilds and checks it from a file.
 """
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from remedi.policy.features import check_feature_names, feature_width, step_features
+from remedi.model.features import check_feature_names, feature_width, step_features, token_types
+from remedi.model.scores import position_scores
 
 ANCHORS = ("entropy", "tps_prob", "margin", "none")
 G_KINDS = ("linear", "attention")
@@ -107,8 +109,6 @@ class ResidualUPS(nn.Module):
         ups (B, Lb) the base UPS logits (None: 0); hidden (B, Lb, d) the block's final hidden states (read
         only with the ``hidden`` feature). Pure tensor code (no host sync): the static decoder captures it.
         """
-        from remedi.decoding.step import position_scores
-
         feats = step_features(self.features, logits, tokens, masked, keep, self.type_table,
                               self.model_features(ups, hidden, tokens), self.hidden_rank)
         anchor = position_scores(self.anchor, logits, tokens, None, None) if self.anchor != "none" else \
@@ -157,8 +157,6 @@ class ResidualUPS(nn.Module):
 # ------------------------------------------------------------------------------------------- files
 def new_residual(model, tokenizer, **kw) -> ResidualUPS:
     """A fresh (zero) residual policy for ``model``'s shapes, with the tokenizer's token-type table."""
-    from remedi.policy.features import token_types
-
     cfg = model.config
     ref = next(model.parameters())
     return ResidualUPS(cfg.d_model, token_types(tokenizer, cfg.vocab_size), **kw).to(ref.device)
@@ -170,26 +168,3 @@ def attach_policy(model, policy: Optional[nn.Module]) -> None:
         policy.to(next(model.parameters()).device)
     model.ups_policy = policy
 
-
-def build_residual(spec: dict, state: dict[str, torch.Tensor], d_model: int, path) -> ResidualUPS:
-    """The policy a UPS file describes (``meta['residual']`` and its ``ups_policy.*`` tensors, prefix removed),
-    checked: architecture, names and shapes. Raises ValueError naming the file."""
-    if not isinstance(spec, dict):
-        raise ValueError(f"{path}: metadata 'residual' must be an object (the policy's spec)")
-    if spec.get("d_model") != d_model:
-        raise ValueError(f"{path}: the residual UPS was built for hidden size {spec.get('d_model')}, this model has "
-                         f"{d_model}; use a policy made for this base model")
-    table = state.get("type_table")
-    if table is None:
-        raise ValueError(f"{path}: the residual UPS has no ups_policy.type_table tensor; the file is incomplete")
-    try:
-        policy = ResidualUPS(d_model, table, anchor=spec["anchor"], features=spec["features"],
-                             hidden_rank=int(spec.get("hidden_rank", 0)), g=spec.get("g", "linear"),
-                             attn_dim=int(spec.get("attn_dim", 8)), unmask_only=bool(spec.get("unmask_only")),
-                             seed=int(spec.get("seed", 0)))
-    except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{path}: the residual UPS spec is not valid ({e}); re-save it") from None
-    from remedi.model.checkpoint import _load_exact  # the names/shapes check every UPS part gets
-
-    _load_exact(policy, state, path)
-    return policy

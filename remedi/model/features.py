@@ -4,7 +4,7 @@ A step of the remask sampler sees, for the current block (B, Lb): the prepared l
 ``logits_eos_inf``, EOS at -inf), the token each position would hold (candidate where masked, current token
 where visible), the masked flag and K_n, the number of positions kept after the step. The model side adds
 the base UPS logit (head or stream) and, optionally, a low-rank projection of the final hidden state
-(:meth:`remedi.policy.residual.ResidualUPS.model_features`). From these, :func:`step_features` builds the
+(:meth:`remedi.model.residual.ResidualUPS.model_features`). From these, :func:`step_features` builds the
 feature vector of every position; :func:`step_features_reference` computes the same numbers with plain
 per-position Python loops (the slow, obviously correct path; tests/test_residual_ups.py checks they agree).
 
