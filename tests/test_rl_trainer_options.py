@@ -2,6 +2,7 @@
 Plackett-Luce positions, leave-one-out / greedy-rollout baselines, per-block credit, cached features,
 rollout batching, the static decoder, the greedy decode's statistics, the temperature probe, and every bad
 combination refused before the model loads."""
+import os
 import json
 from pathlib import Path
 
@@ -166,6 +167,7 @@ def test_bad_combinations_are_refused_before_the_model_loads(extra, msg, tiny_mo
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_with_cached_features(tiny_model_dir, data, ups, tmp_path):
     """--cache_features scores the head outside the DDP wrapper and averages its gradient by hand, and
     --rollout_graphs decodes with the bare model under DDP: two CPU processes (gloo, torchrun) give the
@@ -173,7 +175,7 @@ def test_two_processes_match_one_with_cached_features(tiny_model_dir, data, ups,
     common = ("--max_updates", "2", "--rollout_tokens", "greedy", "--advantage", "loo", "--cache_features",
               "--rollout_batch", "3", "--reward", "toy_remasks", "--rollout_graphs")
     one = main(argv(tiny_model_dir, data, ups["head"], tmp_path / "one", *common))
-    run_two_processes(argv(tiny_model_dir, data, ups["head"], tmp_path / "two", *common))
+    run_two_processes(argv(tiny_model_dir, data, ups["head"], tmp_path / "two", *common), timeout=float(os.environ.get("TP_TIMEOUT", 300)))
     la, lb = _lines(tmp_path / "one"), _lines(tmp_path / "two")
     assert [x["update"] for x in lb] == [1, 2]
     for key in ("reward_mean", "remasks_per_block", "greedy_remasks_per_block", "zero_advantage_share"):

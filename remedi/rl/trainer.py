@@ -387,9 +387,8 @@ class RLTrainer:
                 del cache
             del batches
         if r.cache_features and self.world > 1:  # the head ran outside DDP: average its gradient here
-            for p in self.ups_params:
-                if p.grad is not None:
-                    p.grad = acc.reduce(p.grad, "mean")
+            for p in self.ups_params:  # every process joins every reduce, also one whose loss left p without a grad
+                p.grad = acc.reduce(p.grad if p.grad is not None else torch.zeros_like(p), "mean")
         rec = self._reduce(stats.record(), torch.cat(cols), torch.cat(greedy_cols) if greedy_cols else None, counts)
         for part in ("tok", "pl"):
             v = rec.get(f"{part}_abs_log_ratio", 0.0)

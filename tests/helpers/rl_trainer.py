@@ -66,7 +66,7 @@ def _first_last(xs, n=3):
     return sum(xs[:n]) / n, sum(xs[-n:]) / n
 
 
-def run_two_processes(args) -> None:
+def run_two_processes(args, timeout: float = 300) -> None:
     """train_remask_rl.py ``args`` on two CPU processes (gloo DDP through accelerate, launched with torchrun)."""
     import os
     import socket
@@ -78,6 +78,10 @@ def run_two_processes(args) -> None:
         port = sock.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
            "remedi/train_remask_rl.py", *args]
-    proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=180,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"})
+    try:
+        proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True,
+                              timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"})
+    except subprocess.TimeoutExpired as e:  # say where it stood, not only that it timed out
+        err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+        raise AssertionError(f"two-process run still going after {timeout} s; its stderr ends:\n{err[-3000:]}") from None
     assert proc.returncode == 0, proc.stderr[-3000:]
