@@ -12,13 +12,10 @@ Rollouts per second go in the title of the right panel.
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Sequence
 
-from remedi.files import read_jsonl
-
-from remedi.training.plots import save_figure
+from remedi.training.plots import curves_cli, save_figure
 
 
 def plot_curves(rows: Sequence[dict], out, title: str = "Remask RL") -> Path:
@@ -78,15 +75,7 @@ def plot_curves(rows: Sequence[dict], out, title: str = "Remask RL") -> Path:
 
 
 def main(argv=None) -> Path:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 allow_abbrev=False)
-    ap.add_argument("metrics", help="metrics.jsonl written by train_remask_rl.py")
-    ap.add_argument("--out", required=True, help="PNG to write")
-    ap.add_argument("--title", default="Remask RL")
-    a = ap.parse_args(argv)
-    out = plot_curves(read_jsonl(a.metrics), a.out, a.title)
-    print(f"wrote {out}")
-    return out
+    return curves_cli(__doc__, "train_remask_rl.py", plot_curves, argv, title="Remask RL")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ self predictions and clean vs random replacements), learning rates, tokens/s, gr
 
 import argparse
 from pathlib import Path
+from typing import Optional
 
 from remedi.files import read_jsonl
 
@@ -67,15 +68,24 @@ def save_figure(fig, out) -> Path:
     return out
 
 
-def main(argv=None) -> Path:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+def curves_cli(doc: str, written_by: str, draw, argv=None, title: Optional[str] = None) -> Path:
+    """The command line of a curves module (training and RL): ``metrics.jsonl --out PNG [--title T]``;
+    ``draw(rows, out[, title])`` writes the picture."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
                                  allow_abbrev=False)
-    ap.add_argument("metrics", help="metrics.jsonl written by train_remask_sft.py / train_remask_lora.py")
+    ap.add_argument("metrics", help=f"metrics.jsonl written by {written_by}")
     ap.add_argument("--out", required=True, help="PNG to write")
+    if title is not None:
+        ap.add_argument("--title", default=title)
     a = ap.parse_args(argv)
-    out = plot(read_metrics(a.metrics), a.out)
+    rows = read_metrics(a.metrics)
+    out = draw(rows, a.out) if title is None else draw(rows, a.out, a.title)
     print(f"wrote {out}")
     return out
+
+
+def main(argv=None) -> Path:
+    return curves_cli(__doc__, "train_remask_sft.py / train_remask_lora.py", lambda rows, out: plot(rows, out), argv)
 
 
 if __name__ == "__main__":
