@@ -302,6 +302,7 @@ def test_fused_block_compiles_without_graph_breaks():
 
 
 # --------------------------------------------------------------------------------------- benchmark
+@pytest.mark.slow
 def test_bench_step_smoke(tmp_path, capsys):
     """bench/bench_step.py --smoke: both variants in every mode, ratios, floor, the table last, the JSON."""
     import json

@@ -44,6 +44,7 @@ def test_training_problems_are_fresh_and_never_test_items():
     assert all(x.gold.strip() for x in a)
 
 
+@pytest.mark.slow
 def test_tiny_real_search_writes_loadable_ups_and_resumes(tmp_path):
     out = tmp_path / "search"
     argv = ["--out", str(out), "--problems", "6", "--popsize", "2", "--generations", "1", "--steps", "8",

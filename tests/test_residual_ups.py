@@ -34,6 +34,7 @@ def _decode(loaded, prompts, strategy, **kw):
     return [g.tokens for g in generate(loaded.model, prompts, cfg, loaded.ids)], cfg
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cache", ["none", "dual"])
 @pytest.mark.parametrize("g", ["linear", "attention"])
 def test_zero_residual_is_its_anchor_token_for_token(embedded, prompts, cache, g):
@@ -75,6 +76,7 @@ def test_residual_refuses_threshold(embedded, prompts):
         attach_policy(embedded.model, None)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("g", ["linear", "attention"])
 @pytest.mark.parametrize("cache", ["none", "dual"])
 def test_static_decoder_equals_eager_with_a_nonzero_residual(embedded, prompts, g, cache):
@@ -156,6 +158,7 @@ def _eightb_like(stream: bool) -> RemeDiLM:
     return m.eval()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stream", [False, True])
 def test_residual_file_round_trip_8b_shapes(tmp_path, stream, embedded):
     model = _eightb_like(stream)

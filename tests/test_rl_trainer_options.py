@@ -28,6 +28,7 @@ def _lines(out) -> list[dict]:
     ("--rollout_tokens", "greedy", "--advantage", "loo", "--credit", "block"),
     ("--rollout_tokens", "greedy", "--advantage", "greedy", "--credit", "block"),
 ], ids=["greedy_tokens-loo", "greedy_tokens-loo-block", "greedy_tokens-greedy-block"])
+@pytest.mark.slow
 def test_the_evaluated_decision_learns_a_toy_reward_and_its_opposite(options, tiny_model_dir, data, ups, tmp_path):
     """Only the positions are stochastic (greedy tokens, as the eval sampler): maximising toy_remasks raises the
     remasks, maximising toy_no_remasks lowers them, with each new baseline and per-block credit. A flipped sign

@@ -74,6 +74,7 @@ def test_sample_cannot_change_the_limits_of_its_parent_or_another_process(victim
     assert victim.poll() is None
 
 
+@pytest.mark.slow
 def test_sample_sees_no_other_process_and_cannot_starve_a_sibling():
     """The measured attack: find the neighbour through /proc and set its RLIMIT_CPU to 1 s."""
     attacker = UNGUARD + (
