@@ -92,6 +92,29 @@ def test_end_to_end_reports(tiny_model_dir, data_file, tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_a_folder_another_eval_holds_is_refused_and_left_as_it_was(tiny_model_dir, data_file, tmp_path,
+                                                                   count_generated):
+    """Two evals into one --output_dir: the second gets one error naming the holder's pid, before any decoding,
+    and the first run's files are untouched."""
+    from remedi.files import RunLock
+
+    out = tmp_path / "run"
+    argv = _argv(tiny_model_dir, data_file, out, "--sources", "llada_low_confidence")
+    script.main(argv + ["--max_samples", "2"])
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != ".lock"}
+    count_generated.clear()
+    holder = RunLock(out)
+    try:
+        with pytest.raises(ValueError, match=rf"in use by another run \(pid {os.getpid()}"):
+            script.main(argv + ["--max_samples", "4"])
+    finally:
+        holder.release()
+    assert count_generated == []
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != ".lock"} == before
+    script.main(argv + ["--max_samples", "4"])  # released: the run resumes
+    assert sum(n for *_, n in count_generated) == 2
+
+
 def test_resume_skips_finished_items_and_repairs_a_torn_line(tiny_model_dir, data_file, tmp_path, count_generated):
     out = tmp_path / "run"
     argv = _argv(tiny_model_dir, data_file, out, "--sources", "llada_low_confidence,random")

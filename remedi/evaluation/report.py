@@ -100,7 +100,7 @@ def _samples(recs) -> Optional[dict]:
 
 def pass_at_k_table(recs) -> dict:
     """pass@k (unbiased estimator, averaged over items) for k = 1, 2, 4, ... up to the fewest samples."""
-    from remedi.evaluation.code_exec import pass_at_k
+    from remedi.sandbox import pass_at_k
 
     by_item = _samples(recs)
     n_min = min(len(v) for v in by_item.values())

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from typing import Any, Iterable, Optional, Sequence
 
-from remedi.evaluation.code_exec import Limits
+from remedi.sandbox import Limits
 from remedi.evaluation.data import Item, is_code
 from remedi.files import append_jsonl, read_jsonl
 from remedi.tasks import code

@@ -28,7 +28,7 @@ from remedi.decoding.sampler import STRATEGIES
 from remedi.evaluation import data as D
 from remedi.evaluation import results as R
 from remedi.evaluation.report import render_markdown, summarize
-from remedi.files import RunLock, atomic_path, check_writable, write_json_atomic
+from remedi.files import LOCK_NAME, RunLock, atomic_path, check_writable, write_json_atomic
 from remedi.model.checkpoint import versions
 from remedi.session import Session, fixed_settings, open_session, parse_sources
 
@@ -163,7 +163,7 @@ def _open_output(out: Path, fixed: dict) -> set:
             raise ValueError(f"--output_dir {out} holds a config.json that is not an eval run's (a training run's "
                              "folder?); choose a new --output_dir") from None
         R.check_resume(old, fixed)
-    elif out.is_dir() and any(out.iterdir()):
+    elif out.is_dir() and any(p.name != LOCK_NAME for p in out.iterdir()):  # our own lock file aside
         raise ValueError(f"--output_dir {out} is not empty and holds no eval run (a training run's folder?); "
                          "choose a new or empty --output_dir")
     out.mkdir(parents=True, exist_ok=True)
@@ -292,8 +292,8 @@ def run(m: ModelArgs, s: SamplingArgs, e: EvalArgs, argv: list[str]) -> dict:
     if state.is_main_process:
         out = Path(e.output_dir) if e.output_dir else _default_output_dir(plan.spec)
         try:
-            msg = [str(out), sorted(_open_output(out, plan.fixed), key=str), None]
             lock = RunLock(out)  # noqa: F841 - held (one eval per folder) until this function returns
+            msg = [str(out), sorted(_open_output(out, plan.fixed), key=str), None]
             write_json_atomic(out / "config.json", {"fixed": plan.fixed, "last_run": {
                 "argv": argv, "sources": plan.sources, "steps": plan.steps, "n_items": len(plan.items),
                 "start": e.start, "max_samples": e.max_samples, "world_size": state.num_processes,

@@ -492,7 +492,7 @@ def _read_all(fd):
 def _main(cfg):
     ctl = cfg["ctl_fd"]
     # References the program cannot replace for us: taken before any of its code runs.
-    write, close, exit_, dumps = os.write, os.close, os._exit, json.dumps
+    write, exit_, dumps = os.write, os._exit, json.dumps
     streams = (sys.stdout, sys.stderr)
 
     def send(line):
