@@ -14,6 +14,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from remedi.files import atomic_path  # noqa: E402
+
 LABELS = {
     "entropy": "entropy (best heuristic)", "tps_prob": "TPS probability", "margin": "margin",
     "entropy_unmask_only": "entropy, unmask-only", "mix_0.2_untrained": "−entropy + 0.2·head (untrained)",
@@ -57,8 +60,8 @@ def draw(summary: dict, out: Path) -> Path:
         row[1].set_xlabel("minus entropy, same problems (95% CI, McNemar p)")
     fig.suptitle("Embedded model, gen 96, block 32, exact sampler, greedy: a residual UPS anchored on entropy")
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    with atomic_path(out) as tmp:  # a killed run leaves no half-written picture
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return out
 
@@ -68,7 +71,18 @@ def main(argv=None) -> int:
     if len(argv) != 2:
         print("usage: python scripts/plot_residual.py SUMMARY.json OUT.png", file=sys.stderr)
         return 2
-    print(f"wrote {draw(json.loads(Path(argv[0]).read_text()), Path(argv[1]))}")
+    src = Path(argv[0])
+    try:
+        summary = json.loads(src.read_text())
+        rows = summary["rows"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        print(f"error: {src} is not a residual_experiment.py summary.json ({type(e).__name__}: {e}); pass the "
+              "summary.json its --phase eval wrote", file=sys.stderr)
+        return 2
+    if not rows:
+        print(f"error: {src} has no evaluated rows; run residual_experiment.py --phase eval first", file=sys.stderr)
+        return 2
+    print(f"wrote {draw(summary, Path(argv[1]))}")
     return 0
 
 

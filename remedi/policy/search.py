@@ -136,6 +136,10 @@ def main(argv=None) -> dict:
     m, a = parse_args([ModelArgs, SearchArgs], argv, description=__doc__)
     setup_logging()
     out = check_writable(a.out, "--out", is_dir=True)
+    try:  # made now, so an unusable folder fails before the model loads
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {a.out} cannot be created ({e.strerror}); choose a folder you can write to") from None
     from remedi.decoding.args import SamplingArgs
     from remedi.model.checkpoint import save_ups
     from remedi.model.residual import attach_policy, new_residual
