@@ -292,8 +292,15 @@ def run(m: ModelArgs, s: SamplingArgs, e: EvalArgs, argv: list[str]) -> dict:
     if state.is_main_process:
         out = Path(e.output_dir) if e.output_dir else _default_output_dir(plan.spec)
         try:
-            lock = RunLock(out)  # noqa: F841 - held (one eval per folder) until this function returns
-            msg = [str(out), sorted(_open_output(out, plan.fixed), key=str), None]
+            had_lock = (out / LOCK_NAME).exists()
+            lock = RunLock(out)  # held (one eval per folder) until this function returns
+            try:
+                msg = [str(out), sorted(_open_output(out, plan.fixed), key=str), None]
+            except ValueError:  # a refused folder is left as it was: no lock file of ours in it
+                lock.release()
+                if not had_lock:
+                    (out / LOCK_NAME).unlink(missing_ok=True)
+                raise
             write_json_atomic(out / "config.json", {"fixed": plan.fixed, "last_run": {
                 "argv": argv, "sources": plan.sources, "steps": plan.steps, "n_items": len(plan.items),
                 "start": e.start, "max_samples": e.max_samples, "world_size": state.num_processes,
