@@ -30,7 +30,7 @@ from remedi.model.loading import (EMBEDDED_MODEL, SpecialIds, default_chat, enco
 
 log = logging.getLogger(__name__)
 
-EMBEDDED_UPS_NAME = "ups_head.pt"
+EMBEDDED_UPS_NAME = "ups_residual.pt"  # the best policy measured (README "A residual UPS anchored on entropy")
 
 
 def item_seed(seed: int, item_id: str) -> int:

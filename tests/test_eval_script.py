@@ -255,7 +255,7 @@ def test_hub_datasets_resolve_without_downloading():
 
 
 def test_embedded_defaults_arith_task_and_ups(tmp_path, monkeypatch):
-    """No dataset/sampling flags: the embedded model's arith test split, defaults.json and ups_head.pt."""
+    """No dataset/sampling flags: the embedded model's arith test split, defaults.json and its default UPS file."""
     import torch
 
     from remedi.model.checkpoint import load_pretrained, save_ups
@@ -270,7 +270,8 @@ def test_embedded_defaults_arith_task_and_ups(tmp_path, monkeypatch):
     (emb / "defaults.json").write_text(json.dumps({"steps": 4, "gen_length": 8, "block_length": 4}))
     model = load_pretrained(emb, dtype=torch.float32, device="cpu")
     model.attach_head(UPSHead(model.config.d_model))
-    save_ups(emb / "ups_head.pt", model)
+    save_ups(emb / session.EMBEDDED_UPS_NAME, model)
+    save_ups(emb / "ups_head.pt", model)  # another UPS beside it is not the one picked up
     monkeypatch.setattr(session, "EMBEDDED_MODEL", emb)
     monkeypatch.setattr(D, "ARITH_DATA_DIR", emb / "data")
     out = tmp_path / "run"
@@ -280,10 +281,23 @@ def test_embedded_defaults_arith_task_and_ups(tmp_path, monkeypatch):
     cfg = summary["config"]
     assert (cfg["dataset"], cfg["prompt_style"], cfg["gen_length"], cfg["block_length"]) == \
         (str(emb / "data" / "test.jsonl"), "arith", 8, 4)
-    assert summary["steps"] == [8] and cfg["ups_head"] == str(emb / "ups_head.pt")
+    assert summary["steps"] == [8] and cfg["ups_head"] == str(emb / session.EMBEDDED_UPS_NAME)
     recs = R.read_results(out / "results.jsonl")
     assert len(recs) == 18 and recs[0]["prompt"] == arith.prompt(rows[0]["question"])
     assert recs[0]["meta"] == {"n_ops": 1}
+
+
+def test_the_embedded_default_ups_is_the_residual_policy():
+    """The shipped default is the best policy measured (the CMA-ES residual), the round-2 heads stay beside it."""
+    from remedi.model.checkpoint import read_ups
+    from remedi.model.loading import EMBEDDED_MODEL
+
+    path = session.default_ups_head(str(EMBEDDED_MODEL))
+    assert path is not None and Path(path).name == "ups_residual.pt"
+    meta = read_ups(path)[1]
+    assert meta["kind"] == "residual" and meta["residual"]["anchor"] == "entropy"
+    assert (EMBEDDED_MODEL / "ups_head.pt").is_file() and (EMBEDDED_MODEL / "ups_head_lora.pt").is_file()
+    assert session.default_ups_head("GSAI-ML/LLaDA-8B-Base") is None
 
 
 def test_fewshot_math_and_trajectories(tiny_model_dir, tmp_path):

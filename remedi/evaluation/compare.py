@@ -30,7 +30,7 @@ QUIT_WORDS = ("quit", "exit", ":q")
 @dataclass
 class CompareArgs:
     ups_head: Optional[str] = arg(None, "UPS checkpoint (.pt/.safetensors); default for the embedded model: its "
-                                  "ups_head.pt when present")
+                                  "ups_residual.pt when present")
     lora_path: Optional[str] = arg(None, "peft LoRA folder merged into the backbone before sampling")
     prompt: Optional[str] = arg(None, "a prompt; repeat the flag for several (--prompt a --prompt b)",
                                 action="append")

@@ -40,7 +40,7 @@ log = logging.getLogger("eval_gsm_math")
 @dataclass
 class EvalArgs:
     ups_head: Optional[str] = arg(None, "UPS checkpoint (.pt/.safetensors); default for the embedded model: its "
-                                  "ups_head.pt if present")
+                                  "ups_residual.pt if present")
     lora_path: Optional[str] = arg(None, "peft LoRA folder merged into the backbone before sampling")
     dataset: Optional[str] = arg(None, "openai/gsm8k, HuggingFaceH4/MATH-500, openai_humaneval, mbpp (sanitized), a "
                                  "local .jsonl/.json (or a folder with <split>.jsonl), or 'arith'; default: the "

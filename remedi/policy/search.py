@@ -37,7 +37,7 @@ log = logging.getLogger("remedi.policy.search")
 class SearchArgs:
     out: str = arg("runs/policy_search", "output folder (rerun with the same folder to resume)")
     ups_head: Optional[str] = arg(None, "base UPS (its logit is the 'base' feature); default: the embedded "
-                                  "model's ups_head.pt")
+                                  "model's default UPS, ups_residual.pt, whose base is the trajectory-label head")
     anchor: str = arg("entropy", "the heuristic the residual starts as: entropy, tps_prob, margin or none")
     features: str = arg("entropy,margin,logp_tok,logp_max,masked,pos,progress,digit,operator,result_digit,base",
                         "comma list of residual features (remedi.model.features)")

@@ -63,7 +63,7 @@ def from_model(key: str, help: str):
 class RLArgs:
     # what trains
     ups_head: Optional[str] = arg(None, "Remask-SFT UPS checkpoint to start from, head or stream (.pt/.safetensors; "
-                                  "default: the embedded model's ups_head.pt, or the model's own stream)")
+                                  "default: the embedded model's ups_residual.pt, or the model's own stream)")
     lora_path: Optional[str] = arg(None, "peft LoRA folder: trained further with --train ups_lora, merged into the "
                                    "frozen backbone with --train ups")
     train: str = arg("ups", "ups (the UPS only, backbone frozen) or ups_lora (UPS + LoRA adapters on the backbone)")
