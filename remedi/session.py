@@ -31,6 +31,7 @@ from remedi.model.loading import (EMBEDDED_MODEL, SpecialIds, default_chat, enco
 log = logging.getLogger(__name__)
 
 EMBEDDED_UPS_NAME = "ups_residual.pt"  # the best policy measured (README "A residual UPS anchored on entropy")
+EMBEDDED_UPS_FALLBACK = "ups_head.pt"  # a freshly rebuilt folder has no residual until its search has run
 
 
 def item_seed(seed: int, item_id: str) -> int:
@@ -49,9 +50,14 @@ def is_embedded(model_name: str) -> bool:
 
 
 def default_ups_head(model_name: str) -> Optional[str]:
-    """The embedded model's own UPS checkpoint, when the embedded model is used and ships one."""
-    path = EMBEDDED_MODEL / EMBEDDED_UPS_NAME
-    return str(path) if is_embedded(model_name) and path.is_file() else None
+    """The embedded model's own UPS checkpoint, when the embedded model is used and ships one: the residual
+    policy, or the UPS head in a rebuilt folder that has no residual yet."""
+    if not is_embedded(model_name):
+        return None
+    for name in (EMBEDDED_UPS_NAME, EMBEDDED_UPS_FALLBACK):
+        if (EMBEDDED_MODEL / name).is_file():
+            return str(EMBEDDED_MODEL / name)
+    return None
 
 
 def usable_sources(has_ups: bool) -> list[str]:

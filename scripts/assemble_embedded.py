@@ -1,7 +1,10 @@
 """Assemble checkpoints/remedi-tiny-gsm from the runs of scripts/build_embedded.sh.
 
 The backbone is stored in bf16 (the CPU loader casts it back to float32), which keeps the whole shipped
-folder (model + UPS + LoRA + tokenizer + held-out data) well under 20 MB.
+folder (model + UPS + LoRA + tokenizer + held-out data) well under 20 MB. The default UPS, the residual policy, is
+taken from ``<runs>/ups_residual.pt`` when it is there: its CMA-ES search runs on the assembled model, so a rebuild
+runs the search afterwards (Remask_SFT_RUN.md, "The residual UPS"), copies ``search/linear/ups_mean.pt`` to
+``<runs>/ups_residual.pt`` and assembles again; until then the scripts fall back to ``ups_head.pt``.
 """
 from __future__ import annotations
 
@@ -41,7 +44,8 @@ def main(argv=None):
             if f.name.startswith(("tokenizer", "special_tokens")) or f.suffix == ".jinja":
                 shutil.copy2(f, tmp / f.name)
         shutil.copy2(runs / "ups_head.pt", tmp / "ups_head.pt")
-        for name in ("ups_head.md", "ups_head_lora.pt", "ups_head_lora.md"):  # the LoRA run's head, the cards
+        # the LoRA run's head, the cards, and the residual policy (the default UPS) when its search has run
+        for name in ("ups_head.md", "ups_head_lora.pt", "ups_head_lora.md", "ups_residual.pt", "ups_residual.md"):
             if (runs / name).exists():
                 shutil.copy2(runs / name, tmp / name)
         if (runs / "ups_head_lora.pt").exists():

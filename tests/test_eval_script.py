@@ -300,6 +300,15 @@ def test_the_embedded_default_ups_is_the_residual_policy():
     assert session.default_ups_head("GSAI-ML/LLaDA-8B-Base") is None
 
 
+def test_a_rebuilt_embedded_folder_without_the_residual_falls_back_to_the_head(tmp_path, monkeypatch):
+    monkeypatch.setattr(session, "EMBEDDED_MODEL", tmp_path)
+    assert session.default_ups_head(str(tmp_path)) is None
+    (tmp_path / "ups_head.pt").write_bytes(b"x")
+    assert session.default_ups_head(str(tmp_path)) == str(tmp_path / "ups_head.pt")
+    (tmp_path / "ups_residual.pt").write_bytes(b"x")
+    assert session.default_ups_head(str(tmp_path)) == str(tmp_path / "ups_residual.pt")
+
+
 def test_fewshot_math_and_trajectories(tiny_model_dir, tmp_path):
     d = tmp_path / "m"
     d.mkdir()
