@@ -6,16 +6,34 @@ float32, the first N test items), so entropy reproduces 0.426 at 48 steps on 200
   # 1. the derivative-free stage, one variant per call (rerun the same line until it says done)
   python scripts/residual_experiment.py --out runs/residual --phase search --variant linear --max_seconds 540
   # (variants: linear, no_anchor, feat_entropy, feat_head, feat_type_ctx, feat_hidden)
-  # 2. evaluation of every policy found under --out, plus heuristics, twins and the slip oracle
+  # 2. Remask RL of g from the CMA winner (search/linear/ups_mean.pt), one variant per call (rerun the same
+  #    line until it says done; each call stops with a checkpoint before --max_seconds)
+  python scripts/residual_experiment.py --out runs/residual --phase rl --rl_variant greedy_loo_shaped_block --max_seconds 540
+  # (rl variants, one switch each against greedy_loo_shaped_block: sampled_tokens, binary_reward, sequence_credit,
+  #  greedy_baseline, old_budget; budget --rl_updates 50 --rl_prompts 64 --rl_group 16 --rl_lr 0.01 by default)
+  # 3. evaluation of every policy found under --out, plus heuristics, twins and the slip oracle
   python scripts/residual_experiment.py --out runs/residual --phase eval --n_items 2000 --max_seconds 540
-  # CPU smoke of everything: --phase all --n_items 8 --problems 8 --generations 1 --popsize 2 --device cpu
+  # CPU smoke of everything: --phase all --n_items 8 --problems 8 --generations 1 --popsize 2 --rl_updates 2
+  #   --rl_prompts 2 --rl_group 2 --device cpu
 
-Writes under --out: search/<variant>/ (remedi.policy.search), results.jsonl (one record per item, policy
-and step count), mechanism.json (remasks/block and the same-token re-commit share from trajectories of the
-first --mechanism_items items), summary.json; prints the table last. Progress: one log line per CMA-ES
-generation and per eval batch, with the elapsed time. Speed: 2000-row batches and --graphs (the static
-decoder, CUDA graphs on a GPU; on by default, the slip oracle always decodes eagerly); --graphs False is the
-eager decoder, the same tokens (tests/test_residual_ups.py).
+The rl phase (remedi/train_remask_rl.py, called in-process) has run on CPU with tiny budgets only; its GPU
+budget and learning rate are guesses until the next GPU session measures them. Recommended recipe
+(RL_RECIPE): greedy tokens, Plackett-Luce positions at T 0.05, leave-one-out baseline, correct + 0.5 x share
+of true equations with per-block credit, g rescored from features recorded at rollout time, float32 as the
+eval, --rollout_graphs on a GPU; a checkpoint every update. Its folder is the trainer's run folder; a
+folder that holds a run is resumed (the trainer refuses a resume whose flags differ, except --rl_updates
+and the time limit).
+
+Writes under --out: search/<variant>/ (remedi.policy.search), rl/<variant>/ (the trainer's args.json,
+metrics.jsonl, curves.png, probe.json, checkpoints/, and ups.safetensors when finished), results.jsonl (one
+record per item, policy and step count), mechanism.json (remasks/block and the same-token re-commit share from
+trajectories of the first --mechanism_items items), summary.json; prints the table last. Eval rows of RL:
+rl_<variant> (the finished ups.safetensors) or rl_<variant>_update<N> (the latest checkpoint of a run not
+finished yet; results are cached by row name, so a partial policy never stands in for the final one).
+Progress: one log line per CMA-ES generation and per eval batch, with the elapsed time; the RL trainer's bar
+shows reward and remasks/block per update. Speed: 2000-row batches and --graphs (the static decoder, CUDA
+graphs on a GPU; on by default, the slip oracle always decodes eagerly); --graphs False is the eager decoder,
+the same tokens (tests/test_residual_ups.py).
 """
 from __future__ import annotations
 
@@ -46,18 +64,45 @@ VARIANTS = {  # one switch each, against "linear"
     "feat_hidden": {"features": FULL + ",hidden", "hidden_rank": 4},
 }
 WINNER = "linear"
+# Remask RL from the CMA winner (--phase rl). The recommended recipe trains the evaluated decision (Remask_SFT_RUN.md
+# "Training on the evaluated decision"): greedy tokens, Plackett-Luce positions at T 0.05, a leave-one-out baseline,
+# the shaped reward with per-block credit, g rescored from the features recorded at rollout time.
+RL_RECIPE = {"rollout_tokens": "greedy", "ups_temperature": "0.05", "advantage": "loo",
+             "reward": "math_verify+equation_truth", "reward_weight": "0.5", "credit": "block"}
+RL_BUDGET = {"prompts": 64, "group": 16, "updates": 50}  # ~1000 rollouts an update (+64 greedy decodes)
+RL_ARITH_N = 8000  # generated training problems: the default budget's 3200 prompts are all distinct
+RL_RECOMMENDED = "greedy_loo_shaped_block"
+RL_VARIANTS = {  # one switch each, against RL_RECOMMENDED: trainer flags (None drops one) and budget
+    RL_RECOMMENDED: {},
+    "sampled_tokens": {"flags": {"rollout_tokens": "sample", "temperature": "1.0"}},  # tokens at T 1.0 (round 2)
+    # the trainer reads --reward_weight only for the shaped reward and refuses it elsewhere: dropped here
+    "binary_reward": {"flags": {"reward": "math_verify", "reward_weight": None}},  # 0/1, still per-block parts
+    "sequence_credit": {"flags": {"credit": "sequence"}},
+    "greedy_baseline": {"flags": {"advantage": "greedy"}},
+    "old_budget": {"budget": {"prompts": 8, "group": 8, "updates": 25}},  # round 2's 64 rollouts an update
+}
 
 
 @dataclass
 class ExperimentArgs:
     out: str = arg("runs/residual", "output folder (every phase resumes in it)")
-    phase: str = arg("eval", "search (one --variant), eval, or all (every variant, then eval: the CPU smoke)")
+    phase: str = arg("eval", "search (one --variant), rl (one --rl_variant, from search/linear), eval, or all "
+                     "(every search variant, rl of the recommended variant, then eval: the CPU smoke)")
     variant: str = arg("linear", "search variant: " + ", ".join(VARIANTS))
+    rl_variant: str = arg(RL_RECOMMENDED, "rl variant: " + ", ".join(RL_VARIANTS))
+    rl_updates: Optional[int] = arg(None, f"rl: optimiser updates (default: the variant's, {RL_BUDGET['updates']}; "
+                                    "raising it later continues a finished run)")
+    rl_prompts: Optional[int] = arg(None, f"rl: prompts an update (default: the variant's, {RL_BUDGET['prompts']})")
+    rl_group: Optional[int] = arg(None, f"rl: rollouts a prompt (default: the variant's, {RL_BUDGET['group']})")
+    rl_probe: bool = arg(True, "rl: before a run's first update, decode 8 prompts at position temperatures 0.05, 0.1 "
+                         "and 0.3 against the greedy decode (probe.json: how far the rollouts stray from the eval)")
+    rl_lr: float = arg(1e-2, "rl: AdamW learning rate of g (a guess: its 12 weights are O(0.3) after the search, "
+                       "whose step was 0.3, so 50 updates can move each by up to ~0.5)")
     ups_head: str = arg(str(TRAJ_HEAD), "base UPS whose logit is the 'base' feature (the trajectory-label head)")
     n_items: int = arg(2000, "first test items to evaluate")
     steps_list: str = arg("48,24", "step counts to evaluate")
-    batch_size: int = arg(2000, "problems per forward batch (eval and search; 2000 rows of the 3M model fit an H200 "
-                          "many times over)")
+    batch_size: int = arg(2000, "problems per forward batch (eval and search; rl: rollouts decoded at a time; 2000 "
+                          "rows of the 3M model fit an H200 many times over)")
     graphs: bool = arg(True, "static-buffer decoder (CUDA graphs on a GPU) for every policy but the slip oracle, "
                        "whose host reads need the eager decoder")
     problems: int = arg(512, "search: fresh training problems per generation")
@@ -69,10 +114,17 @@ class ExperimentArgs:
     device: Optional[str] = arg(None, "cuda or cpu (default: cuda if available)")
 
     def __post_init__(self):
-        if self.phase not in ("search", "eval", "all"):
-            raise ValueError(f"--phase {self.phase!r}: choose search, eval or all")
+        if self.phase not in ("search", "rl", "eval", "all"):
+            raise ValueError(f"--phase {self.phase!r}: choose search, rl, eval or all")
         if self.variant not in VARIANTS:
             raise ValueError(f"--variant {self.variant!r}: choose one of {', '.join(VARIANTS)}")
+        if self.rl_variant not in RL_VARIANTS:
+            raise ValueError(f"--rl_variant {self.rl_variant!r}: choose one of {', '.join(RL_VARIANTS)}")
+        for name in ("rl_updates", "rl_prompts", "rl_group"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if not self.rl_lr > 0:
+            raise ValueError(f"--rl_lr must be > 0, got {self.rl_lr}")
         if self.n_items < 1 or self.batch_size < 1:
             raise ValueError("--n_items and --batch_size must be >= 1")
         try:
@@ -97,9 +149,115 @@ def run_search(a: ExperimentArgs, variant: str, deadline: Optional[float]) -> No
     search(argv)
 
 
+def winner_file(a: ExperimentArgs) -> Path:
+    """The CMA winner every rl variant starts from (the search's mean of its last generation)."""
+    return Path(a.out) / "search" / WINNER / "ups_mean.pt"
+
+
+def rl_budget(a: ExperimentArgs, variant: str) -> dict:
+    """{prompts, group, updates} of an rl variant: its own budget, each knob given on the command line instead."""
+    b = {**RL_BUDGET, **RL_VARIANTS[variant].get("budget", {})}
+    given = {"prompts": a.rl_prompts, "group": a.rl_group, "updates": a.rl_updates}
+    return {k: given[k] if given[k] is not None else v for k, v in b.items()}
+
+
+def rl_argv(a: ExperimentArgs, variant: str, resume: bool, seconds: Optional[float] = None) -> list[str]:
+    """The train_remask_rl command line of an rl variant: float32 and no autocast, as the search and the eval
+    decode; a checkpoint every update (g and its optimiser are a few numbers); --resume to continue."""
+    import torch
+
+    flags = {**RL_RECIPE, **RL_VARIANTS[variant].get("flags", {})}
+    b = rl_budget(a, variant)
+    folder = Path(a.out) / "rl" / variant
+    argv = ["--ups_head", str(winner_file(a)), "--output_dir", str(folder),
+            "--dtype", "fp32", "--mixed_precision", "no", "--cache_features",
+            "--group_size", str(b["group"]), "--prompts_per_update", str(b["prompts"]),
+            "--max_updates", str(b["updates"]), "--lr", str(a.rl_lr), "--rollout_batch", str(a.batch_size),
+            "--arith_n", str(RL_ARITH_N), "--save_every", "1"]
+    for k, v in flags.items():
+        if v is not None:
+            argv += [f"--{k}", v]
+    on_cuda = (a.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    if a.graphs and on_cuda:
+        argv.append("--rollout_graphs")
+    if a.device:
+        argv += ["--device", a.device]
+    if seconds is not None:
+        argv += ["--max_seconds", str(seconds)]
+    if resume:
+        argv.append("--resume")
+    elif a.rl_probe:
+        argv += ["--probe_temperatures", "0.05,0.1,0.3"]
+    return argv
+
+
+def run_rl(a: ExperimentArgs, variant: str, deadline: Optional[float]) -> Optional[dict]:
+    """Remask RL of g from the CMA winner into <out>/rl/<variant>/ (the trainer's ups.safetensors at the end),
+    resumed from its latest checkpoint when the folder holds a run; None when it had already finished."""
+    from remedi.model.checkpoint import UPS_FILE_NAME, read_ups_meta
+
+    winner = winner_file(a)
+    if not winner.is_file():
+        raise ValueError(f"--phase rl starts from the CMA winner {winner}, which does not exist: make it with "
+                         f"python scripts/residual_experiment.py --out {a.out} --phase search --variant {WINNER}")
+    folder = Path(a.out) / "rl" / variant
+    final, updates = folder / UPS_FILE_NAME, rl_budget(a, variant)["updates"]
+    if final.is_file():
+        done = int(read_ups_meta(final).get("rl", {}).get("update", 0))
+        if done >= updates:
+            log.info("rl %s: done (%d updates, %s)", variant, done, final)
+            return None
+        log.warning("rl %s: continuing a finished run from %d to %d updates; eval rows already in results.jsonl "
+                    "under rl_%s came from the %d-update policy (remove them to evaluate the new one)", variant,
+                    done, updates, variant, done)
+    from remedi.train_remask_rl import main as train
+
+    seconds = max(1e-3, deadline - time.monotonic()) if deadline is not None else None
+    result = train(rl_argv(a, variant, resume=(folder / "args.json").is_file(), seconds=seconds))
+    if result.get("stopped"):
+        log.info("rl %s: stopped at update %d of %d (time budget): rerun the same command to continue", variant,
+                 result["update"], updates)
+    return result
+
+
+def rl_policy_file(folder: Path) -> Optional[tuple[str, Path]]:
+    """(row suffix, UPS file) of an rl run folder: its final export, or (a run still going) the UPS of its latest
+    checkpoint, named by its update so its results never mix with the finished policy's; None without either."""
+    from remedi.model.checkpoint import UPS_FILE_NAME
+    from remedi.training.state import latest_checkpoint
+
+    if (folder / UPS_FILE_NAME).is_file():
+        return "", folder / UPS_FILE_NAME
+    ck = latest_checkpoint(folder) if (folder / "checkpoints").is_dir() else None
+    if ck is None or not (ck / UPS_FILE_NAME).is_file():
+        return None
+    return f"_update{int(ck.name.removeprefix('update-'))}", ck / UPS_FILE_NAME
+
+
+def read_residual(path: Path, model, ups_head: str) -> tuple[dict, dict]:
+    """(spec, g's tensors) of a residual UPS file (read_ups, checksummed). Its base head must be the session's:
+    the eval scores g over the session's base logit, so a policy made on another head would be evaluated on
+    the wrong 'base' feature."""
+    import torch
+
+    from remedi.model.checkpoint import read_ups
+
+    state, meta = read_ups(path)
+    if meta.get("kind") != "residual":
+        raise ValueError(f"{path} holds no residual UPS (metadata kind {meta.get('kind')!r})")
+    head = {k.removeprefix("ups_head."): v for k, v in state.items() if k.startswith("ups_head.")}
+    mine = model.ups_head.state_dict() if model.ups_head is not None else {}
+    if head and (set(head) != set(mine) or not all(torch.equal(v.float(), mine[k].float().cpu())
+                                                   for k, v in head.items())):
+        raise ValueError(f"{path} was made on another base UPS head than --ups_head {ups_head}: evaluate it with "
+                         "the head it was searched or trained on")
+    return meta["residual"], {k.removeprefix("ups_policy."): v for k, v in state.items()
+                              if k.startswith("ups_policy.")}
+
+
 def policies(a: ExperimentArgs, session, tokenizer) -> dict:
     """name -> (sampler source, policy or None) for every row of the table that can run now."""
-    from remedi.model.checkpoint import build_residual, read_ups
+    from remedi.model.checkpoint import build_residual
     from remedi.model.residual import new_residual
     from remedi.policy.slip import SlipOracle
 
@@ -112,12 +270,20 @@ def policies(a: ExperimentArgs, session, tokenizer) -> dict:
     for variant in VARIANTS:
         path = Path(a.out) / "search" / variant / "ups_mean.pt"
         if path.is_file():
-            state, meta = read_ups(path)
-            pol = {k.removeprefix("ups_policy."): v for k, v in state.items() if k.startswith("ups_policy.")}
-            rows[f"cma_{variant}"] = ("ups", build_residual(meta["residual"], pol, model.config.d_model, path))
+            spec, pol = read_residual(path, model, a.ups_head)
+            rows[f"cma_{variant}"] = ("ups", build_residual(spec, pol, model.config.d_model, path))
             if variant == WINNER:
-                twin = build_residual({**meta["residual"], "unmask_only": True}, pol, model.config.d_model, path)
+                twin = build_residual({**spec, "unmask_only": True}, pol, model.config.d_model, path)
                 rows[f"cma_{variant}_unmask_only"] = ("ups", twin)
+    for variant in RL_VARIANTS:
+        found = rl_policy_file(Path(a.out) / "rl" / variant)
+        if found is not None:
+            suffix, path = found
+            spec, pol = read_residual(path, model, a.ups_head)
+            rows[f"rl_{variant}{suffix}"] = ("ups", build_residual(spec, pol, model.config.d_model, path))
+            if suffix:
+                log.info("rl_%s: no final policy yet, evaluating its latest checkpoint as rl_%s%s", variant,
+                         variant, suffix)
     rows["slip_oracle"] = ("ups", SlipOracle(tokenizer, model.config.vocab_size))
     return rows
 
@@ -186,7 +352,7 @@ def run_eval(a: ExperimentArgs, deadline: Optional[float]) -> Optional[dict]:
     mech_path = out / "mechanism.json"
     mech = read_jsonl(out / "mechanism.jsonl")
     have = {m["policy"] for m in mech}
-    for name in ("entropy", f"cma_{WINNER}", "mix_0.2_untrained"):
+    for name in ("entropy", f"cma_{WINNER}", "mix_0.2_untrained", f"rl_{RL_RECOMMENDED}"):
         if name not in rows or name in have:
             continue
         source, policy = rows[name]
@@ -257,6 +423,10 @@ def main(argv=None) -> Optional[dict]:
     if a.phase in ("search", "all"):
         for variant in (VARIANTS if a.phase == "all" else [a.variant]):
             run_search(a, variant, deadline)
+    if a.phase == "rl":
+        return run_rl(a, a.rl_variant, deadline)
+    if a.phase == "all":
+        run_rl(a, RL_RECOMMENDED, deadline)
     if a.phase in ("eval", "all"):
         return run_eval(a, deadline)
     return None

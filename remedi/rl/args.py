@@ -141,6 +141,9 @@ class RLArgs:
     save_total_limit: int = arg(2, "checkpoints kept")
     resume: bool = arg(False, "continue the run in --output_dir from its latest checkpoint, exactly")
     stop_after_updates: Optional[int] = arg(None, "stop after N updates as if killed (no final export; tests)")
+    max_seconds: float = arg(0.0, "wall time of this call, from the start: after an update, when another one of "
+                             "the longest so far would pass it, write a checkpoint and stop (no final export); "
+                             "continue with --resume. Every call makes at least one update (0: no limit)")
     save_ups_head: Optional[str] = arg(None, "where to write the trained UPS (default <output_dir>/ups.safetensors)")
     save_lora_dir: Optional[str] = arg(None, "where to write the LoRA adapters (default <output_dir>/lora)")
     report_to: str = arg("none", REPORT_TO_HELP)
@@ -165,6 +168,7 @@ class RLArgs:
             (self.kl_coef >= 0, f"--kl_coef must be >= 0, got {self.kl_coef}"),
             (self.grad_accum >= 1, "--grad_accum must be >= 1"),
             (self.save_every >= 0 and self.save_total_limit >= 1, "--save_every >= 0, --save_total_limit >= 1"),
+            (self.max_seconds >= 0, f"--max_seconds must be >= 0 (0: no limit), got {self.max_seconds}"),
             (self.max_grad_norm >= 0 and self.weight_decay >= 0, "--max_grad_norm/--weight_decay must be >= 0"),
             (self.max_log_ratio > 0, "--max_log_ratio must be > 0"),
             (self.arith_n >= 1 and (self.max_examples is None or self.max_examples >= 1),

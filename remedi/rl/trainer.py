@@ -29,9 +29,11 @@ Faults and restarts: the same runtime as Remask SFT (:mod:`remedi.training.runti
 so the same rules: output paths are checked before the model loads; the run folder is locked; checkpoints are
 atomic and ``--resume`` restores the trainable weights, optimiser, scheduler and RNG (falling back past a
 damaged checkpoint), and the data position follows from the update index, so a resumed run ends with the
-same weights. A non-finite loss / gradient norm, or a loss forward whose log-probs disagree with the
-rollout's (mean |log ratio| > ``--max_log_ratio`` before the step), stops the run before the optimiser
-step with a message saying what happened (every process stops together).
+same weights. ``--max_seconds`` ends a call cleanly (a checkpoint, no export) when one more update would not
+fit, so time-limited jobs carry a run on by repeating the command with --resume. A non-finite loss /
+gradient norm, or a loss forward whose log-probs disagree with the rollout's (mean |log ratio| >
+``--max_log_ratio`` before the step), stops the run before the optimiser step with a message saying what
+happened (every process stops together).
 """
 from __future__ import annotations
 
@@ -67,7 +69,7 @@ from remedi.training.state import (args_record, dataclass_defaults, latest_check
 log = logging.getLogger(__name__)
 
 SCRIPT = "train_remask_rl"
-RESUME_FREE = {"resume", "stop_after_updates", "save_every", "save_total_limit", "output_dir", "save_ups_head",
+RESUME_FREE = {"resume", "stop_after_updates", "max_seconds", "save_every", "save_total_limit", "output_dir", "save_ups_head",
                "save_lora_dir", "max_updates", "device", "report_to", "probe_temperatures"}
 """Arguments that may change between an RL run and its --resume (they do not change the trajectory)."""
 ARG_DEFAULTS = dataclass_defaults(ModelArgs, RLArgs)
@@ -81,6 +83,7 @@ class RLTrainer:
     def __init__(self, margs: ModelArgs, rargs: RLArgs):
         self.margs, self.rargs = margs, rargs
         self.acc = self.lock = None
+        self.t_begin = time.monotonic()  # --max_seconds counts from here (setup included)
 
     # ------------------------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -495,6 +498,17 @@ class RLTrainer:
         self.out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.out / "probe.json", {"prompts": n, "tokens": self.rcfg.tokens, "rows": rows})
 
+    def _out_of_time(self, longest: float) -> bool:
+        """--max_seconds: would one more update as long as the longest so far pass the call's wall time? Every
+        process stops together (the checkpoint that follows is collective)."""
+        limit = self.rargs.max_seconds
+        if not limit:
+            return False
+        late = torch.tensor([float(time.monotonic() - self.t_begin + longest > limit)], device=self.device)
+        if self.world > 1:
+            late = self.acc.reduce(late, "sum")  # late anywhere: late everywhere
+        return bool(late.item() > 0)
+
     # ------------------------------------------------------------------------------------ the loop
     def train(self) -> dict:
         from tqdm.auto import tqdm
@@ -513,20 +527,29 @@ class RLTrainer:
         self._run_probe()
         bar = tqdm(total=r.max_updates, initial=update, disable=not self.main, desc=SCRIPT, dynamic_ncols=True)
         rec: dict = {}
-        stopped = False
+        stopped = None  # why the loop stopped before --max_updates
+        longest = 0.0
         while update < r.max_updates:
+            t0 = time.monotonic()
             rec = self.run_update(update)
             update += 1
+            longest = max(longest, time.monotonic() - t0)
             if self.main:
                 append_jsonl(metrics_path, [rec])
                 log_metrics(self, rec, update)
                 bar.set_postfix({"reward": f"{rec['reward_mean']:.3f}", "acc": f"{rec['accuracy']:.3f}",
                                  "remask/blk": f"{rec['remasks_per_block']:.1f}"})
             bar.update(1)
-            if r.save_every and update % r.save_every == 0 and update < r.max_updates:
+            saved = bool(r.save_every and update % r.save_every == 0 and update < r.max_updates)
+            if saved:
                 self.save_checkpoint(update)
             if r.stop_after_updates is not None and update >= r.stop_after_updates and update < r.max_updates:
-                stopped = True
+                stopped = "--stop_after_updates"
+                break
+            if update < r.max_updates and self._out_of_time(longest):
+                if not saved:  # the stop must be resumable whatever --save_every says
+                    self.save_checkpoint(update)
+                stopped = "--max_seconds"
                 break
         bar.close()
         curves = None
@@ -536,7 +559,7 @@ class RLTrainer:
             curves = str(plot_curves(read_jsonl(metrics_path), self.out / "curves.png", title))
         if stopped:
             if self.main:
-                log.info("stopped after update %d (--stop_after_updates); continue with --resume", update)
+                log.info("stopped after update %d of %d (%s); continue with --resume", update, r.max_updates, stopped)
             return {"update": update, "stopped": True, "metrics": rec, "paths": {"curves": curves}}
         paths = self.export(update)
         paths["curves"] = curves
