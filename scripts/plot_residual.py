@@ -23,6 +23,7 @@ LABELS = {
     "cma_linear": "residual, CMA-ES (all features)", "cma_linear_unmask_only": "residual, unmask-only twin",
     "cma_no_anchor": "residual, no anchor", "cma_feat_head": "residual, entropy + head only",
     "cma_feat_hidden": "residual, + hidden state", "slip_oracle": "slip oracle (gold-free)",
+    "slip_repredict": "token action: second look at slips", "slip_repredict_true": "token action, arithmetic-checked",
 }
 
 

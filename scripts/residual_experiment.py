@@ -11,7 +11,7 @@ float32, the first N test items), so entropy reproduces 0.426 at 48 steps on 200
   python scripts/residual_experiment.py --out runs/residual --phase rl --rl_variant greedy_loo_shaped_block --max_seconds 540
   # (rl variants, one switch each against greedy_loo_shaped_block: sampled_tokens, binary_reward, sequence_credit,
   #  greedy_baseline, old_budget; budget --rl_updates 50 --rl_prompts 64 --rl_group 16 --rl_lr 0.01 by default)
-  # 3. evaluation of every policy found under --out, plus heuristics, twins and the slip oracle
+  # 3. evaluation of every policy found under --out, plus heuristics, twins, the slip oracle and the token action
   python scripts/residual_experiment.py --out runs/residual --phase eval --n_items 2000 --max_seconds 540
   # CPU smoke of everything: --phase all --n_items 8 --problems 8 --generations 1 --popsize 2 --rl_updates 2
   #   --rl_prompts 2 --rl_group 2 --device cpu
@@ -32,7 +32,7 @@ rl_<variant> (the finished ups.safetensors) or rl_<variant>_update<N> (the lates
 finished yet; results are cached by row name, so a partial policy never stands in for the final one).
 Progress: one log line per CMA-ES generation and per eval batch, with the elapsed time; the RL trainer's bar
 shows reward and remasks/block per update. Speed: 2000-row batches and --graphs (the static decoder, CUDA
-graphs on a GPU; on by default, the slip oracle always decodes eagerly); --graphs False is the eager decoder,
+graphs on a GPU; on by default, the slip oracle and the token action always decode eagerly); --graphs False is the eager decoder,
 the same tokens (tests/test_residual_ups.py).
 """
 from __future__ import annotations
@@ -103,8 +103,8 @@ class ExperimentArgs:
     steps_list: str = arg("48,24", "step counts to evaluate")
     batch_size: int = arg(2000, "problems per forward batch (eval and search; rl: rollouts decoded at a time; 2000 "
                           "rows of the 3M model fit an H200 many times over)")
-    graphs: bool = arg(True, "static-buffer decoder (CUDA graphs on a GPU) for every policy but the slip oracle, "
-                       "whose host reads need the eager decoder")
+    graphs: bool = arg(True, "static-buffer decoder (CUDA graphs on a GPU) for every policy but the slip oracle and "
+                       "the token action, whose host reads need the eager decoder")
     problems: int = arg(512, "search: fresh training problems per generation")
     popsize: int = arg(12, "search: CMA-ES candidates per generation")
     generations: int = arg(20, "search: generations")
@@ -259,7 +259,7 @@ def policies(a: ExperimentArgs, session, tokenizer) -> dict:
     """name -> (sampler source, policy or None) for every row of the table that can run now."""
     from remedi.model.checkpoint import build_residual
     from remedi.model.residual import new_residual
-    from remedi.policy.slip import SlipOracle
+    from remedi.policy.slip import SlipOracle, SlipRepredict
 
     model = session.model
     rows = {"entropy": ("entropy", None), "tps_prob": ("tps_prob", None), "margin": ("margin", None),
@@ -285,6 +285,11 @@ def policies(a: ExperimentArgs, session, tokenizer) -> dict:
                 log.info("rl_%s: no final policy yet, evaluating its latest checkpoint as rl_%s%s", variant,
                          variant, suffix)
     rows["slip_oracle"] = ("ups", SlipOracle(tokenizer, model.config.vocab_size))
+    # the token action at result digits: a second look with the slip's digits and copies hidden (extra NFE), written
+    # as predicted, or only when it makes the equation true (an arithmetic check in the loop: a ceiling, not a policy)
+    for accept in ("any", "true"):
+        rows["slip_repredict" + ("_true" if accept == "true" else "")] = \
+            ("ups", SlipRepredict(tokenizer, model.config.vocab_size, session.ids.mask, accept=accept))
     return rows
 
 
@@ -395,7 +400,8 @@ def summarize(records: list[dict], names: list[str], steps: list[int], mech: lis
             k, n = sum(got[i]["correct"] for i in got), len(got)
             blocks = [b for r in got.values() for b in r["remasks_per_block"]]
             row = {"policy": name, "steps": st, "n": n, "accuracy": k / n, "ci95": list(wilson_interval(k, n)),
-                   "remasks_per_block": sum(blocks) / max(len(blocks), 1)}
+                   "remasks_per_block": sum(blocks) / max(len(blocks), 1),
+                   "nfe": sum(r["nfe"] for r in got.values()) / n}
             if name != "entropy" and ids:
                 a_ok, b_ok = [got[i]["correct"] for i in ids], [ref[i]["correct"] for i in ids]
                 row["vs_entropy"] = {"diff": (sum(a_ok) - sum(b_ok)) / len(ids),
@@ -404,11 +410,11 @@ def summarize(records: list[dict], names: list[str], steps: list[int], mech: lis
             rows.append(row)
     summary = {"rows": rows, "mechanism": mech}
     write_json_atomic(out / "summary.json", summary)
-    print(f"\n{'policy':<28}{'steps':>6}{'n':>6}{'acc':>8}{'remask/blk':>11}{'diff':>8}{'McNemar p':>11}")
+    print(f"\n{'policy':<28}{'steps':>6}{'n':>6}{'acc':>8}{'remask/blk':>11}{'NFE':>6}{'diff':>8}{'McNemar p':>11}")
     for r in rows:
         vs = r.get("vs_entropy")
         tail = f"{vs['diff']:>+8.3f}{vs['mcnemar_p']:>11.3g}" if vs else f"{'':>8}{'':>11}"
-        print(f"{r['policy']:<28}{r['steps']:>6}{r['n']:>6}{r['accuracy']:>8.3f}{r['remasks_per_block']:>11.1f}{tail}")
+        print(f"{r['policy']:<28}{r['steps']:>6}{r['n']:>6}{r['accuracy']:>8.3f}{r['remasks_per_block']:>11.1f}{r['nfe']:>6.1f}{tail}")
     for m in mech:
         share = "n/a" if m["same_token_share"] is None else f"{m['same_token_share']:.3f}"
         print(f"mechanism {m['policy']}: {m['recommits']} re-commits, same token {share}")

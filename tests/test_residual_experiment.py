@@ -31,7 +31,8 @@ def test_tiny_eval_writes_results_summary_and_mechanism(tmp_path, capsys):
     s = X.main(["--out", str(out), "--phase", "eval", "--n_items", "2", "--steps_list", "6", "--device", "cpu",
                 "--mechanism_items", "1"])
     names = {r["policy"] for r in s["rows"]}
-    assert {"entropy", "tps_prob", "margin", "entropy_unmask_only", "mix_0.2_untrained", "slip_oracle"} <= names
+    assert {"entropy", "tps_prob", "margin", "entropy_unmask_only", "mix_0.2_untrained", "slip_oracle", "slip_repredict",
+            "slip_repredict_true"} <= names
     recs = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
     assert len(recs) == 2 * len(names)
     assert all(r["remasks"] == 0 for r in recs if r["source"] == "entropy_unmask_only")

@@ -76,6 +76,7 @@ Fast decoding (every part has a flag that turns it off, and the defaults are the
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 import weakref
 from dataclasses import dataclass
@@ -97,7 +98,8 @@ from remedi.model.loading import SpecialIds
 class Generation:
     """One row's result. ``tokens`` drops everything from the first EOS on.
 
-    nfe: model forward passes this row took part in (one per step, two per step with CFG).
+    nfe: model forward passes this row took part in (one per step, two per step with CFG, and the second looks of
+    a token action, :class:`remedi.policy.slip.SlipRepredict`).
     remasks: positions holding a token before a step and masked after it; remasks_per_block lists the
     blocks actually computed (fewer than gen_length / block_length when eos_gating stopped early).
     seconds: wall time of the whole ``generate`` call divided by the number of rows (each row's share of
@@ -257,6 +259,9 @@ def decode_blocks(model, prompts, cfg: SamplerConfig, ids: SpecialIds, generator
         done = dec.end_block(cfg.eos_gating)
         if cfg.eos_gating:
             active = [b for j, b in enumerate(active) if not done[j]]
+    extra = getattr(dec, "extra_nfe", None)  # a token action's second looks (eager decoder only)
+    if extra is not None:
+        nfe = [a + b for a, b in zip(nfe, extra)]
     return BlockRun(dec, nfe, block_rows, traj, P)
 
 
@@ -273,11 +278,15 @@ class EagerDecoder:
         self.model, self.cfg, self.ids, self.x, self.attn, self.P = model, cfg, ids, x, attn, P
         self.rule = rule
         self.scorer = ups_scorer(model) if cfg.strategy == "ups" else None  # a residual UPS policy, or None
+        if rule is not None and hasattr(self.scorer, "token_action"):
+            raise ValueError(f"{type(self.scorer).__name__} rewrites tokens outside the rollout policy: Remask RL "
+                             "cannot train it; roll out with a UPS that only ranks positions")
         self.causal = cfg.layout == "block_causal"
         self.forwards = 0  # model forwards (steps, and the block-causal cache's prefill and commits)
         self.device = x.device
         self.K = torch.tensor(unmask_schedule(cfg.block_length, cfg.steps_per_block), device=self.device)
         self.log: list[torch.Tensor] = []  # per computed block: its active rows' remask counts
+        self.extra_nfe = [0] * x.shape[0]  # per row: forwards of a token action's second looks (repredict)
 
     def begin_block(self, blk: int, lo: int, hi: int, active: list[int]) -> None:
         self.lo, self.hi, self.active = lo, hi, active
@@ -314,6 +323,9 @@ class EagerDecoder:
             self.new = out.new
             return out
         x0 = draw_candidates(logits, cfg.temperature, step_gens)
+        action = getattr(self.scorer, "token_action", None)  # a policy that may rewrite tokens (remedi.policy.slip)
+        if action is not None:
+            x0, cur = action(x0, cur, self.repredict)
         rand = draw_uniform(A, cfg.block_length, step_gens, self.device) if cfg.strategy in RANDOM_STRATEGIES \
             else None
         if cfg.threshold is not None:
@@ -327,6 +339,21 @@ class EagerDecoder:
         self.blk_remasks += remasked.sum(1)
         self.new = new
         return StepOut(masked, new, remasked, score)
+
+    def repredict(self, rows: list[int], block: torch.Tensor) -> torch.Tensor:
+        """Prepared logits (len(rows), Lb, V) of the current block for active rows ``rows``, with the block's
+        tokens replaced by ``block`` (masks where the caller hides context): one extra forward of those rows,
+        without the cache (a full forward that leaves the cache as it was). A token action's second look."""
+        idx = torch.tensor(rows, device=self.device)
+        x = self.xa[idx].clone()
+        x[:, self.lo:self.hi] = block
+        attn = None if self.aa is None else self.aa[idx]
+        cfg = dataclasses.replace(self.cfg, cache="none")
+        logits = block_forward(self.model, x, attn, self.lo, self.hi, self.P, cfg, self.ids.mask, None, True)[0]
+        self.forwards += 1
+        for r in rows:
+            self.extra_nfe[self.active[r]] += 2 if cfg.cfg_scale > 0 else 1
+        return prepare_logits(logits, self.cfg, self.ids)
 
     def row(self, j: int, b: int) -> int:
         return j
