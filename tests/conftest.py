@@ -1,6 +1,7 @@
 """Shared fixtures: tiny models and tokenizers in the real hub formats, built on the fly (CPU, float32)."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -89,6 +90,23 @@ def model():
     from tests.helpers.sampler import _model
 
     return _model()
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    """The embedded model with its round-1 UPS head (``ups_head.pt``), loaded once per module, on the CPU."""
+    from remedi.model.loading import EMBEDDED_MODEL, load_for_inference
+
+    return load_for_inference(str(EMBEDDED_MODEL), ups_head=str(EMBEDDED_MODEL / "ups_head.pt"), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def prompts(embedded):
+    """The first four questions of the embedded model's test split, tokenized."""
+    from remedi.model.loading import EMBEDDED_MODEL
+
+    rows = [json.loads(line) for line in (EMBEDDED_MODEL / "data" / "test.jsonl").read_text().splitlines()[:4]]
+    return [embedded.tokenizer(r["question"])["input_ids"] for r in rows]
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """The residual UPS (remedi.model.residual): a zero residual is its anchor token for token, features match a slow
 reference, the file round-trips through save_ups/load_ups (head and stream, 8B-like shapes), old files load."""
 import dataclasses
-import json
 
 import pytest
 import torch
@@ -10,23 +9,11 @@ from remedi.decoding.sampler import SamplerConfig, generate, position_scores
 from remedi.model.checkpoint import load_ups, read_ups_meta, save_ups
 from remedi.model.config import get_config
 from remedi.model.llada import RemeDiLM, UPSHead, init_weights
-from remedi.model.loading import EMBEDDED_MODEL, load_for_inference
 from remedi.model.features import (FEATURES, TYPE_DIGIT, TYPE_EQUALS, TYPE_SPACE, step_features,
                                     step_features_reference, token_types)
 from remedi.model.residual import ResidualUPS, attach_policy, new_residual
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def embedded():
-    return load_for_inference(str(EMBEDDED_MODEL), ups_head=str(EMBEDDED_MODEL / "ups_head.pt"), device="cpu")
-
-
-@pytest.fixture(scope="module")
-def prompts(embedded):
-    rows = [json.loads(line) for line in (EMBEDDED_MODEL / "data" / "test.jsonl").read_text().splitlines()[:4]]
-    return [embedded.tokenizer(r["question"])["input_ids"] for r in rows]
 
 
 def _decode(loaded, prompts, strategy, **kw):

@@ -11,22 +11,10 @@ import torch
 
 from remedi.decoding.sampler import EagerDecoder, SamplerConfig, generate
 from remedi.decoding.step import PolicyRule, layout_batch
-from remedi.model.loading import EMBEDDED_MODEL, load_for_inference
 from remedi.model.residual import attach_policy
 from remedi.policy import slip as S
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def embedded():
-    return load_for_inference(str(EMBEDDED_MODEL), ups_head=str(EMBEDDED_MODEL / "ups_head.pt"), device="cpu")
-
-
-@pytest.fixture(scope="module")
-def prompts(embedded):
-    rows = [json.loads(line) for line in (EMBEDDED_MODEL / "data" / "test.jsonl").read_text().splitlines()[:4]]
-    return [embedded.tokenizer(r["question"])["input_ids"] for r in rows]
 
 
 def test_find_slips_names_results_and_later_copies():
