@@ -5,7 +5,8 @@ float32, the first N test items), so entropy reproduces 0.426 at 48 steps on 200
 
   # 1. the derivative-free stage, one variant per call (rerun the same line until it says done)
   python scripts/residual_experiment.py --out runs/residual --phase search --variant linear --max_seconds 540
-  # (variants: linear, no_anchor, feat_entropy, feat_head, feat_type_ctx, feat_hidden)
+  # (variants: linear, no_anchor, feat_entropy, feat_head, feat_type_ctx, feat_hidden, learned_count; learned_count,
+  #  linear + a searched hide threshold (remedi.model.residual), has run on CPU with tiny budgets only)
   # 2. Remask RL of g from the CMA winner (search/linear/ups_mean.pt), one variant per call (rerun the same
   #    line until it says done; each call stops with a checkpoint before --max_seconds)
   python scripts/residual_experiment.py --out runs/residual --phase rl --rl_variant greedy_loo_shaped_block --max_seconds 540
@@ -26,8 +27,9 @@ and the time limit).
 
 Writes under --out: search/<variant>/ (remedi.policy.search), rl/<variant>/ (the trainer's args.json,
 metrics.jsonl, curves.png, probe.json, checkpoints/, and ups.safetensors when finished), results.jsonl (one
-record per item, policy and step count), mechanism.json (remasks/block and the same-token re-commit share from
-trajectories of the first --mechanism_items items), summary.json; prints the table last. Eval rows of RL:
+record per item, policy and step count), mechanism.json (the same-token re-commit share and the positions a
+block hid beyond K_n -- the learned count's extra hidden positions, 0 without one -- from trajectories of the first
+--mechanism_items items), summary.json; prints the table last. Eval rows of RL:
 rl_<variant> (the finished ups.safetensors) or rl_<variant>_update<N> (the latest checkpoint of a run not
 finished yet; results are cached by row name, so a partial policy never stands in for the final one).
 Progress: one log line per CMA-ES generation and per eval batch, with the elapsed time; the RL trainer's bar
@@ -62,6 +64,9 @@ VARIANTS = {  # one switch each, against "linear"
     "feat_head": {"features": "entropy,base"},
     "feat_type_ctx": {"features": "entropy,base,digit,operator,equals,result_digit,ctx_entropy,pos,progress"},
     "feat_hidden": {"features": FULL + ",hidden", "hidden_rank": 4},
+    # linear + a learned count of extra hidden positions: a searched threshold tau hides kept positions scoring below
+    # it (not at a block's last step), so fewer than K_n may stay visible (remedi.model.residual, hide_threshold)
+    "learned_count": {"features": FULL, "learn_hide": True},
 }
 WINNER = "linear"
 # Remask RL from the CMA winner (--phase rl). The recommended recipe trains the evaluated decision (Remask_SFT_RUN.md
@@ -109,7 +114,8 @@ class ExperimentArgs:
     popsize: int = arg(12, "search: CMA-ES candidates per generation")
     generations: int = arg(20, "search: generations")
     search_steps: int = arg(48, "search: denoising steps")
-    mechanism_items: int = arg(100, "items whose trajectories give the same-token re-commit share")
+    mechanism_items: int = arg(100, "items whose trajectories give the same-token re-commit share and the "
+                               "positions hidden beyond K_n")
     max_seconds: float = arg(0.0, "stop cleanly after the piece that passes this wall time (0: no limit)")
     device: Optional[str] = arg(None, "cuda or cpu (default: cuda if available)")
 
@@ -141,7 +147,8 @@ def run_search(a: ExperimentArgs, variant: str, deadline: Optional[float]) -> No
             "--features", v["features"], "--anchor", v.get("anchor", "entropy"),
             "--hidden_rank", str(v.get("hidden_rank", 0)), "--init", v.get("init", ""),
             "--problems", str(a.problems), "--popsize", str(a.popsize), "--generations", str(a.generations),
-            "--steps", str(a.search_steps), "--batch_size", str(a.batch_size), "--graphs", str(a.graphs)]
+            "--steps", str(a.search_steps), "--batch_size", str(a.batch_size), "--graphs", str(a.graphs),
+            "--learn_hide", str(v.get("learn_hide", False))]
     if deadline is not None:
         argv += ["--max_seconds", str(max(1.0, deadline - time.monotonic()))]
     if a.device:
@@ -307,8 +314,23 @@ def recommit_share(traj: list[dict]) -> tuple[int, int]:
     return n, same
 
 
+def extra_hidden(traj: list[dict], schedule: list[int]) -> tuple[int, int]:
+    """(positions hidden beyond the schedule, blocks) of one trajectory: at the n-th step of a block K_n = schedule[n]
+    positions stay visible under the fixed schedule, so K_n minus the visible positions after the step were hidden by a
+    learned count (0 for every policy without one)."""
+    hidden, blocks, n, cur = 0, 0, 0, None
+    for st in traj:
+        if st["block"] != cur:
+            cur, n, blocks = st["block"], 0, blocks + 1
+        lo, hi = st["span"]
+        hidden += schedule[n] - sum(t is not None for t in st["tokens"][lo:hi])
+        n += 1
+    return hidden, blocks
+
+
 def run_eval(a: ExperimentArgs, deadline: Optional[float]) -> Optional[dict]:
     from remedi.decoding.args import SamplingArgs
+    from remedi.decoding.step import unmask_schedule
     from remedi.evaluation import data as D
     from remedi.evaluation.results import make_record
     from remedi.model.residual import attach_policy
@@ -357,7 +379,9 @@ def run_eval(a: ExperimentArgs, deadline: Optional[float]) -> Optional[dict]:
     mech_path = out / "mechanism.json"
     mech = read_jsonl(out / "mechanism.jsonl")
     have = {m["policy"] for m in mech}
-    for name in ("entropy", f"cma_{WINNER}", "mix_0.2_untrained", f"rl_{RL_RECOMMENDED}"):
+    Lb = sampling.block_length  # K_n of the eval's blocks at the mechanism's step count
+    schedule = unmask_schedule(Lb, a.steps[0] // (sampling.gen_length // Lb))
+    for name in ("entropy", f"cma_{WINNER}", "mix_0.2_untrained", f"rl_{RL_RECOMMENDED}", "cma_learned_count"):
         if name not in rows or name in have:
             continue
         source, policy = rows[name]
@@ -365,12 +389,14 @@ def run_eval(a: ExperimentArgs, deadline: Optional[float]) -> Optional[dict]:
         sub = items[:a.mechanism_items]
         gens = session.generate([enc[it.id][0] for it in sub], source, [it.id for it in sub], a.steps[0],
                                 record_trajectory=True)
-        n = same = 0
+        n = same = hid = blocks = 0
         for g in gens:
             dn, ds = recommit_share(g.trajectory)
-            n, same = n + dn, same + ds
+            dh, db = extra_hidden(g.trajectory, schedule)
+            n, same, hid, blocks = n + dn, same + ds, hid + dh, blocks + db
         append_jsonl(out / "mechanism.jsonl", [{"policy": name, "steps": a.steps[0], "items": len(sub),
-                                                "recommits": n, "same_token_share": same / n if n else None}])
+                                                "recommits": n, "same_token_share": same / n if n else None,
+                                                "extra_hidden_per_block": hid / max(blocks, 1)}])
     attach_policy(session.model, None)
     mech = read_jsonl(out / "mechanism.jsonl")
     write_json_atomic(mech_path, mech)
@@ -417,7 +443,9 @@ def summarize(records: list[dict], names: list[str], steps: list[int], mech: lis
         print(f"{r['policy']:<28}{r['steps']:>6}{r['n']:>6}{r['accuracy']:>8.3f}{r['remasks_per_block']:>11.1f}{r['nfe']:>6.1f}{tail}")
     for m in mech:
         share = "n/a" if m["same_token_share"] is None else f"{m['same_token_share']:.3f}"
-        print(f"mechanism {m['policy']}: {m['recommits']} re-commits, same token {share}")
+        extra = m.get("extra_hidden_per_block")  # absent in records written before the learned count
+        tail = "" if extra is None else f", {extra:.2f} positions/block hidden beyond K_n"
+        print(f"mechanism {m['policy']}: {m['recommits']} re-commits, same token {share}{tail}")
     return summary
 
 

@@ -166,3 +166,30 @@ def test_phase_all_smoke_searches_trains_rl_from_the_winner_and_evaluates_it(tmp
     assert {f"cma_{v}" for v in X.VARIANTS} | {f"rl_{X.RL_RECOMMENDED}"} <= names
     assert (out / "rl" / X.RL_RECOMMENDED / "ups.safetensors").is_file()
     assert not any((out / "rl" / v).exists() for v in X.RL_VARIANTS if v != X.RL_RECOMMENDED)
+
+
+# ------------------------------------------------------------------------------------ the learned count
+def test_extra_hidden_counts_positions_hidden_beyond_the_schedule():
+    """K_n = 1, 2 for a block of 2 in 2 steps; a learned count that shows nothing at step 1 hid one position."""
+    traj = [{"block": 0, "span": [0, 2], "tokens": [None, None, None, None]},  # K_1 = 1, 0 visible
+            {"block": 0, "span": [0, 2], "tokens": [5, 6, None, None]},  # K_2 = 2, 2 visible
+            {"block": 1, "span": [2, 4], "tokens": [5, 6, 7, None]},  # as scheduled
+            {"block": 1, "span": [2, 4], "tokens": [5, 6, 7, 8]}]
+    assert X.extra_hidden(traj, [1, 2]) == (1, 2)
+
+
+def test_learned_count_variant_searches_tau_and_is_an_eval_row(tmp_path):
+    """--phase search --variant learned_count writes a UPS with tau; the eval picks it up as cma_learned_count and
+    records its positions hidden beyond K_n in the mechanism."""
+    from remedi.model.checkpoint import read_ups, read_ups_meta
+
+    out = tmp_path / "rx"
+    X.main(["--out", str(out), "--phase", "search", "--variant", "learned_count", "--problems", "2", "--popsize", "2",
+            "--generations", "1", "--search_steps", "6", "--device", "cpu"])
+    path = out / "search" / "learned_count" / "ups_mean.pt"
+    assert read_ups_meta(path)["residual"]["hide_threshold"] is True and "ups_policy.hide_tau" in read_ups(path)[0]
+    s = X.main(["--out", str(out), "--phase", "eval", "--n_items", "1", "--steps_list", "6", "--device", "cpu",
+                "--mechanism_items", "1"])
+    assert "cma_learned_count" in {r["policy"] for r in s["rows"]}
+    mech = {m["policy"]: m for m in s["mechanism"]}
+    assert mech["entropy"]["extra_hidden_per_block"] == 0 and mech["cma_learned_count"]["extra_hidden_per_block"] >= 0

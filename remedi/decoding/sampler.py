@@ -12,6 +12,8 @@ Two families of strategies, selected by name (``SamplerConfig.strategy``):
   are unmasked (c_n the LLaDA counts for a fully masked block). Every position of the block is scored --
   a masked one by its candidate, an unmasked one by its current token -- the top K_n stay or become
   unmasked and every other position of the block becomes the mask again (a *remask* if it held a token).
+  (A residual UPS with a hide threshold, :mod:`remedi.model.residual`, keeps fewer: kept positions scoring below
+  its tau are hidden too, except at the block's last step.)
 
 Scores (all computed in float64 from the float32 logits):
   tps_prob   p(candidate) at masked positions, p(current token) at unmasked ones

@@ -370,6 +370,10 @@ def decide(cfg: SamplerConfig, ids: SpecialIds, logits: torch.Tensor, ups: Optio
     scorer (:func:`ups_scorer`; ``ups`` source only): replaces :func:`position_scores` by
     ``scorer.score(logits, tokens, masked, k, ups, hidden)`` (B, Lb) float64 -- a residual UPS's
     anchor + g(features) -- and must be pure tensor code as well (step schedule only: k is K_n).
+    A scorer with a learned count (``scorer.hide_below_threshold(score, k)`` not None: a residual UPS's
+    hide threshold) hides the kept positions that mask marks, after the top-K_n choice: fewer than K_n stay
+    visible, and a hidden position that was visible counts as remasked. The mask marks nothing where K_n is
+    the block length, so the block's last step still shows every position.
 
     logits (B, Lb, V) prepared; x0 (B, Lb) the candidates; k (B,) the positions to keep (remask
     strategies: K_n) or to commit (LLaDA's: the step's counts), unused by threshold decoding; run (B, 1)
@@ -379,8 +383,11 @@ def decide(cfg: SamplerConfig, ids: SpecialIds, logits: torch.Tensor, ups: Optio
     select = select or select_top_k
     masked = cur == ids.mask
     tok = torch.where(masked, x0, cur) if cfg.remasks else x0
+    hide = None  # kept positions a learned count hides anyway (from the scorer's own score, before the EOS rule)
     if scorer is not None and cfg.strategy == "ups":
         score = scorer.score(logits, tok, masked, k, ups, hidden)
+        if cfg.threshold is None and hasattr(scorer, "hide_below_threshold"):
+            hide = scorer.hide_below_threshold(score, k)
     else:
         score = position_scores(cfg.strategy, logits, tok, ups, rand)
     if cfg.confidence_eos_eot_inf:
@@ -391,6 +398,8 @@ def decide(cfg: SamplerConfig, ids: SpecialIds, logits: torch.Tensor, ups: Optio
         new = torch.where(unmask, x0, torch.where(remasked, torch.full_like(cur, ids.mask), cur))
     elif cfg.remasks:
         keep = select(score, torch.ones_like(masked), k)
+        if hide is not None:
+            keep = keep & ~hide
         new = torch.where(keep, tok, torch.full_like(cur, ids.mask))
         remasked = ~masked & ~keep
     else:
@@ -417,6 +426,8 @@ class StepOut:
 
 # ------------------------------------------------------------------------- the rollout selection rule
 TOKEN_RULES = ("sample", "greedy")
+HIDE_RL_REFUSAL = ("Remask RL cannot roll out a residual UPS with a hide threshold (its learned count of extra "
+                   "hidden positions is no Plackett-Luce action): start RL from a residual UPS without one")
 POSITION_RULES = ("plackett_luce", "top_k")
 
 
@@ -497,7 +508,11 @@ def policy_decide(rule: PolicyRule, ids: SpecialIds, logits: torch.Tensor, ups: 
     sampler with the same scorer), in float64; ``ups`` records s, and ``features`` / ``anchor`` record what
     s was computed from (:meth:`~remedi.model.residual.ResidualUPS.step_inputs`), so the loss can rescore
     the recorded steps with g's current weights without a forward (the backbone and base UPS are frozen).
+    A residual UPS with a hide threshold (a learned count of extra hidden positions) is refused: the count is
+    a hard threshold outside the Plackett-Luce draw, with no probability for the loss to train.
     """
+    if getattr(scorer, "hide_tau", None) is not None:
+        raise ValueError(HIDE_RL_REFUSAL)
     B, Lb = cur.shape
     masked = cur == ids.mask
     if rule.tokens == "sample":

@@ -607,7 +607,8 @@ def build_residual(spec: dict, state: dict[str, torch.Tensor], d_model: int, pat
         policy = ResidualUPS(d_model, table, anchor=spec["anchor"], features=spec["features"],
                              hidden_rank=int(spec.get("hidden_rank", 0)), g=spec.get("g", "linear"),
                              attn_dim=int(spec.get("attn_dim", 8)), unmask_only=bool(spec.get("unmask_only")),
-                             seed=int(spec.get("seed", 0)))
+                             seed=int(spec.get("seed", 0)),  # a spec without hide_threshold (older files): none
+                             hide_threshold=0.0 if spec.get("hide_threshold") else None)  # tau: from the tensors
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{path}: the residual UPS spec is not valid ({e}); re-save it") from None
     _load_exact(policy, state, path)  # the names/shapes check every UPS part gets

@@ -16,6 +16,19 @@ self-attention layer over the block's positions (block context), and a zero-init
 ``unmask_only``: visible positions always stay (score +inf), so the policy only orders the masked ones:
 the "unmask-only twin" of a policy, which isolates what its remasking is worth.
 
+``hide_threshold`` (optional; None, the default, is off and decides exactly as before): a learned count of
+extra hidden positions. After the fixed schedule keeps the K_n best positions of a step, any kept position
+whose residual score (anchor + g, before the sampler's EOS/EOT -inf rule) is below the threshold tau is hidden
+anyway, so K_n minus that count stay visible: a state-dependent count instead of the fixed K_n. A step whose
+schedule keeps the whole block (K_n = block length: always the block's last step, and with more steps than
+positions also the surplus steps before it) hides nothing, so every block still ends fully decoded.
+:meth:`ResidualUPS.hide_below_threshold` gives the mask, pure tensor code reading tau in place (one CUDA-graph
+capture serves every tau); :func:`remedi.decoding.step.decide` applies it. Remask RL refuses such a policy (the
+threshold is no Plackett-Luce action: :func:`remedi.decoding.step.policy_decide`). The search (``--learn_hide`` of
+:mod:`remedi.policy.search`) sets tau from one extra searched number theta through
+:meth:`ResidualUPS.threshold_at` (tau = U - (U - L + 1) exp(-7 theta), [L, U] the anchor's score range;
+theta = 0 is below every score the anchor gives, i.e. off in effect).
+
 How it plugs in: :class:`~remedi.model.llada.RemeDiLM` carries the policy as ``ups_policy`` (its forward is
 unchanged: ``ups_logits`` stay the base UPS's (B, L)); the decoders (eager and static/CUDA graph) pass it as
 ``scorer`` to :func:`remedi.decoding.step.decide` for the ``ups`` source, which ranks by :meth:`ResidualUPS.score`
@@ -24,7 +37,8 @@ Remask RL rollouts pass it to :func:`~remedi.decoding.step.policy_decide`, whose
 scores are then the residual score, recording the features so :mod:`remedi.rl.loss` rescores with g's
 current weights. ``RemeDiLM.ups_modules()`` is the residual, so RL trains g (the base UPS stays fixed).
 save_ups / load_ups store it beside the base UPS (head or stream): the metadata says ``kind: residual`` and
-``residual: {...}`` (:meth:`ResidualUPS.spec`), the tensors are ``ups_policy.*``;
+``residual: {...}`` (:meth:`ResidualUPS.spec`; ``hide_threshold: true`` when tau is on), the tensors are
+``ups_policy.*`` (tau is ``ups_policy.hide_tau``, absent when off, so files older than it load as before);
 :func:`remedi.model.checkpoint.build_residual` rebuilds and checks it from a file.
 """
 from __future__ import annotations
@@ -42,6 +56,16 @@ ANCHORS = ("entropy", "tps_prob", "margin", "none")
 G_KINDS = ("linear", "attention")
 DEFAULT_FEATURES = ("entropy", "margin", "logp_tok", "logp_max", "masked", "pos", "progress", "digit", "operator",
                     "result_digit", "base")
+# The search's map theta -> tau (ResidualUPS.threshold_at): tau = U - (U - L + HIDE_MARGIN) exp(-HIDE_RATE theta).
+# theta = 0 puts tau HIDE_MARGIN below the anchor's lowest score (entropy: -log V - 1 = -7.85): off in effect. The
+# map is logarithmic in the distance to the top of the range because the scores that matter crowd there: on the
+# embedded model (32 test items, 48 steps, entropy) the kept positions of non-final steps have entropy median 0,
+# 99th percentile 0.68 nats, max 3.9, against log V = 6.85. With rate 7, theta = 0.3 (one sigma0 of the search)
+# gives tau = -0.96 (hides kept positions above 0.96 nats: under 1% of them), 0.6 gives -0.12 and 0.9 gives -0.014.
+# A linear map tau = -7.85 (1 - theta) would hide nothing below theta 0.5 and only the top 1% below theta 0.91:
+# a flat start that gives CMA-ES no signal for several generations.
+HIDE_RATE = 7.0
+HIDE_MARGIN = 1.0
 
 
 class ResidualUPS(nn.Module):
@@ -49,7 +73,8 @@ class ResidualUPS(nn.Module):
 
     def __init__(self, d_model: int, type_table: torch.Tensor, anchor: str = "entropy",
                  features: Sequence[str] = DEFAULT_FEATURES, hidden_rank: int = 0, g: str = "linear",
-                 attn_dim: int = 8, unmask_only: bool = False, seed: int = 0):
+                 attn_dim: int = 8, unmask_only: bool = False, seed: int = 0,
+                 hide_threshold: Optional[float] = None):
         super().__init__()
         if anchor not in ANCHORS:
             raise ValueError(f"residual anchor {anchor!r}: choose one of {', '.join(ANCHORS)}")
@@ -71,12 +96,17 @@ class ResidualUPS(nn.Module):
             self.inp = nn.Parameter(torch.randn(F, a, generator=gen) / math.sqrt(F))
             self.qk = nn.Parameter(torch.randn(2, a, a, generator=gen) / math.sqrt(a))
             self.out = nn.Parameter(torch.zeros(a))  # zero output layer: the block context starts silent
+        # tau of the learned count (module docstring); a None buffer is not in the state dict, so a file without
+        # a threshold has no ups_policy.hide_tau and an old file loads exactly as before
+        self.register_buffer("hide_tau", None if hide_threshold is None else
+                             torch.tensor(float(hide_threshold), dtype=torch.float64))
 
     # ------------------------------------------------------------------------------- description / weights
     def spec(self) -> dict[str, Any]:
         """What rebuilds this policy (stored in the UPS file's metadata as ``residual``)."""
         return {"anchor": self.anchor, "features": list(self.features), "hidden_rank": self.hidden_rank,
                 "g": self.g, "attn_dim": self.attn_dim, "unmask_only": self.unmask_only, "seed": self.seed,
+                "hide_threshold": self.hide_tau is not None,
                 "d_model": self.d_model, "vocab_size": int(self.type_table.numel()),
                 "feature_columns": self.feature_columns()}
 
@@ -99,6 +129,48 @@ class ResidualUPS(nn.Module):
         self.weight.copy_(w[:-1].to(self.weight))
         self.bias.copy_(w[-1].to(self.bias))
         return self
+
+    # ------------------------------------------------------------------------------- the learned count
+    def score_range(self) -> tuple[float, float]:
+        """[L, U]: the scores the anchor alone can give (g = 0): -entropy in [-log V, 0], a probability or margin
+        in [0, 1], ``none`` exactly 0."""
+        if self.anchor == "entropy":
+            return -math.log(self.type_table.numel()), 0.0
+        return (0.0, 1.0) if self.anchor in ("tps_prob", "margin") else (0.0, 0.0)
+
+    def threshold_at(self, theta: float) -> float:
+        """tau for the search's coordinate theta: U - (U - L + HIDE_MARGIN) exp(-HIDE_RATE theta) (constants above).
+        theta = 0 is HIDE_MARGIN below every anchor score (off in effect while g is zero); tau rises towards U."""
+        lo, hi = self.score_range()
+        return hi - (hi - lo + HIDE_MARGIN) * math.exp(-HIDE_RATE * float(theta))
+
+    def search_columns(self) -> list[str]:
+        """Names of what the derivative-free stage searches: the feature columns, the bias, and ``hide_theta`` when
+        the policy has a hide threshold."""
+        return self.feature_columns() + ["bias"] + (["hide_theta"] if self.hide_tau is not None else [])
+
+    @torch.no_grad()
+    def set_search_point(self, v: Sequence[float] | torch.Tensor) -> "ResidualUPS":
+        """Set the linear weights and bias and, with a hide threshold, tau = :meth:`threshold_at` (the last value,
+        theta), in place (a captured static step reads them where they are)."""
+        v = torch.as_tensor(v, dtype=torch.float64).reshape(-1)
+        n = len(self.search_columns())
+        if v.numel() != n:
+            raise ValueError(f"{v.numel()} values for a search point of {n} ({', '.join(self.search_columns())})")
+        if self.hide_tau is not None:
+            self.hide_tau.fill_(self.threshold_at(float(v[-1])))
+            v = v[:-1]
+        return self.set_linear_weights(v)
+
+    def hide_below_threshold(self, score: torch.Tensor, keep: torch.Tensor) -> Optional[torch.Tensor]:
+        """(B, Lb) bool: kept positions to hide anyway (score below tau), or None without a hide threshold.
+
+        score (B, Lb) this policy's :meth:`score`; keep (B,) K_n. Nothing is hidden where K_n covers the block
+        (K_n = Lb: the block's last step), so a block still ends fully visible. Pure tensor code (no host sync)."""
+        if self.hide_tau is None:
+            return None
+        below = score < self.hide_tau.to(score.dtype)
+        return below & (keep < score.shape[-1])[:, None]
 
     # ------------------------------------------------------------------------------- scoring
     def step_inputs(self, logits: torch.Tensor, tokens: torch.Tensor, masked: torch.Tensor, keep: torch.Tensor,

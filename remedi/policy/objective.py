@@ -66,8 +66,9 @@ class GreedyObjective:
         return out
 
     def accuracy(self, weights: Optional[Sequence[float]], items, prompts) -> float:
-        """Accuracy with the policy's linear weights set to ``weights`` (None: the policy as it is)."""
+        """Accuracy with the policy set to the search point ``weights``: its linear weights and bias, then hide_theta
+        when it has a hide threshold (:meth:`~remedi.model.residual.ResidualUPS.set_search_point`; None: as it is)."""
         if weights is not None:
-            self.session.model.ups_policy.set_linear_weights(torch.as_tensor(weights, dtype=torch.float64))
+            self.session.model.ups_policy.set_search_point(torch.as_tensor(weights, dtype=torch.float64))
         ok = self.correct(items, prompts)
         return sum(ok) / max(len(ok), 1)

@@ -10,6 +10,13 @@ search state, atomically; rerunning with the same ``--out`` resumes from the las
     python -m remedi.policy.search --out runs/policy_search                      # the embedded model, CPU/GPU
     python -m remedi.policy.search --out runs/ps --ups_head results/embedded/round2/heads/traj_entropy.pt \\
         --problems 512 --popsize 12 --generations 20 --steps 48 --batch_size 1024 --device cuda
+    python -m remedi.policy.search --out runs/ps_count --learn_hide   # + a learned count: one more dimension
+
+``--learn_hide`` adds the hide threshold of :mod:`remedi.model.residual` (kept positions scoring below tau are hidden
+anyway, except at a block's last step) as the last searched number, theta, mapped to tau by
+:meth:`~remedi.model.residual.ResidualUPS.threshold_at`; theta starts at 0, below every anchor score, so the start
+(and the "anchor" curve) is still the anchor's decisions, token for token. The files carry tau as
+``ups_policy.hide_tau`` (and theta and tau in the metadata's ``search``).
 
 Writes ``<out>/ups_mean.pt`` and ``<out>/ups_best.pt`` (loadable with ``--ups_head`` by every script),
 ``history.jsonl`` (one line per generation), ``curve.png`` and ``state.pt`` (resume).
@@ -53,6 +60,12 @@ class SearchArgs:
     search_seed: int = arg(0, "seed of the problem stream and of CMA-ES")
     init: str = arg("", "starting weights other than zero, e.g. 'base=1' (the no-anchor ablation starts from the "
                     "base head's ranking)")
+    learn_hide: bool = arg(False, "also search a hide threshold tau, one more dimension (hide_theta): kept "
+                           "positions scoring below tau are hidden anyway except at a block's last step, a learned "
+                           "count of extra hidden positions (remedi.model.residual). tau = U - (U - L + 1) "
+                           "exp(-7 theta), [L, U] the anchor's score range: theta 0, the start, is below every anchor "
+                           "score (off in effect); theta 0.3 (one --sigma) hides kept positions above 0.96 nats of "
+                           "entropy, 0.6 above 0.12")
     graphs: bool = arg(False, "decode on the static-buffer decoder (CUDA graphs on a GPU; the residual's weights "
                        "are read in place, so one capture serves every candidate)")
     max_seconds: float = arg(0.0, "stop after the generation that passes this wall time (0: no limit); rerun "
@@ -127,9 +140,13 @@ def plot_curve(history: list[dict], path: Path, title: str) -> Path:
     return path
 
 
+LATER_FLAGS = {"learn_hide": False}  # flags added after searches were saved: an older state.pt ran with these values
+
+
 def _same_run(settings: dict) -> dict:
     """The settings a resumed search must share (--generations may grow, --max_seconds change)."""
-    return {**settings, "search": {k: v for k, v in settings["search"].items() if k not in ("generations", "max_seconds")}}
+    search = {**LATER_FLAGS, **settings["search"]}
+    return {**settings, "search": {k: v for k, v in search.items() if k not in ("generations", "max_seconds")}}
 
 
 def main(argv=None) -> dict:
@@ -166,10 +183,12 @@ def main(argv=None) -> dict:
         raise ValueError(f"--out {out} is not empty and holds no search; choose a new or empty folder")
     session.load(m.device, "fp32" if m.dtype == "auto" else m.dtype)  # float32 unless asked: as evaluated
     policy = new_residual(session.model, session.tokenizer, anchor=a.anchor, features=features,
-                          hidden_rank=a.hidden_rank)  # validates the feature names
+                          hidden_rank=a.hidden_rank,  # validates the feature names
+                          hide_threshold=0.0 if a.learn_hide else None)  # tau: set from theta with the start below
     attach_policy(session.model, policy)
-    dim = policy.weight.numel() + 1
-    write_json_atomic(out / "settings.json", {**settings, "feature_columns": policy.feature_columns() + ["bias"]})
+    cols = policy.search_columns()  # feature columns, bias (and hide_theta)
+    dim = len(cols)
+    write_json_atomic(out / "settings.json", {**settings, "feature_columns": cols})
     objective = GreedyObjective(session, a.steps, a.batch_size)
     banned = held_out_questions()
     history = read_jsonl(hist_path, repair=True)[: state["generation"] if state else 0]
@@ -195,16 +214,18 @@ def main(argv=None) -> dict:
         rec = {**rec, **extra}
         history.append(rec)
         for name, w in (("ups_mean.pt", rec["mean"]), ("ups_best.pt", st["best"]["weights"])):
-            policy.set_linear_weights(w)
+            policy.set_search_point(w)  # with --learn_hide the file's ups_policy.hide_tau is this point's tau
+            hide = {} if policy.hide_tau is None else {"hide_theta": w[-1], "hide_tau": float(policy.hide_tau)}
             save_ups(out / name, session.model, extra_meta={"search": {
                 "which": name, "generation": rec["generation"], "settings": settings,
-                "best_gain": st["best"]["score"], "best_generation": st["best"]["generation"]}})
+                "best_gain": st["best"]["score"], "best_generation": st["best"]["generation"], **hide}})
         with atomic_path(hist_path) as tmp:
             tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
         with atomic_path(state_path) as tmp:
             torch.save({"settings": settings, "state": st}, tmp)
         plot_curve(history, out / "curve.png",
-                   f"CMA-ES over {dim} residual weights (anchor {a.anchor}): greedy accuracy,\n"
+                   f"CMA-ES over {dim} residual weights{' (incl. hide_theta)' if a.learn_hide else ''} (anchor "
+                   f"{a.anchor}): greedy accuracy,\n"
                    f"{a.problems} fresh problems a generation, {a.steps} steps")
         bar.set_postfix(anchor=f"{rec['anchor_accuracy']:.3f}", best=f"{max(rec['accuracies']):.3f}")
         accs = rec["accuracies"]
@@ -213,13 +234,13 @@ def main(argv=None) -> dict:
                  sum(accs) / len(accs), max(accs), rec["sigma"], st["best"]["score"], st["best"]["generation"],
                  time.monotonic() - t_start)
 
-    cols = policy.feature_columns() + ["bias"]
     x0 = [0.0] * dim
     for part in filter(None, (p.strip() for p in a.init.split(","))):
         name, _, val = part.partition("=")
         if name not in cols or not val:
             raise ValueError(f"--init {part!r}: expected column=value with a column of {', '.join(cols)}")
         x0[cols.index(name)] = float(val)
+    policy.set_search_point(x0)  # the start (with --learn_hide: theta 0, tau below every anchor score)
     t_start = time.monotonic()
     deadline = t_start + a.max_seconds if a.max_seconds > 0 else None
     state = cma_search(score, dim, a.sigma, a.generations, a.popsize, a.search_seed, state, save, x0, deadline)

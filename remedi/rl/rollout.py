@@ -60,7 +60,7 @@ import torch
 
 from remedi.decoding.sampler import (BlockCounts, PolicyRule, SamplerConfig, decode_blocks,  # noqa: F401
                                      unmask_schedule)
-from remedi.decoding.step import POSITION_RULES, TOKEN_RULES, pl_entropy, ups_scorer  # noqa: F401  (pl_entropy: re-exported)
+from remedi.decoding.step import HIDE_RL_REFUSAL, POSITION_RULES, TOKEN_RULES, pl_entropy, ups_scorer  # noqa: F401  (pl_entropy: re-exported)
 from remedi.model.loading import SpecialIds
 
 CACHE_MODES = ("prefix", "none")
@@ -204,6 +204,8 @@ def rollout(model, prompts: Sequence[Sequence[int]], cfg: RolloutConfig, ids: Sp
     scorer = ups_scorer(model)
     if scorer is not None and not hasattr(scorer, "step_inputs"):
         raise ValueError(f"{type(scorer).__name__} is not a residual UPS: Remask RL cannot roll it out")
+    if getattr(scorer, "hide_tau", None) is not None:
+        raise ValueError(HIDE_RL_REFUSAL)
     if getattr(scorer, "unmask_only", False) and cfg.positions == "plackett_luce":
         raise ValueError("an unmask_only residual UPS gives visible positions score +inf, which has no "
                          "Plackett-Luce probability: roll it out with positions top_k, or use the full policy")
