@@ -19,17 +19,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 FEATS = ("entropy", "margin", "logp_tok", "masked", "pos", "progress", "digit", "result_digit", "base")
 
 
-@pytest.fixture(scope="module")
-def embedded():
-    return load_for_inference(str(EMBEDDED_MODEL), ups_head=str(EMBEDDED_MODEL / "ups_head.pt"), device="cpu")
-
-
-@pytest.fixture(scope="module")
-def prompts(embedded):
-    rows = [json.loads(line) for line in (EMBEDDED_MODEL / "data" / "test.jsonl").read_text().splitlines()[:4]]
-    return [embedded.tokenizer(r["question"])["input_ids"] for r in rows]
-
-
 CFG = SamplerConfig(strategy="ups", gen_length=64, block_length=32, steps=32)  # 16 steps a block: K_n = 2n
 
 
