@@ -27,13 +27,19 @@ LABELS = {
 }
 
 
+def _extra_forwards(row: dict) -> str:
+    """' (63 forwards)' for a row whose mean NFE is above its step count (a token action's second looks)."""
+    nfe = row.get("nfe")
+    return f" ({nfe:.0f} forwards)" if nfe is not None and nfe > row["steps"] + 0.5 else ""
+
+
 def draw(summary: dict, out: Path) -> Path:
     steps = sorted({r["steps"] for r in summary["rows"]}, reverse=True)
     fig, axes = plt.subplots(len(steps), 2, figsize=(12, 4.2 * len(steps)), squeeze=False,
                              gridspec_kw={"width_ratios": [3, 2]})
     for row, st in zip(axes, steps):
         rs = [r for r in summary["rows"] if r["steps"] == st]
-        names = [LABELS.get(r["policy"], r["policy"]) for r in rs]
+        names = [LABELS.get(r["policy"], r["policy"]) + _extra_forwards(r) for r in rs]
         y = range(len(rs))
         acc = [r["accuracy"] for r in rs]
         lo = [r["accuracy"] - r["ci95"][0] for r in rs]
@@ -45,7 +51,7 @@ def draw(summary: dict, out: Path) -> Path:
         row[0].invert_yaxis()
         row[0].set_xlim(min(acc) - 0.06, max(acc) + 0.05)
         row[0].set_xlabel("accuracy (95% Wilson interval)")
-        row[0].set_title(f"{st} steps ({st} forwards), first {rs[0]['n']} test problems")
+        row[0].set_title(f"{st} steps ({st} forwards unless a row says more), first {rs[0]['n']} test problems")
         d = [r.get("vs_entropy", {}).get("bootstrap", {"diff": 0.0, "lo": 0.0, "hi": 0.0}) for r in rs]
         row[1].errorbar([x["diff"] for x in d], list(y), xerr=[[x["diff"] - x["lo"] for x in d],
                                                                [x["hi"] - x["diff"] for x in d]],
