@@ -62,3 +62,26 @@ def test_tiny_real_search_writes_loadable_ups_and_resumes(tmp_path):
     assert len(res2["history"]) == 2
     with pytest.raises(ValueError, match="other settings"):
         main(argv[:3] + ["7"] + argv[4:])
+
+
+def test_search_on_a_lora_backbone_merges_the_adapter_first(tmp_path, monkeypatch):
+    """--lora_path: the objective decodes with the adapter merged (the search runs on the model it will be used with)."""
+    from remedi import session as S
+
+    seen = []
+    real = S.Session.load
+
+    def load(self, *a, **k):
+        out = real(self, *a, **k)
+        seen.append((self.lora_path, float(sum(p.double().sum() for p in self.model.parameters()))))
+        return out
+
+    monkeypatch.setattr(S.Session, "load", load)
+    common = ["--ups_head", str(EMBEDDED_MODEL / "ups_head.pt"), "--problems", "2", "--popsize", "2",
+              "--generations", "1", "--steps", "6", "--device", "cpu"]
+    main(["--out", str(tmp_path / "base"), *common])
+    main(["--out", str(tmp_path / "lora"), "--lora_path", str(EMBEDDED_MODEL / "lora_joint"), *common])
+    assert [s[0] for s in seen] == [None, str(EMBEDDED_MODEL / "lora_joint")]
+    assert seen[0][1] != seen[1][1]  # the merged adapter changed the backbone the search decodes with
+    assert json.loads((tmp_path / "lora" / "settings.json").read_text())["search"]["lora_path"] == \
+        str(EMBEDDED_MODEL / "lora_joint")

@@ -45,6 +45,8 @@ class SearchArgs:
     out: str = arg("runs/policy_search", "output folder (rerun with the same folder to resume)")
     ups_head: Optional[str] = arg(None, "base UPS (its logit is the 'base' feature); default: the embedded "
                                   "model's default UPS, ups_residual.pt, whose base is the trajectory-label head")
+    lora_path: Optional[str] = arg(None, "peft LoRA folder merged into the backbone first: the search runs on that "
+                                   "model (evaluate the result with the same --lora_path)")
     anchor: str = arg("entropy", "the heuristic the residual starts as: entropy, tps_prob, margin or none")
     features: str = arg("entropy,margin,logp_tok,logp_max,masked,pos,progress,digit,operator,result_digit,base",
                         "comma list of residual features (remedi.model.features)")
@@ -166,7 +168,7 @@ def main(argv=None) -> dict:
     features = [f.strip() for f in a.features.split(",") if f.strip()]
     sampling = SamplingArgs(steps=a.steps, gen_length=a.gen_length, block_length=a.block_length, temperature=0.0,
                             cache="none", eos_gating=False, graphs=a.graphs)
-    session = open_session(m.model_name, sampling, ups_head=a.ups_head, seed=m.seed)
+    session = open_session(m.model_name, sampling, ups_head=a.ups_head, lora_path=a.lora_path, seed=m.seed)
     if not session.has_ups:
         raise ValueError("the residual needs a base UPS to be saved with: pass --ups_head CHECKPOINT")
     settings = {"model": dataclasses.asdict(m), "search": dataclasses.asdict(a)}
