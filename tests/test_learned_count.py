@@ -142,26 +142,16 @@ def test_static_decoder_equals_eager_with_tau(embedded, prompts):
 
 def test_hide_threshold_static_step_reads_nothing_from_the_host():
     """tau is read in place inside the static step: no host read from a block's first step to its end."""
-    from remedi.decoding.graphs import StaticDecoder
-    from tests.helpers.sampler import IDS, PROMPTS, _gens, _model
-    from tests.helpers.sync import SyncSpy, _per_block, _watch
+    from tests.helpers.sampler import _model
+    from tests.helpers.sync import assert_static_equals_eager_without_host_reads
 
     m = _model()
     V = m.config.vocab_size
     pol = ResidualUPS(m.config.d_model, torch.randint(0, 5, (V,), generator=torch.Generator().manual_seed(0)),
                       features=("entropy", "base", "pos"), hide_threshold=-1.0)
     attach_policy(m, pol)
-    cfg = SamplerConfig(strategy="ups", steps=8, gen_length=16, block_length=8)
-    want = generate(m, PROMPTS, cfg, IDS, _gens(3))
-    generate(m, PROMPTS, dataclasses.replace(cfg, graphs=True), IDS, _gens(3))  # decoder built outside the spy
-    with pytest.MonkeyPatch.context() as mp:
-        spy = SyncSpy(mp)
-        events = _watch(mp, StaticDecoder, spy)
-        got = generate(m, PROMPTS, dataclasses.replace(cfg, graphs=True), IDS, _gens(3))
-    assert [x.tokens for x in got] == [x.tokens for x in want]
-    assert [x.remasks_per_block for x in got] == [x.remasks_per_block for x in want]
-    blocks = _per_block(events)
-    assert blocks and all(inside == 0 for inside, *_ in blocks.values()), (blocks, spy.names)
+    assert_static_equals_eager_without_host_reads(m, SamplerConfig(strategy="ups", steps=8, gen_length=16,
+                                                                   block_length=8))
 
 
 # ---------------------------------------------------------------------------------------------- files

@@ -198,9 +198,8 @@ def test_residual_file_refusals(tmp_path, embedded):
 def test_residual_static_step_reads_nothing_from_the_host(cache):
     """The residual's score runs inside the static step without a host read (what CUDA-graph capture needs):
     zero reads from a block's first step to its end, and the same tokens as the eager decoder."""
-    from tests.helpers.sync import SyncSpy, _per_block, _watch
-    from tests.helpers.sampler import IDS, PROMPTS, _gens, _model
-    from remedi.decoding.graphs import StaticDecoder
+    from tests.helpers.sampler import _model
+    from tests.helpers.sync import assert_static_equals_eager_without_host_reads
 
     m = _model()
     V = m.config.vocab_size
@@ -208,13 +207,5 @@ def test_residual_static_step_reads_nothing_from_the_host(cache):
                          features=FEATURES, hidden_rank=2, g="attention")
     policy.set_linear_weights(torch.randn(policy.weight.numel() + 1, generator=torch.Generator().manual_seed(1)))
     attach_policy(m, policy)
-    cfg = SamplerConfig(strategy="ups", steps=8, gen_length=16, block_length=8, cache=cache)
-    want = generate(m, PROMPTS, cfg, IDS, _gens(3))
-    generate(m, PROMPTS, dataclasses.replace(cfg, graphs=True), IDS, _gens(3))  # decoder built outside the spy
-    with pytest.MonkeyPatch.context() as mp:
-        spy = SyncSpy(mp)
-        events = _watch(mp, StaticDecoder, spy)
-        got = generate(m, PROMPTS, dataclasses.replace(cfg, graphs=True), IDS, _gens(3))
-    assert [x.tokens for x in got] == [x.tokens for x in want]
-    blocks = _per_block(events)
-    assert blocks and all(inside == 0 for inside, *_ in blocks.values()), (blocks, spy.names)
+    assert_static_equals_eager_without_host_reads(m, SamplerConfig(strategy="ups", steps=8, gen_length=16,
+                                                                   block_length=8, cache=cache))

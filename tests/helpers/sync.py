@@ -1,4 +1,5 @@
 """Host-synchronisation spies for the static decoder tests (graph and residual-UPS tests)."""
+import pytest
 import torch
 
 
@@ -62,3 +63,26 @@ def _per_block(events):
             ended = c
         out[lo] = (first, end, ended, steps, polls)
     return {lo: (end - first, ended - end, steps, polls) for lo, (first, end, ended, steps, polls) in out.items()}
+
+
+def assert_static_equals_eager_without_host_reads(model, cfg):
+    """Decode the tiny test prompts eagerly and with the static decoder (built once outside the spy, then run
+    under it): the same tokens and remask counts, and no host read from a block's first step to its end (what
+    CUDA-graph capture needs)."""
+    import dataclasses
+
+    from remedi.decoding.graphs import StaticDecoder
+    from remedi.decoding.sampler import generate
+    from tests.helpers.sampler import IDS, PROMPTS, _gens
+
+    want = generate(model, PROMPTS, cfg, IDS, _gens(3))
+    static = dataclasses.replace(cfg, graphs=True)
+    generate(model, PROMPTS, static, IDS, _gens(3))  # the decoder is built outside the spy
+    with pytest.MonkeyPatch.context() as mp:
+        spy = SyncSpy(mp)
+        events = _watch(mp, StaticDecoder, spy)
+        got = generate(model, PROMPTS, static, IDS, _gens(3))
+    assert [x.tokens for x in got] == [x.tokens for x in want]
+    assert [x.remasks_per_block for x in got] == [x.remasks_per_block for x in want]
+    blocks = _per_block(events)
+    assert blocks and all(inside == 0 for inside, *_ in blocks.values()), (blocks, spy.names)
