@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 from typing import Optional
 
@@ -27,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from remedi.arguments import arg, parse_args, run_main, setup_logging  # noqa: E402
-from remedi.files import write_json_atomic  # noqa: E402
+from remedi.files import check_writable, write_json_atomic  # noqa: E402
 
 CONTEXTS = ("result", "result+copies", "result+after")
 
@@ -43,13 +42,16 @@ class ProbeArgs:
     def __post_init__(self):
         if self.n_items < 1 or self.batch_size < 1 or self.steps < 1:
             raise ValueError("--n_items, --batch_size and --steps must be >= 1")
+        if self.out:
+            check_writable(self.out, "--out")  # before the decoding, not after it
 
 
 def true_result(a: str, op: str, b: str) -> Optional[str]:
     """The value of ``a op b`` as a digit string, or None when it is not a non-negative integer."""
-    x, y = int(a), int(b)
-    v = {"+": x + y, "-": x - y}.get(op, x * y if op in "*x×" else (Fraction(x, y) if y else None))
-    return str(int(v)) if v is not None and v >= 0 and v == int(v) else None
+    from remedi.policy.slip import equation_value
+
+    v = equation_value(a, op, b)
+    return str(v.numerator) if v is not None and v >= 0 and v.denominator == 1 else None
 
 
 def hidden_positions(slip, context: str, length: int) -> list[int]:

@@ -137,7 +137,7 @@ class StaticDecoder:
         self.ids, self.B, self.P, self.T, self.Lb = ids, B, P, T, cfg.block_length
         device = next(self.lm.parameters()).device
         self.device = device
-        self.R = R = B * (2 if cfg.cfg_scale > 0 else 1)
+        self.R = R = B * cfg.nfe_per_forward
         long = dict(dtype=torch.long, device=device)
         self.x = torch.full((B, T), ids.mask, **long)
         self.rule, self.causal = rule, cfg.layout == "block_causal"

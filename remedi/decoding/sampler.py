@@ -223,7 +223,7 @@ def decode_blocks(model, prompts, cfg: SamplerConfig, ids: SpecialIds, generator
         dec = graphs.static_decoder(model, cfg, ids, x, attn, P, rule)
     else:
         dec = EagerDecoder(model, cfg, ids, x, attn, P, rule)
-    nfe_per_step = 2 if cfg.cfg_scale > 0 else 1
+    nfe_per_step = cfg.nfe_per_forward
     nfe = [0] * B
     rstep = [0] * B  # steps each row has taken (its trajectory's step index)
     traj = [[] for _ in range(B)] if cfg.record_trajectory else None
@@ -354,7 +354,7 @@ class EagerDecoder:
         logits = block_forward(self.model, x, attn, self.lo, self.hi, self.P, cfg, self.ids.mask, None, True)[0]
         self.forwards += 1
         for r in rows:
-            self.extra_nfe[self.active[r]] += 2 if cfg.cfg_scale > 0 else 1
+            self.extra_nfe[self.active[r]] += cfg.nfe_per_forward
         return prepare_logits(logits, self.cfg, self.ids)
 
     def row(self, j: int, b: int) -> int:

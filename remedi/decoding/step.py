@@ -77,6 +77,11 @@ class SamplerConfig(BlockCounts):
     layout: str = "bidirectional"
 
     @property
+    def nfe_per_forward(self) -> int:
+        """NFE a row costs per model call: 2 with CFG (conditional and unconditional rows), else 1."""
+        return 2 if self.cfg_scale > 0 else 1
+
+    @property
     def remasks(self) -> bool:
         """True for the RemeDi strategies (which may remask), False for LLaDA's unmask-only ones."""
         return self.strategy in REMASK_STRATEGIES

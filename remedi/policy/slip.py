@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import Optional
 
 import torch
 
@@ -23,15 +24,20 @@ EQUATION = re.compile(r"(\d+)\s*([-+*/x×])\s*(\d+)\s*=\s*(\d+)")
 BOTTOM = 1e6  # subtracted from a flagged position's entropy score: below every unflagged one
 
 
-def equation_is_true(a: str, op: str, b: str, c: str) -> bool:
-    x, y, z = int(a), int(b), int(c)
+def equation_value(a: str, op: str, b: str) -> Optional[Fraction]:
+    """The exact value of ``a op b`` (an operator of :data:`EQUATION`), or None for a division by zero."""
+    x, y = int(a), int(b)
     if op == "+":
-        return x + y == z
+        return Fraction(x + y)
     if op == "-":
-        return x - y == z
+        return Fraction(x - y)
     if op in "*x×":
-        return x * y == z
-    return y != 0 and Fraction(x, y) == z
+        return Fraction(x * y)
+    return Fraction(x, y) if y else None
+
+
+def equation_is_true(a: str, op: str, b: str, c: str) -> bool:
+    return equation_value(a, op, b) == int(c)
 
 
 def _text(pieces: list[str]) -> tuple[str, list[int]]:
