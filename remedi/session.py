@@ -131,7 +131,7 @@ class Session:
         if self.model is None:
             self.model = load_model(self.model_dir, self.cfg, self.ups_head, self.lora_path, device, dtype)
             self.model.name_or_path = str(self.model_name)
-            log.info("model %s (UPS: %s) on %s", self.model_name, self.model.ups_arch or "none", self.device)
+            log.info("model %s (UPS: %s) on %s", self.model_name, self.model.ups_description, self.device)
         return self
 
     def generate(self, prompts: Sequence[Sequence[int]], strategy: str, item_ids: Sequence[str],

@@ -209,3 +209,13 @@ def test_residual_static_step_reads_nothing_from_the_host(cache):
     attach_policy(m, policy)
     assert_static_equals_eager_without_host_reads(m, SamplerConfig(strategy="ups", steps=8, gen_length=16,
                                                                    block_length=8, cache=cache))
+
+
+def test_logs_name_the_policy_on_top_of_the_ups(embedded):
+    assert embedded.model.ups_description == "head"
+    attach_policy(embedded.model, new_residual(embedded.model, embedded.tokenizer, features=("entropy",)))
+    try:
+        assert embedded.model.ups_description == "head + residual policy"
+    finally:
+        attach_policy(embedded.model, None)
+    assert embedded.model.ups_description == "head"

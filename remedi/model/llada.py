@@ -361,6 +361,14 @@ class RemeDiLM(nn.Module):
         finally:
             self.model = wrapped
 
+    @property
+    def ups_description(self) -> str:
+        """What ranks positions, for logs: the UPS architecture, and the policy attached on top of it, if any."""
+        if self.ups_policy is None:
+            return self.ups_arch or "none"
+        on_top = "residual policy" if hasattr(self.ups_policy, "spec") else type(self.ups_policy).__name__
+        return f"{self.ups_arch} + {on_top}"
+
     def ups_modules(self) -> list[nn.Module]:
         """The UPS's modules: a residual UPS policy's g when one with weights is attached (what trains then;
         the head/stream under it stays fixed), else the head, or the stream's blocks, bridges, final norm and

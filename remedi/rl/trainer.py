@@ -216,7 +216,7 @@ class RLTrainer:
             n_lora = sum(p.numel() for p in self.lora_params)
             what = (f"the UPS ({n:,} parameters; backbone frozen)" if not n_lora else
                     f"the UPS and LoRA adapters ({n:,} parameters, {n_lora:,} of them LoRA)")
-            log.info("model %s: UPS %s (%s); training %s; frozen weights in %s", m.model_name, lm.ups_arch,
+            log.info("model %s: UPS %s (%s); training %s; frozen weights in %s", m.model_name, lm.ups_description,
                      r.ups_head or "model's own stream", what, dtype)
 
     def _build_optimizer(self) -> None:
